@@ -1,0 +1,93 @@
+"""Loads the native module and turns tensors into the strided views the kernels read in place.
+
+If the compiled module is missing (a source checkout without a build), the pure-PyTorch path still works
+and ``backend="auto"`` falls back to it; asking for ``backend="cpp"`` then says why it is unavailable.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _C = None
+    _IMPORT_ERROR = exc
+
+BACKENDS = ("auto", "cpp", "cuda", "torch")
+
+_DTYPES = {
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+def has_native() -> bool:
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
+def view(t: torch.Tensor):
+    """The native ArrayView of a tensor: pointer, dtype, shape and strides, no copy."""
+    return _C.ArrayView(t.data_ptr(), getattr(_C.DType, _DTYPES[t.dtype]), list(t.shape), list(t.stride()))
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
+    """A torch view of ``x`` (torch tensor or numpy array) and whether ``x`` was numpy."""
+    if isinstance(x, torch.Tensor):
+        return x, False
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+        try:
+            return torch.from_numpy(x), True
+        except (ValueError, TypeError):  # negative strides or a non-native byte order
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))), True
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def resolve(backend: str, t: torch.Tensor) -> str:
+    """The backend that will run: 'cpp', 'cuda' or 'torch'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if t.device.type == "cpu":
+            return "cpp" if has_native() else "torch"
+        if t.device.type == "cuda" and has_cuda_kernels():
+            return "cuda"
+        return "torch"
+    if backend == "cpp":
+        if not has_native():
+            raise RuntimeError(f"backend='cpp': the native module is not built ({_IMPORT_ERROR})")
+        if t.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got device {t.device}")
+    if backend == "cuda":
+        if not has_cuda_kernels():
+            raise RuntimeError("backend='cuda': auvcore was built without CUDA kernels")
+        if t.device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got device {t.device}")
+    return backend
+
+
+def threads(num_threads: int | None) -> int:
+    if num_threads is None:
+        return torch.get_num_threads()
+    if int(num_threads) < 1:
+        raise ValueError(f"num_threads: expected >= 1, got {num_threads}")
+    return int(num_threads)

@@ -1,0 +1,109 @@
+"""Pure-PyTorch semantic perception scale: the ``backend="torch"`` fallback, the baseline the kernels must
+beat, and (``svd_reference``) the float64 SVD oracle the tests hold everything to. SPEC §2."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MODES = {"D_HW": 0, "H_DW": 1, "W_DH": 2}
+VARIANTS = {"paper": 0, "official": 1}
+OFFICIAL_SHIFT = 1e-6  # the authors' snippet adds this to every singular value
+
+
+def class_matrices(z: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, K, D, H, W] -> [B, K, m, n] per ``mode``; [B, K, H, W] is already [B, K, m=H, n=W]."""
+    if z.dim() == 4:
+        return z
+    B, K, D, H, W = z.shape
+    if mode == "D_HW":
+        return z.reshape(B, K, D, H * W)
+    if mode == "H_DW":
+        return z.permute(0, 1, 3, 2, 4).reshape(B, K, H, D * W)
+    return z.permute(0, 1, 4, 2, 3).reshape(B, K, W, D * H)
+
+
+def entropy_scale(lam: torch.Tensor, r: torch.Tensor | int, eps: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and the energies p from eigenvalues ``lam`` [..., p] sorted descending; only the top ``r`` count."""
+    p_dim = lam.shape[-1]
+    r = torch.as_tensor(r, device=lam.device).expand(lam.shape[:-1])
+    keep = torch.arange(p_dim, device=lam.device) < r.unsqueeze(-1)
+    lam = torch.where(keep, lam.clamp_min(0), torch.zeros((), dtype=lam.dtype, device=lam.device))
+    if variant == "official":
+        q = torch.where(keep, lam.sqrt() + OFFICIAL_SHIFT, torch.zeros((), dtype=lam.dtype, device=lam.device))
+        p = q / q.sum(-1, keepdim=True)
+    else:
+        p = lam / (lam.sum(-1, keepdim=True) + eps)
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    logr = torch.log(r.to(lam.dtype))
+    S = torch.where(r >= 2, -plogp.sum(-1) / logr, torch.full_like(logr, float("nan")))
+    p = torch.where((r >= 2).unsqueeze(-1), p, torch.full_like(p, float("nan")))
+    return S, p
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _gram_small_side(M: torch.Tensor) -> torch.Tensor:
+    m, n = M.shape[-2:]
+    return M @ M.transpose(-1, -2) if m <= n else M.transpose(-1, -2) @ M
+
+
+def semantic_scale(z, mode="D_HW", center=True, eps=1e-8, variant="paper", nan_to_num=False, spectrum=False):
+    """Batched Gram + ``torch.linalg.eigvalsh``. Returns S [B, K] (and p [B, K, r] if ``spectrum``)."""
+    M = class_matrices(z, mode).to(_compute_dtype(z))
+    if nan_to_num:
+        M = torch.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
+    if center:
+        M = M - M.mean(dim=-2, keepdim=True)
+    lam = torch.linalg.eigvalsh(_gram_small_side(M)).flip(-1)
+    r = min(M.shape[-2:])
+    S, p = entropy_scale(lam, r, eps, variant)
+    return (S, p) if spectrum else S
+
+
+def masked_semantic_scale(features, labels, num_classes, center=True, eps=1e-8, spectrum=False):
+    """Per (sample, class): the Gram of the class's centred embedding vectors, C x C. Returns S [B, K]."""
+    B, C = features.shape[:2]
+    K = num_classes
+    dt = _compute_dtype(features)
+    F = features.reshape(B, C, -1).to(dt)
+    L = labels.reshape(B, -1)
+    G = torch.zeros(B, K, C, C, dtype=dt, device=features.device)
+    counts = torch.zeros(B, K, dtype=torch.int64, device=features.device)
+    for b in range(B):
+        for k in range(K):
+            X = F[b][:, L[b] == k]  # C x n_k
+            counts[b, k] = X.shape[1]
+            if X.shape[1] == 0:
+                continue
+            if center:
+                X = X - X.mean(dim=1, keepdim=True)
+            G[b, k] = X @ X.T
+    lam = torch.linalg.eigvalsh(G).flip(-1)
+    r = torch.clamp(counts, max=C)
+    S, p = entropy_scale(lam, r, eps, "paper")
+    return (S, p) if spectrum else S
+
+
+def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
+    """The oracle: S of one class matrix M (m x n) from float64 singular values, straight from SPEC §2."""
+    M = np.asarray(M, dtype=np.float64)
+    m, n = M.shape
+    r = min(m, n)
+    if r < 2:
+        return float("nan")
+    if variant == "official":
+        sigma = np.linalg.svd(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), compute_uv=False)
+        q = sigma + OFFICIAL_SHIFT
+        p = q / q.sum()
+    else:
+        if center:
+            M = M - M.mean(axis=0, keepdims=True)
+        sigma = np.linalg.svd(M, compute_uv=False)
+        energy = sigma**2
+        p = energy / (energy.sum() + eps)
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / math.log(r))

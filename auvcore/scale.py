@@ -1,0 +1,225 @@
+"""The semantic perception scale S of class matrices (SPEC §2): public entry points.
+
+Validation happens here (cheap, names the argument); the work happens in ``csrc`` (or in
+``_torch_impl`` for ``backend="torch"``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _backend as B
+from . import _torch_impl as T
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_common(center, eps, nan_to_num):
+    if not isinstance(center, (bool, np.bool_)):
+        raise TypeError(f"center: expected a bool, got {type(center).__name__}")
+    if not isinstance(nan_to_num, (bool, np.bool_)):
+        raise TypeError(f"nan_to_num: expected a bool, got {type(nan_to_num).__name__}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+
+
+def _check_float(t: torch.Tensor, name: str):
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: empty tensor of shape {tuple(t.shape)}")
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _finish(S: torch.Tensor, like: torch.Tensor, was_numpy: bool):
+    S = S.to(_out_dtype(like))
+    return S.numpy() if was_numpy else S
+
+
+def _check_decoded(z, mode, variant):
+    if z.dim() not in (4, 5):
+        raise ValueError(f"z: expected decoded maps [B, K, D, H, W] or [B, K, H, W], got shape {tuple(z.shape)}")
+    _check_float(z, "z")
+    if mode not in T.MODES:
+        raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
+    if variant not in T.VARIANTS:
+        raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
+
+
+def _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, spectrum):
+    """S [B, K] (float64) and optionally the energies, from the C++ kernels."""
+    if variant == "official":
+        center, nan_to_num = False, True
+    Bn, K = z.shape[:2]
+    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
+    p = min(m, n)
+    nt = B.threads(num_threads)
+    G = torch.empty(Bn * K, p, p, dtype=torch.float64)
+    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), nt)
+    r = torch.full((Bn * K,), p, dtype=torch.int64)
+    S = torch.empty(Bn * K, dtype=torch.float64)
+    sp = torch.empty(Bn * K, p, dtype=torch.float64) if spectrum else None
+    B._C.scale_from_gram(G.data_ptr(), Bn * K, p, r.data_ptr(), float(eps), T.VARIANTS[variant], S.data_ptr(),
+                         B.ptr(sp), 0, 0, nt)
+    S = S.view(Bn, K)
+    return (S, sp.view(Bn, K, p)) if spectrum else S
+
+
+def _decoded_torch(z, mode, center, eps, variant, nan_to_num, spectrum):
+    if variant == "official":
+        center, nan_to_num = False, True
+    elif not nan_to_num and not bool(torch.isfinite(z).all()):
+        raise ValueError("z contains NaN or Inf; pass nan_to_num=True to read them as 0")
+    return T.semantic_scale(z, mode, center, eps, variant, nan_to_num, spectrum=spectrum)
+
+
+def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
+                   nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None):
+    """Semantic perception scale of decoded class maps.
+
+    Args:
+        z: ``[B, K, D, H, W]`` (or ``[B, K, H, W]``) class-wise maps, torch tensor or numpy array, any strides.
+        mode: how a class map becomes the matrix M: ``"D_HW"`` (m = D, n = H·W), ``"H_DW"``, ``"W_DH"``.
+            Ignored for 2-D maps (m = H, n = W).
+        center: subtract the mean row of M before the spectrum.
+        eps: added to the total energy.
+        variant: ``"paper"`` (SPEC §2) or ``"official"`` (the authors' snippet: no centering, NaN→0, energy
+            on σ + 1e-6).
+        nan_to_num: read NaN/±Inf as 0 instead of raising.
+        backend: ``"auto"``, ``"cpp"``, ``"cuda"`` or ``"torch"``.
+        num_threads: CPU threads (default ``torch.get_num_threads()``).
+
+    Returns:
+        S ``[B, K]`` in [0, 1] (NaN where min(m, n) < 2), same kind as ``z``; float64 for float64 input,
+        else float32. Differentiable w.r.t. ``z`` when ``z`` requires grad.
+    """
+    z, was_numpy = B.as_tensor(z, "z")
+    _check_decoded(z, mode, variant)
+    _check_common(center, eps, nan_to_num)
+    be = B.resolve(backend, z)
+    if z.requires_grad and torch.is_grad_enabled():
+        from . import _autograd
+
+        return _autograd.semantic_scale_fn(z, mode, center, eps, variant, nan_to_num, be, num_threads)
+    if be == "cpp":
+        S = _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, False)
+    elif be == "cuda":
+        from . import _cuda
+
+        S = _cuda.semantic_scale(z, mode, center, eps, variant, nan_to_num)
+    else:
+        S = _decoded_torch(z, mode, center, eps, variant, nan_to_num, False)
+    return _finish(S, z, was_numpy)
+
+
+def _check_masked(features, labels, num_classes):
+    if features.dim() < 3:
+        raise ValueError(f"features: expected [B, C, *spatial], got shape {tuple(features.shape)}")
+    _check_float(features, "features")
+    if labels.dtype not in _INTS:
+        raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
+    want = (features.shape[0],) + tuple(features.shape[2:])
+    if tuple(labels.shape) != want:
+        raise ValueError(f"labels: expected shape {want} to match features {tuple(features.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels: on {labels.device} but features on {features.device}")
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+
+
+def _masked_native(features, labels, num_classes, center, eps, nan_to_num, num_threads, spectrum):
+    Bn, C = features.shape[:2]
+    K = int(num_classes)
+    nt = B.threads(num_threads)
+    G = torch.empty(Bn * K, C, C, dtype=torch.float64)
+    counts = torch.empty(Bn * K, dtype=torch.int64)
+    B._C.masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), G.data_ptr(),
+                     counts.data_ptr(), nt)
+    r = counts.clamp(max=C)
+    S = torch.empty(Bn * K, dtype=torch.float64)
+    sp = torch.empty(Bn * K, C, dtype=torch.float64) if spectrum else None
+    B._C.scale_from_gram(G.data_ptr(), Bn * K, C, r.data_ptr(), float(eps), 0, S.data_ptr(), B.ptr(sp), 0, 0, nt)
+    S = S.view(Bn, K)
+    return (S, sp.view(Bn, K, C)) if spectrum else S
+
+
+def _masked_torch(features, labels, num_classes, center, eps, nan_to_num, spectrum):
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"labels: value {bad} is outside 0..{num_classes - 1} (num_classes={num_classes})")
+    if nan_to_num:
+        features = torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
+    elif not bool(torch.isfinite(features).all()):
+        raise ValueError("features contains NaN or Inf; pass nan_to_num=True to read them as 0")
+    return T.masked_semantic_scale(features, labels, int(num_classes), center, eps, spectrum=spectrum)
+
+
+def masked_semantic_scale(features, labels, num_classes: int, center: bool = True, eps: float = 1e-8,
+                          nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None):
+    """Semantic perception scale of the embeddings inside each class (within-class feature covariance).
+
+    Args:
+        features: ``[B, C, *spatial]`` embeddings (torch or numpy, any strides).
+        labels: ``[B, *spatial]`` integer labels in ``0..num_classes-1`` on the same grid.
+        num_classes: K.
+
+    Returns:
+        S ``[B, K]``: for class k of sample b, M stacks the n = #(labels == k) embedding vectors (n x C);
+        NaN where n < 2. The Gram is taken on the C x C side; r = min(n, C).
+    """
+    features, was_numpy = B.as_tensor(features, "features")
+    labels, _ = B.as_tensor(labels, "labels")
+    _check_masked(features, labels, num_classes)
+    _check_common(center, eps, nan_to_num)
+    be = B.resolve(backend, features)
+    if be == "cpp":
+        S = _masked_native(features, labels, num_classes, center, eps, nan_to_num, num_threads, False)
+    elif be == "cuda":
+        from . import _cuda
+
+        S = _cuda.masked_semantic_scale(features, labels, int(num_classes), center, eps, nan_to_num)
+    else:
+        S = _masked_torch(features, labels, num_classes, center, eps, nan_to_num, False)
+    return _finish(S, features, was_numpy)
+
+
+def energy_spectrum(x, labels=None, num_classes: int | None = None, mode: str = "D_HW", center: bool = True,
+                    eps: float = 1e-8, variant: str = "paper", nan_to_num: bool = False, backend: str = "auto",
+                    num_threads: int | None = None):
+    """Normalised energies p_j (descending) per (sample, class), for cumulative-energy plots (paper Fig. 2).
+
+    Decoded maps (``labels=None``): ``[B, K, r]``, r = min(m, n). Masked (``labels`` given): ``[B, K, C]``,
+    zero past each class's r, all NaN for classes with fewer than 2 voxels. Always float64.
+    """
+    x, was_numpy = B.as_tensor(x, "x")
+    if labels is None:
+        _check_decoded(x, mode, variant)
+        _check_common(center, eps, nan_to_num)
+        be = B.resolve(backend, x)
+        x = x.detach()
+        if be == "cpp":
+            _, p = _decoded_native(x, mode, center, eps, variant, nan_to_num, num_threads, True)
+        else:
+            _, p = _decoded_torch(x.cpu() if be == "cuda" else x, mode, center, eps, variant, nan_to_num, True)
+    else:
+        labels, _ = B.as_tensor(labels, "labels")
+        _check_masked(x, labels, num_classes)
+        _check_common(center, eps, nan_to_num)
+        be = B.resolve(backend, x)
+        x = x.detach()
+        if be == "cpp":
+            _, p = _masked_native(x, labels, num_classes, center, eps, nan_to_num, num_threads, True)
+        else:
+            if be == "cuda":
+                x, labels = x.cpu(), labels.cpu()
+            _, p = _masked_torch(x, labels, num_classes, center, eps, nan_to_num, True)
+    p = p.to(torch.float64)
+    return p.numpy() if was_numpy else p

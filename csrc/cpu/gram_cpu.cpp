@@ -1,0 +1,369 @@
+#include "auvcore/gram.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace auvcore {
+namespace {
+
+constexpr int64_t kBlock = 4;     // register block of G: 4 x 4 entries
+constexpr int64_t kPanelBytes = 2048;  // one panel row: 512 floats or 256 doubles
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
+
+template <typename V>
+inline double hsum(V v) {
+  double s = 0;
+  for (size_t l = 0; l < sizeof(V) / sizeof(v[0]); ++l) s += v[l];
+  return s;
+}
+
+// G (lower triangle, ldg) += P Pᵀ for a panel P of pp rows (pp % 4 == 0), nvec vectors per row.
+// The 4 x 4 register block keeps 16 accumulators live: 8 loads feed 16 FMAs.
+template <typename V, typename T>
+inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+  constexpr int64_t W = sizeof(V) / sizeof(T);
+  for (int64_t I = 0; I < pp; I += kBlock) {
+    const T* a0 = P + (I + 0) * ld;
+    const T* a1 = P + (I + 1) * ld;
+    const T* a2 = P + (I + 2) * ld;
+    const T* a3 = P + (I + 3) * ld;
+    for (int64_t J = 0; J <= I; J += kBlock) {
+      const T* b0 = P + (J + 0) * ld;
+      const T* b1 = P + (J + 1) * ld;
+      const T* b2 = P + (J + 2) * ld;
+      const T* b3 = P + (J + 3) * ld;
+      V c00 = {}, c01 = {}, c02 = {}, c03 = {}, c10 = {}, c11 = {}, c12 = {}, c13 = {};
+      V c20 = {}, c21 = {}, c22 = {}, c23 = {}, c30 = {}, c31 = {}, c32 = {}, c33 = {};
+      for (int64_t v = 0; v < nvec; ++v) {
+        const int64_t o = v * W;
+        V x0 = *(const V*)(a0 + o), x1 = *(const V*)(a1 + o), x2 = *(const V*)(a2 + o), x3 = *(const V*)(a3 + o);
+        V y0 = *(const V*)(b0 + o), y1 = *(const V*)(b1 + o), y2 = *(const V*)(b2 + o), y3 = *(const V*)(b3 + o);
+        c00 += x0 * y0; c01 += x0 * y1; c02 += x0 * y2; c03 += x0 * y3;
+        c10 += x1 * y0; c11 += x1 * y1; c12 += x1 * y2; c13 += x1 * y3;
+        c20 += x2 * y0; c21 += x2 * y1; c22 += x2 * y2; c23 += x2 * y3;
+        c30 += x3 * y0; c31 += x3 * y1; c32 += x3 * y2; c33 += x3 * y3;
+      }
+      double* g = G + I * ldg + J;
+      g[0] += hsum(c00); g[1] += hsum(c01); g[2] += hsum(c02); g[3] += hsum(c03); g += ldg;
+      g[0] += hsum(c10); g[1] += hsum(c11); g[2] += hsum(c12); g[3] += hsum(c13); g += ldg;
+      g[0] += hsum(c20); g[1] += hsum(c21); g[2] += hsum(c22); g[3] += hsum(c23); g += ldg;
+      g[0] += hsum(c30); g[1] += hsum(c31); g[2] += hsum(c32); g[3] += hsum(c33);
+    }
+  }
+}
+
+// One clone per instruction set; the loader picks the widest the CPU has at run time.
+__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+void syrk_panel(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+  syrk_panel_impl<v16f>(P, pp, ld, nvec, G, ldg);
+}
+__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+void syrk_panel(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+  syrk_panel_impl<v8d>(P, pp, ld, nvec, G, ldg);
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+std::unique_ptr<T[], AlignedFree> aligned_zeros(int64_t n) {
+  size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return std::unique_ptr<T[], AlignedFree>(p);
+}
+
+// A contiguous range of one job's samples; split jobs accumulate into their own partial buffers.
+struct Unit {
+  int64_t job, s_begin, s_end;
+  double* G;    // p x p accumulator (lower triangle filled here)
+  double* sum;  // p sums of the shifted samples (AcrossSamples only)
+};
+
+template <typename T>
+void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
+                Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg) {
+  const int64_t p = (int64_t)p_off.size();
+  const int64_t pp = (p + kBlock - 1) / kBlock * kBlock;
+  const int64_t W = 64 / sizeof(T);
+  const int64_t NB = kPanelBytes / sizeof(T);
+  const int64_t njobs = (int64_t)jobs.size();
+  const int64_t pp2 = p * p;
+  int nt = std::max(1, num_threads);
+
+  // Shift of the one-pass covariance (AcrossSamples): the job's first sample, so the shifted values are of
+  // the order of the spread and the final correction -n d dᵀ cancels little.
+  std::vector<double> shift;
+  if (centering == Centering::AcrossSamples) {
+    shift.assign(njobs * p, 0.0);
+    for (int64_t j = 0; j < njobs; ++j) {
+      if (jobs[j].ns == 0) continue;
+      for (int64_t a = 0; a < p; ++a) {
+        double v = load_as_double(data, dtype, jobs[j].base + p_off[a] + jobs[j].s_off[0]);
+        shift[j * p + a] = std::isfinite(v) ? v : 0.0;
+      }
+    }
+  }
+
+  // Split the work into units of about total/(4 nt) samples so that one large class cannot idle the other
+  // threads; a job in one piece writes straight into its output.
+  int64_t total = 0;
+  for (auto& jb : jobs) total += jb.ns;
+  const int64_t target = std::max<int64_t>(NB * 4, total / (4 * nt) + 1);
+  std::vector<Unit> units;
+  std::vector<int64_t> pieces(njobs);
+  int64_t n_partial = 0;
+  for (int64_t j = 0; j < njobs; ++j) {
+    pieces[j] = nt == 1 ? 1 : std::max<int64_t>(1, (jobs[j].ns + target - 1) / target);
+    if (pieces[j] > 1) n_partial += pieces[j];
+  }
+  std::vector<double> partial((size_t)n_partial * pp2);
+  std::vector<double> sums(centering == Centering::AcrossSamples ? (size_t)(njobs + n_partial) * p : 0);
+  std::memset(G, 0, sizeof(double) * njobs * pp2);
+  int64_t next_partial = 0;
+  for (int64_t j = 0; j < njobs; ++j) {
+    int64_t ns = jobs[j].ns, k = pieces[j];
+    for (int64_t q = 0; q < k; ++q) {
+      Unit u;
+      u.job = j;
+      u.s_begin = ns * q / k;
+      u.s_end = ns * (q + 1) / k;
+      int64_t slot = k == 1 ? -1 : next_partial++;
+      u.G = k == 1 ? G + j * pp2 : partial.data() + slot * pp2;
+      u.sum = sums.empty() ? nullptr : sums.data() + (k == 1 ? j : njobs + slot) * p;
+      units.push_back(u);
+    }
+  }
+
+  std::atomic<bool> bad_value{false};
+  std::atomic<bool> failed{false};
+  std::string failure;
+
+#pragma omp parallel num_threads(nt)
+  {
+    // Per-thread panel: double staging (centering in double), the compute copy in T, and a pp x pp
+    // accumulator whose lower triangle is folded into the unit's G.
+    auto stage = aligned_zeros<double>(p * NB);
+    auto panel = aligned_zeros<T>(pp * NB);
+    auto acc = aligned_zeros<double>(pp * pp);
+    std::vector<double> colmean(NB);
+    try {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t ui = 0; ui < (int64_t)units.size(); ++ui) {
+        const Unit& u = units[ui];
+        const GramJob& jb = jobs[u.job];
+        const double* sh = shift.empty() ? nullptr : shift.data() + u.job * p;
+        std::memset(acc.get(), 0, sizeof(double) * pp * pp);
+        for (int64_t t0 = u.s_begin; t0 < u.s_end; t0 += NB) {
+          const int64_t nb = std::min(NB, u.s_end - t0);
+          const int64_t nvec = (nb + W - 1) / W;
+          const int64_t* so = jb.s_off + t0;
+          bool local_bad = false;
+          for (int64_t a = 0; a < p; ++a) {
+            double* st = stage.get() + a * NB;
+            const int64_t base = jb.base + p_off[a];
+            for (int64_t t = 0; t < nb; ++t) {
+              double v = load_as_double(data, dtype, base + so[t]);
+              if (!std::isfinite(v)) {
+                local_bad = true;
+                v = 0.0;
+              }
+              st[t] = v;
+            }
+          }
+          if (local_bad && !nan_to_num) {
+            bad_value = true;
+            break;
+          }
+          if (centering == Centering::AcrossP) {
+            std::fill(colmean.begin(), colmean.begin() + nb, 0.0);
+            for (int64_t a = 0; a < p; ++a)
+              for (int64_t t = 0; t < nb; ++t) colmean[t] += stage[a * NB + t];
+            for (int64_t t = 0; t < nb; ++t) colmean[t] /= (double)p;
+          }
+          for (int64_t a = 0; a < p; ++a) {
+            const double* st = stage.get() + a * NB;
+            T* row = panel.get() + a * NB;
+            if (centering == Centering::AcrossP) {
+              for (int64_t t = 0; t < nb; ++t) row[t] = (T)(st[t] - colmean[t]);
+            } else if (centering == Centering::AcrossSamples) {
+              double s = 0.0, c = sh[a];
+              for (int64_t t = 0; t < nb; ++t) {
+                double d = st[t] - c;
+                s += d;
+                row[t] = (T)d;
+              }
+              u.sum[a] += s;
+            } else {
+              for (int64_t t = 0; t < nb; ++t) row[t] = (T)st[t];
+            }
+            // zero the tail of the last vector so it adds nothing
+            for (int64_t t = nb; t < nvec * W; ++t) row[t] = (T)0;
+          }
+          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp);
+        }
+        for (int64_t a = 0; a < p; ++a)
+          for (int64_t b = 0; b <= a; ++b) u.G[a * p + b] = acc[a * pp + b];
+      }
+    } catch (const std::exception& e) {
+#pragma omp critical
+      {
+        failure = e.what();
+        failed = true;
+      }
+    }
+  }
+  if (failed) throw std::runtime_error(failure);
+  if (bad_value)
+    throw ArgumentError(std::string(arg) + " contains NaN or Inf; pass nan_to_num=True to read them as 0");
+
+  // Fold the partials of split jobs, then the centering correction, then mirror the triangle.
+  for (const Unit& u : units) {
+    double* dst = G + u.job * pp2;
+    if (u.G != dst)
+      for (int64_t i = 0; i < pp2; ++i) dst[i] += u.G[i];
+    if (u.sum && u.sum != sums.data() + u.job * p)
+      for (int64_t a = 0; a < p; ++a) sums[u.job * p + a] += u.sum[a];
+  }
+  for (int64_t j = 0; j < njobs; ++j) {
+    double* g = G + j * pp2;
+    if (centering == Centering::AcrossSamples && jobs[j].ns > 0) {
+      const double* d = sums.data() + j * p;
+      const double inv_n = 1.0 / (double)jobs[j].ns;
+      for (int64_t a = 0; a < p; ++a)
+        for (int64_t b = 0; b <= a; ++b) g[a * p + b] -= d[a] * d[b] * inv_n;
+    }
+    for (int64_t a = 0; a < p; ++a)
+      for (int64_t b = 0; b < a; ++b) g[b * p + a] = g[a * p + b];
+  }
+}
+
+}  // namespace
+
+void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
+              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg) {
+  if (dtype == DType::F64)
+    gram_typed<double>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
+  else
+    gram_typed<float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
+}
+
+std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode) {
+  require(z.dim() == 4 || z.dim() == 5, "z: expected decoded maps [B, K, D, H, W] or [B, K, H, W]");
+  if (z.dim() == 4) return {z.shape[2], z.shape[3]};
+  const int64_t D = z.shape[2], H = z.shape[3], W = z.shape[4];
+  switch (mode) {
+    case 0: return {D, H * W};
+    case 1: return {H, D * W};
+    case 2: return {W, D * H};
+    default: throw ArgumentError("mode: expected one of 'D_HW', 'H_DW', 'W_DH'");
+  }
+}
+
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads) {
+  require(is_floating(z.dtype), "z: expected a floating dtype");
+  auto [m, n] = decoded_shape(z, mode);
+  // rows (stride rs) x columns (outer no x inner ni, strides os and is)
+  int64_t rs, no, os, ni, is;
+  if (z.dim() == 4) {
+    rs = z.strides[2]; no = 1; os = 0; ni = z.shape[3]; is = z.strides[3];
+  } else {
+    const int64_t sd = z.strides[2], sh = z.strides[3], sw = z.strides[4];
+    const int64_t D = z.shape[2], H = z.shape[3], W = z.shape[4];
+    if (mode == 0) { rs = sd; no = H; os = sh; ni = W; is = sw; }
+    else if (mode == 1) { rs = sh; no = D; os = sd; ni = W; is = sw; }
+    else { rs = sw; no = D; os = sd; ni = H; is = sh; }
+  }
+  std::vector<int64_t> row_off(m), col_off(n);
+  for (int64_t i = 0; i < m; ++i) row_off[i] = i * rs;
+  for (int64_t o = 0; o < no; ++o)
+    for (int64_t i = 0; i < ni; ++i) col_off[o * ni + i] = o * os + i * is;
+  // The Gram is taken on the smaller side: rows are the p vectors when m <= n, else the columns are.
+  const bool row_side = m <= n;
+  const std::vector<int64_t>& p_off = row_side ? row_off : col_off;
+  const std::vector<int64_t>& s_off = row_side ? col_off : row_off;
+  Centering c = !center ? Centering::None : row_side ? Centering::AcrossP : Centering::AcrossSamples;
+  const int64_t B = z.shape[0], K = z.shape[1];
+  std::vector<GramJob> jobs;
+  jobs.reserve(B * K);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) jobs.push_back({b * z.strides[0] + k * z.strides[1], s_off.data(), (int64_t)s_off.size()});
+  gram_cpu(z.data(), z.dtype, p_off, jobs, c, nan_to_num, G, num_threads, "z");
+}
+
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
+                 int64_t* counts, int num_threads) {
+  require(is_floating(f.dtype), "features: expected a floating dtype");
+  require(!is_floating(labels.dtype), "labels: expected an integer dtype");
+  require(f.dim() >= 3, "features: expected [B, C, *spatial]");
+  require(labels.dim() == f.dim() - 1, "labels: expected [B, *spatial] matching features [B, C, *spatial]");
+  for (int64_t d = 0; d < labels.dim(); ++d)
+    require(labels.shape[d] == f.shape[d == 0 ? 0 : d + 1],
+            "labels: shape does not match features [B, C, *spatial] at dimension " + std::to_string(d));
+  require(K >= 1, "num_classes: expected >= 1");
+  const int64_t B = f.shape[0], C = f.shape[1], nsd = labels.dim() - 1;
+  int64_t N = 1;
+  for (int64_t d = 0; d < nsd; ++d) N *= labels.shape[d + 1];
+
+  // Counting sort of the voxels by class, per sample: the feature offsets of each class become one
+  // contiguous segment, and each class's Gram reads its own segment.
+  std::vector<int64_t> offsets(B * N), start(B * (K + 1), 0);
+  std::vector<int64_t> lab(N);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t* cnt = counts + b * K;
+    std::fill(cnt, cnt + K, 0);
+    std::vector<int64_t> idx(nsd, 0);
+    int64_t loff = b * labels.strides[0], foff = 0;
+    std::vector<int64_t> foffs(N);
+    for (int64_t v = 0; v < N; ++v) {
+      int64_t l = load_as_int(labels.data(), labels.dtype, loff);
+      if (l < 0 || l >= K)
+        throw ArgumentError("labels: value " + std::to_string(l) + " in sample " + std::to_string(b) +
+                            " is outside 0.." + std::to_string(K - 1) + " (num_classes=" + std::to_string(K) + ")");
+      lab[v] = l;
+      foffs[v] = foff;
+      ++cnt[l];
+      // advance the multi-index (last spatial dimension fastest)
+      for (int64_t d = nsd - 1; d >= 0; --d) {
+        if (++idx[d] < labels.shape[d + 1]) {
+          loff += labels.strides[d + 1];
+          foff += f.strides[d + 2];
+          break;
+        }
+        loff -= (labels.shape[d + 1] - 1) * labels.strides[d + 1];
+        foff -= (labels.shape[d + 1] - 1) * f.strides[d + 2];
+        idx[d] = 0;
+      }
+    }
+    int64_t* st = start.data() + b * (K + 1);
+    for (int64_t k = 0; k < K; ++k) st[k + 1] = st[k] + cnt[k];
+    std::vector<int64_t> pos(st, st + K);
+    int64_t* seg = offsets.data() + b * N;
+    for (int64_t v = 0; v < N; ++v) seg[pos[lab[v]]++] = foffs[v];
+  }
+  std::vector<int64_t> p_off(C);
+  for (int64_t c = 0; c < C; ++c) p_off[c] = c * f.strides[1];
+  std::vector<GramJob> jobs;
+  jobs.reserve(B * K);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t* st = start.data() + b * (K + 1);
+      jobs.push_back({b * f.strides[0], offsets.data() + b * N + st[k], st[k + 1] - st[k]});
+    }
+  gram_cpu(f.data(), f.dtype, p_off, jobs, center ? Centering::AcrossSamples : Centering::None, nan_to_num, G,
+           num_threads, "features");
+}
+
+}  // namespace auvcore

@@ -1,0 +1,93 @@
+// A strided view of memory owned by the caller (a torch tensor or a numpy array).
+// The extension never links libtorch: Python hands over pointer, dtype, shape and strides (in elements),
+// and the kernels read the caller's memory in place.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace auvcore {
+
+enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I8 = 4, U8 = 5, I16 = 6, I32 = 7, I64 = 8 };
+
+inline bool is_floating(DType t) { return t == DType::F16 || t == DType::BF16 || t == DType::F32 || t == DType::F64; }
+
+struct ArrayView {
+  std::uintptr_t ptr = 0;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements, may be any sign
+
+  int64_t dim() const { return static_cast<int64_t>(shape.size()); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+  const void* data() const { return reinterpret_cast<const void*>(ptr); }
+};
+
+// Bad arguments surface in Python as ValueError with the argument named.
+struct ArgumentError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+inline void require(bool ok, const std::string& msg) {
+  if (!ok) throw ArgumentError(msg);
+}
+
+// IEEE half and bfloat16 to float, without depending on compiler extensions.
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400u)) { man <<= 1; --exp; }
+      man &= 0x3ffu;
+      bits = sign | (exp << 23) | (man << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Read element `off` (in elements) of a floating array as double.
+inline double load_as_double(const void* base, DType t, int64_t off) {
+  switch (t) {
+    case DType::F64: return static_cast<const double*>(base)[off];
+    case DType::F32: return static_cast<const float*>(base)[off];
+    case DType::F16: return half_to_float(static_cast<const uint16_t*>(base)[off]);
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+    default: throw ArgumentError("expected a floating dtype");
+  }
+}
+
+// Read element `off` of an integer array as int64.
+inline int64_t load_as_int(const void* base, DType t, int64_t off) {
+  switch (t) {
+    case DType::I64: return static_cast<const int64_t*>(base)[off];
+    case DType::I32: return static_cast<const int32_t*>(base)[off];
+    case DType::I16: return static_cast<const int16_t*>(base)[off];
+    case DType::I8: return static_cast<const int8_t*>(base)[off];
+    case DType::U8: return static_cast<const uint8_t*>(base)[off];
+    default: throw ArgumentError("expected an integer dtype");
+  }
+}
+
+}  // namespace auvcore

@@ -1,0 +1,13 @@
+// Symmetric eigenvalues (and optionally vectors) of small dense matrices, in double:
+// Householder tridiagonalisation, then implicit QL with Wilkinson shifts.
+#pragma once
+#include <cstdint>
+
+namespace auvcore {
+
+// A is n x n row-major, symmetric (both triangles read); it is overwritten (scratch).
+// w receives the eigenvalues in descending order. If vt is not null it receives the eigenvectors as rows
+// (vt[j*n + i] = i-th component of the eigenvector of w[j]). Throws std::runtime_error if QL fails to converge.
+void eigh_sym(double* A, int64_t n, double* w, double* vt);
+
+}  // namespace auvcore

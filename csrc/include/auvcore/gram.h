@@ -1,0 +1,43 @@
+// Fused centering + Gram matrices, the first half of the semantic perception scale (SPEC §2, §5).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "auvcore/array.h"
+
+namespace auvcore {
+
+// How the mean is removed before the Gram.
+//  AcrossP: each sample (column of the p x ns matrix) loses its mean over the p rows. This is the decoded
+//           mode with m <= n: the mean row of M is subtracted and the Gram M̄ M̄ᵀ is taken on the row side.
+//  AcrossSamples: each of the p coordinates loses its mean over the samples. This is the masked mode and
+//           the decoded mode with m > n: the Gram M̄ᵀ M̄ is taken on the column side.
+enum class Centering : int { None = 0, AcrossP = 1, AcrossSamples = 2 };
+
+// One Gram matrix. Element (a, t) of its p x ns matrix sits at data[base + p_off[a] + s_off[t]].
+struct GramJob {
+  int64_t base;
+  const int64_t* s_off;
+  int64_t ns;
+};
+
+// G[j] (p x p, both triangles) = Σ_t x̄_t x̄_tᵀ for each job j, accumulated in double.
+// Float inputs multiply in float32 within a short panel and add the panel into double; double inputs stay
+// double. Throws ArgumentError naming `arg` if a non-finite value is read and nan_to_num is false
+// (with nan_to_num, NaN/±Inf read as 0).
+void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
+              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg);
+
+// Decoded maps z [B, K, D, H, W] (mode 0 "D_HW", 1 "H_DW", 2 "W_DH") or [B, K, H, W] (m = H, n = W).
+// G has room for B*K matrices of p x p, p = min(m, n).
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads);
+
+// Masked embeddings f [B, C, *spatial] and labels [B, *spatial] in 0..K-1: G [B, K, C, C] (column side,
+// centred over the voxels of each class) and counts [B, K] (voxels per class).
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t num_classes, bool center, bool nan_to_num,
+                 double* G, int64_t* counts, int num_threads);
+
+// Sizes of the decoded layout: {m, n} of one class matrix.
+std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode);
+
+}  // namespace auvcore
