@@ -125,6 +125,7 @@ def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1
         # The authors' snippet: detached soft target, BCE only, w from the snippet's S.
         yt = (yf - torch.sigmoid(nf) * yf).detach()
         S = semantic_scale(zc, mode, False, eps, "official", True)
+        S = S.detach() if detach_scale else S
         return F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1) / (1 + alpha * S)
     g = torch.tanh(nf)
     yt = torch.clamp(yf - tau * g, 0, 1)

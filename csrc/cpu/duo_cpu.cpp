@@ -25,6 +25,10 @@ struct Units {
   int64_t count() const { return B * C * nchunk; }
 };
 
+// Small inputs run on fewer threads than units: an idle OpenMP team costs more than the work when the
+// machine is busy.
+inline int team(int nt, int64_t units) { return (int)std::max<int64_t>(1, std::min<int64_t>(nt, units)); }
+
 template <typename Fn>
 void dispatch(const DuoArgs& a, Fn&& fn) {
   auto with_y = [&](auto tz) {
@@ -103,7 +107,7 @@ void forward_impl(const DuoArgs& a, double* sums, int nt) {
   std::atomic<bool> bad_z{false}, bad_n{false}, bad_y{false};
   double bad_value = 0.0;
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, nt))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team(nt, U.count()))
   for (int64_t u = 0; u < U.count(); ++u) {
     const int64_t b = u / (C * U.nchunk), c = a.c0 + (u / U.nchunk) % C, t0 = (u % U.nchunk) * kVoxChunk;
     const int64_t t1 = std::min(N, t0 + kVoxChunk);
@@ -174,7 +178,7 @@ void backward_impl(const DuoArgs& a, const double* gsums, const ArrayView& dz, c
   T* dnp = reinterpret_cast<T*>(dn.ptr);
   const T tau = (T)a.tau;
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, nt))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team(nt, U.count()))
   for (int64_t u = 0; u < U.count(); ++u) {
     const int64_t b = u / (K * U.nchunk), c = (u / U.nchunk) % K, t0 = (u % U.nchunk) * kVoxChunk;
     const int64_t t1 = std::min(N, t0 + kVoxChunk);

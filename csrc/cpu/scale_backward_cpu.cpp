@@ -88,12 +88,12 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_
   const int64_t p = (int64_t)L.p_off.size(), ns = (int64_t)L.s_off.size();
   const int64_t Bn = z.shape[0], K = z.shape[1], BK = Bn * K;
   const Centering cen = L.centering(center);
-  const int nt = std::max(1, num_threads);
+  const int64_t nt = std::max(1, num_threads);  // teams below never exceed the units of work
 
   // Per (b, k): A = 2 grad_S U diag(∂S/∂λ) Uᵀ (p x p), and the sample means the centering removed.
   std::vector<double> A((size_t)BK * p * p, 0.0), mu(cen == Centering::AcrossSamples ? (size_t)BK * p : 0, 0.0);
   std::vector<char> active(BK, 0);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(std::min<int64_t>(nt, BK))
   {
     std::vector<double> g(p);
 #pragma omp for schedule(dynamic, 1)
@@ -132,7 +132,7 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_
   // through the centering removes it again from A X̄. Column side (AcrossSamples): X̄ loses each coordinate's
   // mean over the samples; the projection would subtract A·mean_t(X̄) = 0, so it is skipped.
   const int64_t nchunk = (ns + kChunk - 1) / kChunk;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(std::min<int64_t>(nt, BK * nchunk))
   {
     std::vector<double> X((size_t)p * kChunk), Y((size_t)p * kChunk), colmean(kChunk);
     std::vector<char> bad((size_t)p * kChunk);
