@@ -91,7 +91,7 @@ def main():
     t_torch = timeit(lambda: auvcore.semantic_scale(z, backend="torch"), args.repeat)
     t_svd = timeit(lambda: authors_svd_loop(z), max(1, args.repeat // 2))
     G = torch.empty(28, s, s, dtype=torch.float64)
-    t_gram = timeit(lambda: B._C.decoded_gram(B.view(z), 0, True, False, G.data_ptr(), nt), args.repeat)
+    t_gram = timeit(lambda: B._C.decoded_gram(B.view(z), 0, True, False, G.data_ptr(), nt, False), args.repeat)
     gram_flops = 28 * s * s * s * s  # m² n multiply-adds x 2 flops / 2 (symmetric half) per map
     rows.append(("decoded 2x14x%d³ f32" % s, t_ours, t_torch, t_svd, gram_flops / t_gram / 1e9, t_gram))
 

@@ -361,12 +361,16 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
 }  // namespace
 
 void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
-              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg) {
+              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg, bool in_double) {
+#define AUVCORE_GRAM(SRC) \
+  (in_double ? gram_typed<SRC, double>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg) \
+             : gram_typed<SRC, float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg))
   switch (dtype) {
     case DType::F64: return gram_typed<double, double>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
-    case DType::F32: return gram_typed<float, float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
-    case DType::F16: return gram_typed<Half, float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
-    case DType::BF16: return gram_typed<BHalf, float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
+    case DType::F32: return AUVCORE_GRAM(float);
+    case DType::F16: return AUVCORE_GRAM(Half);
+    case DType::BF16: return AUVCORE_GRAM(BHalf);
+#undef AUVCORE_GRAM
     default: throw ArgumentError(std::string(arg) + ": expected a floating dtype");
   }
 }
@@ -383,7 +387,8 @@ std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode) {
   }
 }
 
-void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads) {
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
+                  bool in_double) {
   require(is_floating(z.dtype), "z: expected a floating dtype");
   auto [m, n] = decoded_shape(z, mode);
   // rows (stride rs) x columns (outer no x inner ni, strides os and is)
@@ -411,7 +416,7 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
   jobs.reserve(B * K);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < K; ++k) jobs.push_back({b * z.strides[0] + k * z.strides[1], s_off.data(), (int64_t)s_off.size()});
-  gram_cpu(z.data(), z.dtype, p_off, jobs, c, nan_to_num, G, num_threads, "z");
+  gram_cpu(z.data(), z.dtype, p_off, jobs, c, nan_to_num, G, num_threads, "z", in_double);
 }
 
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
@@ -474,7 +479,7 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
       jobs.push_back({b * f.strides[0], offsets.data() + b * N + st[k], st[k + 1] - st[k]});
     }
   gram_cpu(f.data(), f.dtype, p_off, jobs, center ? Centering::AcrossSamples : Centering::None, nan_to_num, G,
-           num_threads, "features");
+           num_threads, "features", false);
 }
 
 }  // namespace auvcore
