@@ -77,13 +77,14 @@ class I3ResNet152(nn.Module):
         self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
         inpl = 64
         for i, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512))):
-            stride = 1 if i == 0 else 2
-            mods = [Bottleneck3d(inpl, planes, stride)]
+            # Layers past ``upto`` are never run: leave them out (saves memory and build time).
+            if i > LAYERS.index(upto):
+                setattr(self, f"layer{i + 1}", nn.Identity())
+                continue
+            mods = [Bottleneck3d(inpl, planes, 1 if i == 0 else 2)]
             inpl = planes * 4
             mods += [Bottleneck3d(inpl, planes) for _ in range(n - 1)]
-            # Layers past ``upto`` are never run: leave them out (random-weight builds are faster).
-            keep = i <= LAYERS.index(upto)
-            setattr(self, f"layer{i + 1}", nn.Sequential(*mods) if keep else nn.Identity())
+            setattr(self, f"layer{i + 1}", nn.Sequential(*mods))
 
     def forward(self, x: torch.Tensor, upto: str = "layer4") -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 1:
@@ -96,6 +97,26 @@ class I3ResNet152(nn.Module):
             if name == upto:
                 break
         return x.permute(0, 1, 3, 4, 2).contiguous()  # back to [B, C, X, Y, Z]
+
+
+def _random_net(layer: str, seed: int) -> I3ResNet152:
+    """A trunk up to ``layer`` with deterministic He-normal convs and identity batch norms."""
+    with torch.device("meta"):
+        net = I3ResNet152(upto=layer)
+    net = net.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / m.weight[0].numel()))
+            elif isinstance(m, nn.BatchNorm3d):
+                m.reset_parameters()  # weight 1, bias 0, running mean 0 / var 1
+        # Damp each residual branch so activations stay O(1) through 50 blocks instead of
+        # growing ~10^6-fold (what an untrained trunk without real BN statistics would do).
+        for m in net.modules():
+            if isinstance(m, Bottleneck3d):
+                m.bn3.weight.fill_(0.2)
+    return net
 
 
 def weights_path(name: str = "astra") -> Path:
@@ -167,13 +188,7 @@ class MerlinEncoder:
         self.max_shape = tuple(int(s) for s in max_shape) if max_shape is not None else None
         self.num_threads = num_threads
         if isinstance(weights, str) and weights == "random":
-            net = I3ResNet152(upto=layer)
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for name, p in net.named_parameters():
-                    if p.dim() > 1:  # He init, as torchvision, but from our own generator
-                        fan_in = p[0].numel()
-                        p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(2.0 / fan_in))
+            net = _random_net(layer, seed)
             self.weights = "random"
         else:
             if isinstance(weights, str) and weights in ("astra", "merlin"):
@@ -186,10 +201,13 @@ class MerlinEncoder:
                 self.weights = str(src)
             else:
                 raise TypeError(f"weights: expected 'astra', 'merlin', 'random' or a path, got {weights!r}")
-            net = I3ResNet152()
             sd = load_state_dict(src)
-            # strict: a key or shape mismatch means the architecture above is wrong.
-            net.load_state_dict(sd, strict=True)
+            # Built on the meta device: the loaded tensors are assigned, so no time is spent on an
+            # initialisation that would be overwritten. strict: a missing/unexpected key or a shape
+            # mismatch means the architecture above is wrong.
+            with torch.device("meta"):
+                net = I3ResNet152()
+            net.load_state_dict(sd, strict=True, assign=True)
             del sd
         # Drop what the chosen layer never uses: saves memory and makes the forward stop early.
         for name in LAYERS[LAYERS.index(layer) + 1:]:
