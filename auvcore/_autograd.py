@@ -22,7 +22,8 @@ class _NativeScale(torch.autograd.Function):
         m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
         p = min(m, n)
         G = torch.empty(Bn * K, p, p, dtype=torch.float64)
-        B._C.decoded_gram(B.view(z), T.MODES[mode], center, nan_to_num, G.data_ptr(), nt)
+        # The official preset is defined in float64, as in the forward without grad (scale.py).
+        B._C.decoded_gram(B.view(z), T.MODES[mode], center, nan_to_num, G.data_ptr(), nt, variant == "official")
         r = torch.full((Bn * K,), p, dtype=torch.int64)
         S = torch.empty(Bn * K, dtype=torch.float64)
         evals = torch.empty(Bn * K, p, dtype=torch.float64)

@@ -53,7 +53,9 @@ def _gram_small_side(M: torch.Tensor) -> torch.Tensor:
 
 def semantic_scale(z, mode="D_HW", center=True, eps=1e-8, variant="paper", nan_to_num=False, spectrum=False):
     """Batched Gram + ``torch.linalg.eigvalsh``. Returns S [B, K] (and p [B, K, r] if ``spectrum``)."""
-    M = class_matrices(z, mode).to(_compute_dtype(z))
+    # The official preset is defined in float64 (SPEC §2): its energy on σ, not σ², magnifies the error of
+    # small float32 eigenvalues.
+    M = class_matrices(z, mode).to(torch.float64 if variant == "official" else _compute_dtype(z))
     if nan_to_num:
         M = torch.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
     if center:
@@ -124,7 +126,7 @@ def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1
     if preset == "official":
         # The authors' snippet: detached soft target, BCE only, w from the snippet's S.
         yt = (yf - torch.sigmoid(nf) * yf).detach()
-        S = semantic_scale(zc, mode, False, eps, "official", True)
+        S = semantic_scale(zc, mode, False, eps, "official", True).to(z.dtype)
         S = S.detach() if detach_scale else S
         return F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1) / (1 + alpha * S)
     g = torch.tanh(nf)

@@ -17,7 +17,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_common(center, eps, nan_to_num):
+def _check_common(center, eps, nan_to_num, num_threads):
+    B.threads(num_threads)
     if not isinstance(center, (bool, np.bool_)):
         raise TypeError(f"center: expected a bool, got {type(center).__name__}")
     if not isinstance(nan_to_num, (bool, np.bool_)):
@@ -61,7 +62,9 @@ def _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, spec
     p = min(m, n)
     nt = B.threads(num_threads)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64)
-    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), nt)
+    # The official preset is defined in float64: its energy on σ magnifies float32 error in small σ.
+    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), nt,
+                      variant == "official")
     r = torch.full((Bn * K,), p, dtype=torch.int64)
     S = torch.empty(Bn * K, dtype=torch.float64)
     sp = torch.empty(Bn * K, p, dtype=torch.float64) if spectrum else None
@@ -101,7 +104,7 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
     """
     z, was_numpy = B.as_tensor(z, "z")
     _check_decoded(z, mode, variant)
-    _check_common(center, eps, nan_to_num)
+    _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, z)
     if z.requires_grad and torch.is_grad_enabled():
         from . import _autograd
@@ -178,7 +181,7 @@ def masked_semantic_scale(features, labels, num_classes: int, center: bool = Tru
     features, was_numpy = B.as_tensor(features, "features")
     labels, _ = B.as_tensor(labels, "labels")
     _check_masked(features, labels, num_classes)
-    _check_common(center, eps, nan_to_num)
+    _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, features)
     if be == "cpp":
         S = _masked_native(features, labels, num_classes, center, eps, nan_to_num, num_threads, False)
@@ -202,7 +205,7 @@ def energy_spectrum(x, labels=None, num_classes: int | None = None, mode: str = 
     x, was_numpy = B.as_tensor(x, "x")
     if labels is None:
         _check_decoded(x, mode, variant)
-        _check_common(center, eps, nan_to_num)
+        _check_common(center, eps, nan_to_num, num_threads)
         be = B.resolve(backend, x)
         x = x.detach()
         if be == "cpp":
@@ -212,7 +215,7 @@ def energy_spectrum(x, labels=None, num_classes: int | None = None, mode: str = 
     else:
         labels, _ = B.as_tensor(labels, "labels")
         _check_masked(x, labels, num_classes)
-        _check_common(center, eps, nan_to_num)
+        _check_common(center, eps, nan_to_num, num_threads)
         be = B.resolve(backend, x)
         x = x.detach()
         if be == "cpp":

@@ -44,11 +44,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "decoded_gram",
-      [](const ArrayView& z, int mode, bool center, bool nan_to_num, std::uintptr_t G, int threads) {
+      [](const ArrayView& z, int mode, bool center, bool nan_to_num, std::uintptr_t G, int threads, bool in_double) {
         py::gil_scoped_release nogil;
-        decoded_gram(z, mode, center, nan_to_num, out_ptr<double>(G), threads);
+        decoded_gram(z, mode, center, nan_to_num, out_ptr<double>(G), threads, in_double);
       },
-      py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("G"), py::arg("threads"));
+      py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("G"), py::arg("threads"),
+      py::arg("in_double") = false);
 
   m.def(
       "masked_gram",

@@ -1,4 +1,5 @@
 #include "auvcore/eigh.h"
+#include "auvcore/isa.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -8,8 +9,9 @@
 #include <vector>
 
 namespace auvcore {
+namespace {
 
-void eigh_sym(double* A, int64_t n, double* w, double* vt) {
+__attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, double* w, double* vt) {
   if (n <= 0) return;
   std::vector<double> d(n), e(n, 0.0), v(n), pv(n);
   // Householder vectors, kept for the accumulation of Q: reflector k lives on indices k+1..n-1.
@@ -154,6 +156,20 @@ void eigh_sym(double* A, int64_t n, double* w, double* vt) {
   if (vt) {
     std::vector<double> tmp(vt, vt + n * n);
     for (int64_t j = 0; j < n; ++j) std::copy(tmp.begin() + order[j] * n, tmp.begin() + (order[j] + 1) * n, vt + j * n);
+  }
+}
+
+AUVCORE_TARGET_AVX512 void eigh_avx512(double* A, int64_t n, double* w, double* vt) { eigh_impl(A, n, w, vt); }
+AUVCORE_TARGET_AVX2 void eigh_avx2(double* A, int64_t n, double* w, double* vt) { eigh_impl(A, n, w, vt); }
+void eigh_generic(double* A, int64_t n, double* w, double* vt) { eigh_impl(A, n, w, vt); }
+
+}  // namespace
+
+void eigh_sym(double* A, int64_t n, double* w, double* vt) {
+  switch (isa_level()) {
+    case 2: return eigh_avx512(A, n, w, vt);
+    case 1: return eigh_avx2(A, n, w, vt);
+    default: return eigh_generic(A, n, w, vt);
   }
 }
 

@@ -1,4 +1,5 @@
 #include "auvcore/gram.h"
+#include "auvcore/isa.h"
 
 #include <algorithm>
 #include <atomic>
@@ -21,17 +22,25 @@ constexpr int64_t kPanelBytes = 2048;  // one panel row: 512 floats or 256 doubl
 typedef float v16f __attribute__((vector_size(64)));
 typedef double v8d __attribute__((vector_size(64)));
 
-template <typename V>
-inline double hsum(V v) {
-  double s = 0;
-  for (size_t l = 0; l < sizeof(V) / sizeof(v[0]); ++l) s += v[l];
-  return s;
+// Horizontal sum by halving: a few shuffles instead of one scalar add per lane.
+__attribute__((always_inline)) inline double hsum(v16f x) {
+  typedef int v16i __attribute__((vector_size(64)));
+  x += __builtin_shuffle(x, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+  return (double)x[0] + (double)x[1];
+}
+__attribute__((always_inline)) inline double hsum(v8d x) {
+  typedef long long v8l __attribute__((vector_size(64)));
+  x += __builtin_shuffle(x, (v8l){4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, (v8l){2, 3, 0, 1, 2, 3, 0, 1});
+  return x[0] + x[1];
 }
 
 // G (lower triangle, ldg) += P Pᵀ for a panel P of pp rows (pp % 4 == 0), nvec vectors per row.
 // The 4 x 4 register block keeps 16 accumulators live: 8 loads feed 16 FMAs.
 template <typename V, typename T>
-inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+__attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
   constexpr int64_t W = sizeof(V) / sizeof(T);
   for (int64_t I = 0; I < pp; I += kBlock) {
     const T* a0 = P + (I + 0) * ld;
@@ -63,14 +72,59 @@ inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, do
   }
 }
 
-// One clone per instruction set; the loader picks the widest the CPU has at run time.
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-void syrk_panel(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
-  syrk_panel_impl<v16f>(P, pp, ld, nvec, G, ldg);
+// Subtract from every sample (column t) its mean over the p rows, computed and subtracted in double so
+// that a large common offset does not cost float32 digits.
+template <typename T>
+__attribute__((always_inline)) inline void center_across_p_impl(T* panel, int64_t p, int64_t ld, int64_t nb,
+                                                                double* colmean) {
+  for (int64_t t = 0; t < nb; ++t) colmean[t] = 0.0;
+  for (int64_t a = 0; a < p; ++a) {
+    const T* row = panel + a * ld;
+    for (int64_t t = 0; t < nb; ++t) colmean[t] += (double)row[t];
+  }
+  const double inv_p = 1.0 / (double)p;
+  for (int64_t t = 0; t < nb; ++t) colmean[t] *= inv_p;
+  for (int64_t a = 0; a < p; ++a) {
+    T* row = panel + a * ld;
+    for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] - colmean[t]);
+  }
 }
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-void syrk_panel(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
-  syrk_panel_impl<v8d>(P, pp, ld, nvec, G, ldg);
+
+// One build per instruction set (isa.h).
+#define AUVCORE_SYRK(NAME, TARGET)                                                                     \
+  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {   \
+    syrk_panel_impl<v16f>(P, pp, ld, nvec, G, ldg);                                                  \
+  }                                                                                                  \
+  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {  \
+    syrk_panel_impl<v8d>(P, pp, ld, nvec, G, ldg);                                                   \
+  }                                                                                                  \
+  TARGET void NAME##_center(float* P, int64_t p, int64_t ld, int64_t nb, double* colmean) {          \
+    center_across_p_impl(P, p, ld, nb, colmean);                                                     \
+  }                                                                                                  \
+  TARGET void NAME##_center(double* P, int64_t p, int64_t ld, int64_t nb, double* colmean) {         \
+    center_across_p_impl(P, p, ld, nb, colmean);                                                     \
+  }
+AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512)
+AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2)
+AUVCORE_SYRK(syrk_generic, )
+#undef AUVCORE_SYRK
+
+template <typename T>
+void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+  switch (isa_level()) {
+    case 2: return syrk_avx512(P, pp, ld, nvec, G, ldg);
+    case 1: return syrk_avx2(P, pp, ld, nvec, G, ldg);
+    default: return syrk_generic(P, pp, ld, nvec, G, ldg);
+  }
+}
+
+template <typename T>
+void center_across_p(T* P, int64_t p, int64_t ld, int64_t nb, double* colmean) {
+  switch (isa_level()) {
+    case 2: return syrk_avx512_center(P, p, ld, nb, colmean);
+    case 1: return syrk_avx2_center(P, p, ld, nb, colmean);
+    default: return syrk_generic_center(P, p, ld, nb, colmean);
+  }
 }
 
 struct AlignedFree {
@@ -85,6 +139,68 @@ std::unique_ptr<T[], AlignedFree> aligned_zeros(int64_t n) {
   return std::unique_ptr<T[], AlignedFree>(p);
 }
 
+// Typed reads of the caller's memory into the panel. Sorted sample offsets that are consecutive (the usual
+// decoded layout) take the contiguous path, which the compiler vectorises; the non-finite test is an integer
+// or-reduction over the exponent bits, so it vectorises too.
+template <typename Src>
+struct Reader;
+template <>
+struct Reader<float> {
+  static float get(const float* p) { return *p; }
+};
+template <>
+struct Reader<double> {
+  static double get(const double* p) { return *p; }
+};
+struct Half { uint16_t bits; };
+struct BHalf { uint16_t bits; };
+template <>
+struct Reader<Half> {
+  static float get(const Half* p) { return half_to_float(p->bits); }
+};
+template <>
+struct Reader<BHalf> {
+  static float get(const BHalf* p) { return bf16_to_float(p->bits); }
+};
+
+// Exponent bits with all ones mark NaN and Inf. min over (~bits & mask) is 0 iff one was seen: an integer
+// min-reduction, which vectorises where a bool or does not.
+inline uint32_t finite_mark(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return ~b & 0x7f800000u;
+}
+inline uint64_t finite_mark(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, 8);
+  return ~b & 0x7ff0000000000000ull;
+}
+template <typename T>
+inline bool non_finite(T v) {
+  return finite_mark(v) == 0;
+}
+
+// row[t] = x[base + so[t]] for t < nb; returns true if a value read was NaN or Inf.
+template <typename Src, typename T>
+bool read_row(const Src* x, int64_t base, const int64_t* so, int64_t nb, T* row) {
+  decltype(finite_mark(T())) mark = ~decltype(finite_mark(T()))(0);
+  if (so[nb - 1] - so[0] == nb - 1) {
+    const Src* src = x + base + so[0];
+    for (int64_t t = 0; t < nb; ++t) {
+      T v = (T)Reader<Src>::get(src + t);
+      mark = std::min(mark, finite_mark(v));
+      row[t] = v;
+    }
+  } else {
+    for (int64_t t = 0; t < nb; ++t) {
+      T v = (T)Reader<Src>::get(x + base + so[t]);
+      mark = std::min(mark, finite_mark(v));
+      row[t] = v;
+    }
+  }
+  return mark == 0;
+}
+
 // A contiguous range of one job's samples; split jobs accumulate into their own partial buffers.
 struct Unit {
   int64_t job, s_begin, s_end;
@@ -92,7 +208,7 @@ struct Unit {
   double* sum;  // p sums of the shifted samples (AcrossSamples only)
 };
 
-template <typename T>
+template <typename Src, typename T>
 void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
                 Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg) {
   const int64_t p = (int64_t)p_off.size();
@@ -153,9 +269,9 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
 
 #pragma omp parallel num_threads(nt)
   {
-    // Per-thread panel: double staging (centering in double), the compute copy in T, and a pp x pp
+    // Per-thread panel in T (the original values, then centred in double and rounded once) and a pp x pp
     // accumulator whose lower triangle is folded into the unit's G.
-    auto stage = aligned_zeros<double>(p * NB);
+    const Src* x = static_cast<const Src*>(data);
     auto panel = aligned_zeros<T>(pp * NB);
     auto acc = aligned_zeros<double>(pp * pp);
     std::vector<double> colmean(NB);
@@ -170,46 +286,38 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
           const int64_t nb = std::min(NB, u.s_end - t0);
           const int64_t nvec = (nb + W - 1) / W;
           const int64_t* so = jb.s_off + t0;
-          bool local_bad = false;
+          bool stop = false;
           for (int64_t a = 0; a < p; ++a) {
-            double* st = stage.get() + a * NB;
-            const int64_t base = jb.base + p_off[a];
-            for (int64_t t = 0; t < nb; ++t) {
-              double v = load_as_double(data, dtype, base + so[t]);
-              if (!std::isfinite(v)) {
-                local_bad = true;
-                v = 0.0;
+            T* row = panel.get() + a * NB;
+            if (read_row(x, jb.base + p_off[a], so, nb, row)) {
+              if (!nan_to_num) {
+                bad_value = true;
+                stop = true;
+                break;
               }
-              st[t] = v;
+              for (int64_t t = 0; t < nb; ++t)
+                if (non_finite(row[t])) row[t] = (T)0;
             }
           }
-          if (local_bad && !nan_to_num) {
-            bad_value = true;
-            break;
-          }
+          if (stop) break;
           if (centering == Centering::AcrossP) {
-            std::fill(colmean.begin(), colmean.begin() + nb, 0.0);
-            for (int64_t a = 0; a < p; ++a)
-              for (int64_t t = 0; t < nb; ++t) colmean[t] += stage[a * NB + t];
-            for (int64_t t = 0; t < nb; ++t) colmean[t] /= (double)p;
-          }
-          for (int64_t a = 0; a < p; ++a) {
-            const double* st = stage.get() + a * NB;
-            T* row = panel.get() + a * NB;
-            if (centering == Centering::AcrossP) {
-              for (int64_t t = 0; t < nb; ++t) row[t] = (T)(st[t] - colmean[t]);
-            } else if (centering == Centering::AcrossSamples) {
-              double s = 0.0, c = sh[a];
+            center_across_p(panel.get(), p, NB, nb, colmean.data());
+          } else if (centering == Centering::AcrossSamples) {
+            for (int64_t a = 0; a < p; ++a) {
+              T* row = panel.get() + a * NB;
+              const double c = sh[a];
+              double sum = 0.0;
               for (int64_t t = 0; t < nb; ++t) {
-                double d = st[t] - c;
-                s += d;
+                const double d = (double)row[t] - c;
+                sum += d;
                 row[t] = (T)d;
               }
-              u.sum[a] += s;
-            } else {
-              for (int64_t t = 0; t < nb; ++t) row[t] = (T)st[t];
+              u.sum[a] += sum;
             }
-            // zero the tail of the last vector so it adds nothing
+          }
+          // zero the tail of the last vector so it adds nothing
+          for (int64_t a = 0; a < p; ++a) {
+            T* row = panel.get() + a * NB;
             for (int64_t t = nb; t < nvec * W; ++t) row[t] = (T)0;
           }
           syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp);
@@ -253,11 +361,18 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
 }  // namespace
 
 void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
-              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg) {
-  if (dtype == DType::F64)
-    gram_typed<double>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
-  else
-    gram_typed<float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
+              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg, bool in_double) {
+#define AUVCORE_GRAM(SRC) \
+  (in_double ? gram_typed<SRC, double>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg) \
+             : gram_typed<SRC, float>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg))
+  switch (dtype) {
+    case DType::F64: return gram_typed<double, double>(data, dtype, p_off, jobs, centering, nan_to_num, G, num_threads, arg);
+    case DType::F32: return AUVCORE_GRAM(float);
+    case DType::F16: return AUVCORE_GRAM(Half);
+    case DType::BF16: return AUVCORE_GRAM(BHalf);
+#undef AUVCORE_GRAM
+    default: throw ArgumentError(std::string(arg) + ": expected a floating dtype");
+  }
 }
 
 std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode) {
@@ -297,7 +412,8 @@ DecodedLayout decoded_layout(const ArrayView& z, int mode) {
   return L;
 }
 
-void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads) {
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
+                  bool in_double) {
   require(is_floating(z.dtype), "z: expected a floating dtype");
   const DecodedLayout L = decoded_layout(z, mode);
   const int64_t B = z.shape[0], K = z.shape[1];
@@ -306,7 +422,7 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < K; ++k)
       jobs.push_back({b * z.strides[0] + k * z.strides[1], L.s_off.data(), (int64_t)L.s_off.size()});
-  gram_cpu(z.data(), z.dtype, L.p_off, jobs, L.centering(center), nan_to_num, G, num_threads, "z");
+  gram_cpu(z.data(), z.dtype, L.p_off, jobs, L.centering(center), nan_to_num, G, num_threads, "z", in_double);
 }
 
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
@@ -369,7 +485,7 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
       jobs.push_back({b * f.strides[0], offsets.data() + b * N + st[k], st[k + 1] - st[k]});
     }
   gram_cpu(f.data(), f.dtype, p_off, jobs, center ? Centering::AcrossSamples : Centering::None, nan_to_num, G,
-           num_threads, "features");
+           num_threads, "features", false);
 }
 
 }  // namespace auvcore

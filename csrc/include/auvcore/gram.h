@@ -24,13 +24,14 @@ struct GramJob {
 // G[j] (p x p, both triangles) = Σ_t x̄_t x̄_tᵀ for each job j, accumulated in double.
 // Float inputs multiply in float32 within a short panel and add the panel into double; double inputs stay
 // double. Throws ArgumentError naming `arg` if a non-finite value is read and nan_to_num is false
-// (with nan_to_num, NaN/±Inf read as 0).
+// (with nan_to_num, NaN/±Inf read as 0). in_double makes lower-precision inputs multiply in double too.
 void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
-              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg);
+              Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg, bool in_double);
 
 // Decoded maps z [B, K, D, H, W] (mode 0 "D_HW", 1 "H_DW", 2 "W_DH") or [B, K, H, W] (m = H, n = W).
-// G has room for B*K matrices of p x p, p = min(m, n).
-void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads);
+// G has room for B*K matrices of p x p, p = min(m, n). in_double: see gram_cpu (the official preset).
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
+                  bool in_double);
 
 // Masked embeddings f [B, C, *spatial] and labels [B, *spatial] in 0..K-1: G [B, K, C, C] (column side,
 // centred over the voxels of each class) and counts [B, K] (voxels per class).

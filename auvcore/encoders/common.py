@@ -1,0 +1,146 @@
+"""Encoder-independent pieces: labels onto a feature grid, ``encode_case``, prototype maps."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def labels_to_grid(label, grid_shape, num_classes: int | None = None, mode: str = "majority",
+                   stride=None) -> np.ndarray:
+    """Bring an integer label map ``[X, Y, Z]`` onto a coarser (or equal) grid ``grid_shape``.
+
+    Voxel ``i`` along an axis of length ``n`` falls in grid cell ``i // stride`` when the
+    encoder's ``stride`` is given and ``g == ceil(n / stride)`` (strided convolutions), else in
+    ``floor(i * g / n)``. ``mode="majority"``: each cell gets
+    the most frequent label of its voxels (ties → the smaller label); ``"nearest"``: the label of
+    the voxel nearest the cell centre. Either way only labels that occur in ``label`` appear.
+    """
+    lab = np.asarray(label)
+    if lab.ndim != 3:
+        raise ValueError(f"label: expected [X, Y, Z], got shape {lab.shape}")
+    g = tuple(int(s) for s in grid_shape)
+    if len(g) != 3 or any(s < 1 or s > n for s, n in zip(g, lab.shape)):
+        raise ValueError(f"grid_shape: expected 3 sizes in 1..{lab.shape}, got {grid_shape!r}")
+    if mode == "nearest":
+        st = (None,) * 3 if stride is None else tuple(stride)
+        idx = [
+            np.minimum(np.arange(s) * t + t // 2, n - 1) if t and s == -(-n // t)
+            else np.minimum(((np.arange(s) + 0.5) * n / s).astype(int), n - 1)
+            for s, n, t in zip(g, lab.shape, st)
+        ]
+        return lab[np.ix_(*idx)].astype(np.int64)
+    if mode != "majority":
+        raise ValueError(f"mode: expected 'majority' or 'nearest', got {mode!r}")
+    lab = lab.astype(np.int64, copy=False)
+    if lab.min(initial=0) < 0:
+        raise ValueError("label: negative values")
+    K = int(num_classes) if num_classes is not None else int(lab.max(initial=0)) + 1
+    if lab.max(initial=0) >= K:
+        raise ValueError(f"label: value {lab.max()} >= num_classes {K}")
+    st = (None,) * 3 if stride is None else tuple(stride)
+    cells = [
+        np.arange(n) // t if t and s == -(-n // t) else (np.arange(n) * s) // n
+        for s, n, t in zip(g, lab.shape, st)
+    ]
+    flat = (cells[0][:, None, None] * g[1] + cells[1][None, :, None]) * g[2] + cells[2][None, None, :]
+    counts = np.bincount((flat * K + lab).ravel(), minlength=int(np.prod(g)) * K).reshape(-1, K)
+    return counts.argmax(axis=1).reshape(g)
+
+
+def _grid_for(shape, stride):
+    return tuple(-(-n // s) for n, s in zip(shape, stride))
+
+
+def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority",
+                num_classes: int | None = None):
+    """Encode one loaded case and bring its labels onto the feature grid.
+
+    Parameters
+    ----------
+    encoder : an auvcore encoder (``preprocess`` + ``__call__``; e.g. :class:`MerlinEncoder`).
+    volume : :class:`auvcore.data.Volume` at the encoder's spacing (``load_case(case,
+        spacing=encoder.spacing)``).
+    input : ``"raw"`` feeds the windowed raw image; ``"normalized"`` the annotation-normalized
+        image x̂ (SPEC §3).
+    label_mode : ``"majority"`` (default) or ``"nearest"``, see :func:`labels_to_grid`.
+
+    Volumes larger than ``encoder.max_shape`` are cropped around the foreground to that size
+    first (label and image alike). Returns ``(features [1, C, *grid] float32 CPU,
+    labels [1, *grid] int64)``.
+    """
+    from ..data.preprocess import crop_or_pad, foreground_center, normalized_image
+
+    if input not in ("raw", "normalized"):
+        raise ValueError(f"input: expected 'raw' or 'normalized', got {input!r}")
+    image, label = volume.image, volume.label
+    if label is None:
+        raise ValueError(f"case {getattr(volume, 'case_id', '')!r}: encode_case needs a label map")
+    if image.shape != label.shape:
+        raise ValueError(f"case {volume.case_id!r}: image {image.shape} and label {label.shape} differ")
+    max_shape = getattr(encoder, "max_shape", None)
+    if max_shape is not None and any(n > m for n, m in zip(image.shape, max_shape)):
+        shape = tuple(min(n, m) for n, m in zip(image.shape, max_shape))
+        center = foreground_center(label)
+        image, _ = crop_or_pad(image, shape, center)
+        label, _ = crop_or_pad(label, shape, center)
+    if input == "normalized":
+        x = encoder.preprocess(normalized_image(image, label), normalized=True)
+    else:
+        x = encoder.preprocess(image)
+    # Encoders that decode with prompts (SAM2) take the label map as their box source.
+    feats = encoder(x, label) if getattr(encoder, "needs_label", False) else encoder(x)
+    if isinstance(feats, dict):
+        raise ValueError("encoder: returned several feature maps; pick one layer for encode_case")
+    feats = feats.float().cpu()
+    grid = tuple(feats.shape[2:])
+    lab = labels_to_grid(label, grid, num_classes, label_mode, stride=getattr(encoder, "stride", None))
+    return feats, torch.from_numpy(lab)[None]
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean embedding of each class: ``[1, C, *g]``, ``[1, *g]`` → ``[K, C]`` (NaN rows for
+    classes with no voxel)."""
+    f, lab = _check_fl(features, labels, num_classes)
+    C = f.shape[0]
+    flat = f.reshape(C, -1).double()
+    l = lab.reshape(-1)
+    sums = torch.zeros(num_classes, C, dtype=torch.float64).index_add_(0, l, flat.T)
+    cnt = torch.bincount(l, minlength=num_classes).double()[:, None]
+    out = sums / cnt
+    out[cnt[:, 0] == 0] = float("nan")
+    return out.float()
+
+
+def _check_fl(features, labels, num_classes):
+    if not isinstance(features, torch.Tensor) or features.dim() < 3 or features.shape[0] != 1:
+        raise ValueError(f"features: expected a tensor [1, C, *grid], got {getattr(features, 'shape', type(features))}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (1,) + tuple(features.shape[2:]):
+        raise ValueError(
+            f"labels: expected [1, *grid] = {(1,) + tuple(features.shape[2:])}, got {getattr(labels, 'shape', type(labels))}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+    lab = labels[0].long()
+    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(f"labels: values must lie in 0..{num_classes - 1}, got {lab.min().item()}..{lab.max().item()}")
+    return features[0], lab
+
+
+def prototype_maps(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class-wise decoded maps from any embedding encoder by prototype similarity.
+
+    For each class c present in ``labels``, its prototype is the mean embedding of the case's
+    voxels labelled c; the map is the cosine similarity of every voxel's embedding with it.
+    ``[1, C, *grid]``, ``[1, *grid]`` → ``[1, K, *grid]`` float32 in [−1, 1]. Classes absent from
+    the case get all-NaN maps: their semantic scale is undefined (skip them, as SPEC §2 does for
+    absent classes in masked mode).
+    """
+    f, lab = _check_fl(features, labels, num_classes)
+    C = f.shape[0]
+    protos = class_means(features, labels, num_classes)  # [K, C]
+    flat = f.reshape(C, -1).float()
+    fn = flat / flat.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    pn = protos / protos.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sims = pn.nan_to_num(0.0) @ fn  # [K, N]
+    sims[torch.isnan(protos[:, 0])] = float("nan")
+    return sims.reshape((1, num_classes) + tuple(f.shape[1:]))

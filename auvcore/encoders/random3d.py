@@ -1,0 +1,73 @@
+"""A small random-weight 3-D conv net: a fast, deterministic stand-in encoder for tests and CLI
+smoke runs (its features carry no learned semantics)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+LAYERS = ("layer1", "layer2", "layer3")
+_WIDTHS = {"layer1": 16, "layer2": 32, "layer3": 64}
+STRIDES = {"layer1": (2, 2, 2), "layer2": (4, 4, 4), "layer3": (8, 8, 8)}
+
+
+class Random3DEncoder:
+    """Three stride-2 conv stages (16/32/64 channels) with seeded He-normal weights.
+
+    ``layer``: ``"layer1"`` (stride 2), ``"layer2"`` (stride 4, default) or ``"layer3"``
+    (stride 8) on every axis. ``seed`` fixes the weights, so two encoders with the same seed give
+    identical features. Input and preprocessing as :class:`MerlinEncoder` (HU −1000..1000 → 0..1;
+    x̂ −5..5 → 0..1 with ``normalized=True``).
+    """
+
+    spacing = (1.5, 1.5, 3.0)
+
+    def __init__(self, layer: str = "layer2", seed: int = 0, dtype=torch.float32, device="cpu",
+                 max_shape=(224, 224, 160)):
+        if layer not in LAYERS:
+            raise ValueError(f"layer: expected one of {LAYERS}, got {layer!r}")
+        self.layer, self.seed, self.dtype = layer, int(seed), dtype
+        self.device = torch.device(device)
+        self.max_shape = tuple(max_shape) if max_shape is not None else None
+        g = torch.Generator().manual_seed(self.seed)
+        mods, cin = [], 1
+        for name in LAYERS[: LAYERS.index(layer) + 1]:
+            cout = _WIDTHS[name]
+            conv = nn.Conv3d(cin, cout, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * np.sqrt(2.0 / conv.weight[0].numel()))
+                conv.bias.zero_()
+            mods += [conv, nn.GroupNorm(min(8, cout), cout), nn.ReLU()]
+            cin = cout
+        self.net = nn.Sequential(*mods).eval().to(self.device, dtype)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def stride(self):
+        return STRIDES[self.layer]
+
+    @property
+    def channels(self):
+        return _WIDTHS[self.layer]
+
+    @property
+    def name(self):
+        return f"random3d-s{self.seed}-{self.layer}"
+
+    def preprocess(self, volume_hu, normalized: bool = False) -> torch.Tensor:
+        """``[X, Y, Z]`` → ``[1, 1, X, Y, Z]`` float32 in 0..1 (see class doc)."""
+        v = np.asarray(volume_hu, dtype=np.float32)
+        if v.ndim != 3:
+            raise ValueError(f"volume_hu: expected a 3-D [X, Y, Z] array, got shape {v.shape}")
+        lo, hi = (-5.0, 5.0) if normalized else (-1000.0, 1000.0)
+        return torch.from_numpy(np.clip((v - lo) / (hi - lo), 0, 1).astype(np.float32))[None, None]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1:
+            raise ValueError(f"x: expected a tensor [B, 1, X, Y, Z], got {getattr(x, 'shape', type(x))}")
+        return self.net(x.to(self.device, self.dtype))
+
+    def __repr__(self):
+        return f"Random3DEncoder(layer={self.layer!r}, seed={self.seed})"
