@@ -183,14 +183,17 @@ class DUOLoss(nn.Module):
         return 0 if self.include_background else 1
 
     def _scale(self, z):
-        """S [B, K'] of the included classes, NaN (maps too thin for a spectrum) read as 0, i.e. w = 1."""
-        zc = z[:, self._c0:]
+        """S [B, K'] of the included classes, NaN (maps too thin for a spectrum) read as 0, i.e. w = 1.
+
+        S is taken over all K maps and sliced afterwards: the slice's gradient is then a [B, K] vector with a
+        zero for the background, instead of a full-size zero-filled copy of z on the backward.
+        """
         if self.detach_scale:
-            zc = zc.detach()
+            z = z.detach()
         official = self.preset == "official"
-        S = semantic_scale(zc, mode=self.mode, variant="official" if official else "paper",
+        S = semantic_scale(z, mode=self.mode, variant="official" if official else "paper",
                            backend="cpp" if z.device.type == "cpu" and B.has_native() else "torch",
-                           num_threads=self.num_threads)
+                           num_threads=self.num_threads)[:, self._c0:]
         return torch.where(torch.isnan(S), torch.zeros_like(S), S)
 
     def _native(self, z, n, y):

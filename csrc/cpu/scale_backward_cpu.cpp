@@ -9,26 +9,60 @@
 #include <vector>
 
 #include "auvcore/gram.h"
+#include "auvcore/isa.h"
 #include "auvcore/scale.h"
 
 namespace auvcore {
 namespace {
 
 constexpr int64_t kChunk = 128;  // samples per staged panel: p x 128 doubles in, p x 128 out
+constexpr int64_t kVec = 8;      // doubles per vector register (AVX-512; two AVX2 registers otherwise)
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
 
-// Y (p x nb, leading dimension kChunk) = A (p x p) · X. The inner loop runs along the samples so it vectorises.
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-void apply_panel(const double* A, int64_t p, const double* X, int64_t nb, double* Y) {
-  for (int64_t a = 0; a < p; ++a) {
-    double* y = Y + a * kChunk;
-    std::fill(y, y + nb, 0.0);
-    const double* arow = A + a * p;
-    for (int64_t b = 0; b < p; ++b) {
-      const double c = arow[b];
-      if (c == 0.0) continue;
-      const double* x = X + b * kChunk;
-      for (int64_t t = 0; t < nb; ++t) y[t] += c * x[t];
+// Y (p x nb, leading dimension kChunk) = A (p x p) · X. A 4-row x 2-vector register block keeps eight
+// independent accumulators busy per broadcast of A, so the loop runs on FMAs rather than on loads.
+// Rows and samples past p and nb are computed on padding and never read.
+inline __attribute__((always_inline)) void apply_panel_impl(const double* A, int64_t p, const double* X, int64_t nb,
+                                                            double* Y) {
+  const int64_t nv = (nb + 2 * kVec - 1) / (2 * kVec) * 2;
+  for (int64_t a = 0; a < p; a += 4) {
+    const double* a0 = A + (a + 0) * p;
+    const double* a1 = A + std::min(a + 1, p - 1) * p;
+    const double* a2 = A + std::min(a + 2, p - 1) * p;
+    const double* a3 = A + std::min(a + 3, p - 1) * p;
+    for (int64_t v = 0; v < nv; v += 2) {
+      v8d c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      for (int64_t b = 0; b < p; ++b) {
+        const v8d x0 = *(const v8d*)(X + b * kChunk + v * kVec);
+        const v8d x1 = *(const v8d*)(X + b * kChunk + (v + 1) * kVec);
+        c00 += a0[b] * x0; c01 += a0[b] * x1;
+        c10 += a1[b] * x0; c11 += a1[b] * x1;
+        c20 += a2[b] * x0; c21 += a2[b] * x1;
+        c30 += a3[b] * x0; c31 += a3[b] * x1;
+      }
+      *(v8d*)(Y + (a + 0) * kChunk + v * kVec) = c00; *(v8d*)(Y + (a + 0) * kChunk + (v + 1) * kVec) = c01;
+      *(v8d*)(Y + (a + 1) * kChunk + v * kVec) = c10; *(v8d*)(Y + (a + 1) * kChunk + (v + 1) * kVec) = c11;
+      *(v8d*)(Y + (a + 2) * kChunk + v * kVec) = c20; *(v8d*)(Y + (a + 2) * kChunk + (v + 1) * kVec) = c21;
+      *(v8d*)(Y + (a + 3) * kChunk + v * kVec) = c30; *(v8d*)(Y + (a + 3) * kChunk + (v + 1) * kVec) = c31;
     }
+  }
+}
+
+// One build per instruction set (isa.h).
+AUVCORE_TARGET_AVX512 void apply_panel_avx512(const double* A, int64_t p, const double* X, int64_t nb, double* Y) {
+  apply_panel_impl(A, p, X, nb, Y);
+}
+AUVCORE_TARGET_AVX2 void apply_panel_avx2(const double* A, int64_t p, const double* X, int64_t nb, double* Y) {
+  apply_panel_impl(A, p, X, nb, Y);
+}
+void apply_panel_generic(const double* A, int64_t p, const double* X, int64_t nb, double* Y) {
+  apply_panel_impl(A, p, X, nb, Y);
+}
+void apply_panel(const double* A, int64_t p, const double* X, int64_t nb, double* Y) {
+  switch (isa_level()) {
+    case 2: return apply_panel_avx512(A, p, X, nb, Y);
+    case 1: return apply_panel_avx2(A, p, X, nb, Y);
+    default: return apply_panel_generic(A, p, X, nb, Y);
   }
 }
 
@@ -134,7 +168,9 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_
   const int64_t nchunk = (ns + kChunk - 1) / kChunk;
 #pragma omp parallel num_threads(std::min<int64_t>(nt, BK * nchunk))
   {
-    std::vector<double> X((size_t)p * kChunk), Y((size_t)p * kChunk), colmean(kChunk);
+    // Rows padded to a multiple of 4 for the register block; X's padding stays 0.
+    const int64_t prow = (p + 3) / 4 * 4;
+    std::vector<double> X((size_t)prow * kChunk, 0.0), Y((size_t)prow * kChunk), colmean(kChunk);
     std::vector<char> bad((size_t)p * kChunk);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t u = 0; u < BK * nchunk; ++u) {
