@@ -13,8 +13,8 @@ Both runs: the same tiny 3-D U-Net (8-16-32 channels), the same seed, patches, o
 steps. Dice+BCE: ``λ·BCE + Dice`` per (sample, foreground class), averaged (the DUO formula with w = 1 and
 ỹ = y). DUO: ``auvcore.DUOLoss`` with a ``NoiseHead`` on the decoder's last features.
 
-    python bench/train_duo.py                          # ~2 x 3 min on 2 cores; writes bench/train_duo.png
-    python bench/train_duo.py --steps 40 --eval-every 20   # smoke run
+    python bench/train_duo.py                 # 2 runs x 700 steps; writes bench/train_duo.{png,json}
+    python bench/train_duo.py --steps 40 --eval-every 20 --out /tmp/smoke   # smoke run
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def run(name, img, noisy, clean, args):
         loss.backward()
         opt.step()
         hist["step"].append(step)
-        hist["loss"].append(float(loss))
+        hist["loss"].append(loss.item())
         if name == "duo":
             hist["w"].append(float(duo.last_weights.mean()))
         if step % args.eval_every == 0 or step == args.steps:
@@ -167,7 +167,7 @@ def run(name, img, noisy, clean, args):
             hist["eval_step"].append(step)
             hist["dice_clean"].append(dc)
             hist["dice_noisy"].append(dn)
-            print(f"[{name}] step {step:4d}  loss {float(loss):.4f}  Dice vs clean {np.mean(dc):.4f}  "
+            print(f"[{name}] step {step:4d}  loss {loss.item():.4f}  Dice vs clean {np.mean(dc):.4f}  "
                   f"vs noisy {np.mean(dn):.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     hist["seconds"] = time.perf_counter() - t0
     return hist
@@ -175,10 +175,10 @@ def run(name, img, noisy, clean, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--patch", type=int, nargs=3, default=(16, 48, 48))
+    ap.add_argument("--patch", type=int, nargs=3, default=(16, 32, 32))
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -188,9 +188,10 @@ def main():
 
     img, clean, names = load_volume()
     noisy, frac = corrupt(clean, np.random.default_rng(args.seed))
+    as_logits = F.one_hot(torch.from_numpy(noisy), K).movedim(-1, 0)[None].float() * 20 - 10
+    label_dice = [round(v, 3) for v in dice_scores(as_logits, torch.from_numpy(clean))]
     print(f"volume {img.shape}, classes {names}; corrupted labels differ on {100 * frac:.1f}% of voxels "
-          f"(Dice of noisy vs clean labels per class: "
-          f"{[round(v, 3) for v in dice_scores(F.one_hot(torch.from_numpy(noisy), K).movedim(-1, 0)[None].float() * 20 - 10, torch.from_numpy(clean))]})")
+          f"(Dice of corrupted vs clean labels per class: {label_dice})")
     hists = {name: run(name, img, noisy, clean, args) for name in ("dice_bce", "duo")}
 
     import matplotlib
@@ -223,6 +224,7 @@ def main():
                       "loss_finite": bool(np.isfinite(h["loss"]).all()),
                       "seconds": h["seconds"]} for name, h in hists.items()}
     summary["label_noise_fraction"] = frac
+    summary["corrupted_label_dice"] = dict(zip(names, label_dice))
     with open(args.out + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))

@@ -204,11 +204,10 @@ AUVCORE_INLINE void forward_chunk_body(bool labels, DuoPreset preset, const T* z
     bad_finite |= bf[j];
     bad_range |= br[j];
   }
-  for (; t < t1; ++t) {
-    double a[kDuoSums] = {};
-    T at[kDuoSums] = {};
-    forward_voxel<T, Y>(labels, preset, z[t * zs], n[t * ns], y[t * ys], c, K, tau, at, bad_finite, bad_range);
-    for (int k = 0; k < kDuoSums; ++k) s[k] += (a[k] = at[k]);
+  for (; t < t1; ++t) {  // the tail, fewer than kLanes voxels
+    T a[kDuoSums] = {};
+    forward_voxel<T, Y>(labels, preset, z[t * zs], n[t * ns], y[t * ys], c, K, tau, a, bad_finite, bad_range);
+    for (int k = 0; k < kDuoSums; ++k) s[k] += a[k];
   }
   flags |= (bad_finite ? 1 : 0) | (bad_range ? 2 : 0);
 }
@@ -264,22 +263,20 @@ AUVCORE_DUO_BUILD(generic, )
 template <typename T, typename Y>
 void forward_chunk(const DuoArgs& a, const T* z, int64_t zs, const T* n, int64_t ns, const Y* y, int64_t ys,
                    int64_t t0, int64_t t1, int64_t c, int64_t K, T tau, double* s, int& flags) {
-  switch (isa_level()) {
-    case 2: return forward_chunk_avx512<T, Y>(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, K, tau, s, flags);
-    case 1: return forward_chunk_avx2<T, Y>(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, K, tau, s, flags);
-    default: return forward_chunk_generic<T, Y>(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, K, tau, s, flags);
-  }
+  auto fn = isa_level() == 2 ? forward_chunk_avx512<T, Y>
+            : isa_level() == 1 ? forward_chunk_avx2<T, Y>
+                               : forward_chunk_generic<T, Y>;
+  fn(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, K, tau, s, flags);
 }
 
 template <typename T, typename Y>
 void backward_chunk(const DuoArgs& a, const T* z, int64_t zs, const T* n, int64_t ns, const Y* y, int64_t ys,
                     int64_t t0, int64_t t1, int64_t c, T tau, const double* g, T* dz, int64_t dzs, T* dn,
                     int64_t dns) {
-  switch (isa_level()) {
-    case 2: return backward_chunk_avx512<T, Y>(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, tau, g, dz, dzs, dn, dns);
-    case 1: return backward_chunk_avx2<T, Y>(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, tau, g, dz, dzs, dn, dns);
-    default: return backward_chunk_generic<T, Y>(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, tau, g, dz, dzs, dn, dns);
-  }
+  auto fn = isa_level() == 2 ? backward_chunk_avx512<T, Y>
+            : isa_level() == 1 ? backward_chunk_avx2<T, Y>
+                               : backward_chunk_generic<T, Y>;
+  fn(a.labels, a.preset, z, zs, n, ns, y, ys, t0, t1, c, tau, g, dz, dzs, dn, dns);
 }
 
 template <typename T, typename Y>
