@@ -196,6 +196,24 @@ def test_fused_equals_torch_float32(problem, to_onehot_y, preset):
         assert torch.allclose(gn1, gn2, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_float32_tiny_noise_logits():
+    # Noise logits over many magnitudes, down to 1e-12: the sign of y − τ·tanh(n) decides whether the clamp
+    # passes the gradient, so tanh must keep its relative accuracy near 0 (an absolute-error tanh flips the
+    # mask there and the noise gradient of such voxels goes wrong).
+    g = torch.Generator().manual_seed(4)
+    shape = (2, 3, 20, 30, 40)
+    z = torch.randn(*shape, generator=g).requires_grad_()
+    mag = 10 ** (torch.rand(*shape, generator=g) * 13 - 12)
+    n = (mag * torch.randn(*shape, generator=g).sign()).requires_grad_()
+    y = torch.randint(0, 3, (2, 1) + shape[2:], generator=g)
+    grads = []
+    for backend in ("cpp", "torch"):
+        loss = DUOLoss(to_onehot_y=True, backend=backend, detach_scale=True)
+        grads.append(torch.autograd.grad(loss(z, n, y), (z, n)))
+    assert rel(grads[0][0], grads[1][0]) < 1e-5
+    assert rel(grads[0][1], grads[1][1]) < 1e-5
+
+
 def test_fused_float32_with_scale_gradient():
     (p1, gz1, gn1), (p2, gz2, gn2) = both_backends((2, 4, 8, 9, 10), 3, torch.float32, True)
     assert torch.allclose(p1, p2, rtol=1e-5, atol=1e-5)

@@ -68,8 +68,8 @@ void check_args(const DuoArgs& a) {
 
 // Per-voxel math. Double inputs use libm (the float64 oracle tests hold them to 1e-10). Float inputs use
 // branch-free versions that the compiler vectorises: exp on x <= 0 (Cody-Waite reduction and the Cephes
-// polynomial, about 1 ulp), log1p on [0, 1] (atanh series, exact to float rounding) and tanh from that exp
-// (absolute error ~1e-7, which is what matters for ĝ: it enters ỹ and R additively).
+// polynomial, about 1 ulp), log1p on [0, 1] (atanh series, exact to float rounding) and tanh (series near
+// 0, from that exp elsewhere; relative error ~1e-7).
 #define AUVCORE_INLINE inline __attribute__((always_inline))
 
 AUVCORE_INLINE double exp_nonpos(double x) { return std::exp(x); }
@@ -102,8 +102,13 @@ AUVCORE_INLINE float log1p_01(float e) {
   return 2.0f * s * q;
 }
 AUVCORE_INLINE float tanh_(float x) {
+  // Near 0 the Taylor series keeps the relative accuracy that the sign of ỹ's clamp argument, y − τ ĝ,
+  // depends on (the gradient mask flips there); elsewhere (1 − t)/(1 + t), t = e^{−2|x|}.
+  const float x2 = x * x;
+  const float small = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835)))));
   const float t = exp_nonpos(-2.0f * std::abs(x));
-  return std::copysign((1.0f - t) / (1.0f + t), x);
+  const float big = std::copysign((1.0f - t) / (1.0f + t), x);
+  return std::abs(x) < 0.25f ? small : big;
 }
 
 // The values every pass needs at one voxel: σ(z), softplus(z), ĝ and ỹ.
