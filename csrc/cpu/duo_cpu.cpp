@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "auvcore/isa.h"
@@ -72,13 +73,22 @@ void check_args(const DuoArgs& a) {
 // 0, from that exp elsewhere; relative error ~1e-7).
 #define AUVCORE_INLINE inline __attribute__((always_inline))
 
+// Builtins rather than std:: wrappers: a wrapper compiled for the default target is not inlined into the
+// per-ISA builds, and a call in the loop keeps it scalar.
+AUVCORE_INLINE float abs_(float x) { return __builtin_fabsf(x); }
+AUVCORE_INLINE double abs_(double x) { return __builtin_fabs(x); }
+template <typename T>
+AUVCORE_INLINE T max_(T a, T b) { return a > b ? a : b; }
+template <typename T>
+AUVCORE_INLINE T min_(T a, T b) { return a < b ? a : b; }
+
 AUVCORE_INLINE double exp_nonpos(double x) { return std::exp(x); }
 AUVCORE_INLINE double log1p_01(double e) { return std::log1p(e); }
 AUVCORE_INLINE double tanh_(double x) { return std::tanh(x); }
 
 AUVCORE_INLINE float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = max_(x, -87.0f);
+  const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
   float q = 1.9875691500e-4f;
   q = q * r + 1.3981999507e-3f;
@@ -106,9 +116,9 @@ AUVCORE_INLINE float tanh_(float x) {
   // depends on (the gradient mask flips there); elsewhere (1 − t)/(1 + t), t = e^{−2|x|}.
   const float x2 = x * x;
   const float small = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835)))));
-  const float t = exp_nonpos(-2.0f * std::abs(x));
-  const float big = std::copysign((1.0f - t) / (1.0f + t), x);
-  return std::abs(x) < 0.25f ? small : big;
+  const float t = exp_nonpos(-2.0f * abs_(x));
+  const float big = __builtin_copysignf((1.0f - t) / (1.0f + t), x);
+  return abs_(x) < 0.25f ? small : big;
 }
 
 // The values every pass needs at one voxel: σ(z), softplus(z), ĝ and ỹ.
@@ -121,17 +131,17 @@ struct Voxel {
 template <typename T>
 AUVCORE_INLINE Voxel<T> voxel(T z, T n, T y, DuoPreset preset, T tau, bool need_softplus) {
   Voxel<T> v;
-  const T e = exp_nonpos(-std::abs(z));
+  const T e = exp_nonpos(-abs_(z));
   const T inv = T(1) / (T(1) + e);
   v.sig = z >= T(0) ? inv : e * inv;
-  v.softplus = need_softplus ? std::max(z, T(0)) + log1p_01(e) : T(0);
+  v.softplus = need_softplus ? max_(z, T(0)) + log1p_01(e) : T(0);
   if (preset == DuoPreset::Paper) {
     v.g = tanh_(n);
     const T x = y - tau * v.g;
     v.inside = x >= T(0) && x <= T(1);
-    v.yt = std::min(std::max(x, T(0)), T(1));
+    v.yt = min_(max_(x, T(0)), T(1));
   } else {
-    const T en = exp_nonpos(-std::abs(n));
+    const T en = exp_nonpos(-abs_(n));
     const T sn = n >= T(0) ? T(1) / (T(1) + en) : en / (T(1) + en);
     v.g = T(0);
     v.inside = false;
@@ -140,46 +150,38 @@ AUVCORE_INLINE Voxel<T> voxel(T z, T n, T y, DuoPreset preset, T tau, bool need_
   return v;
 }
 
-template <typename T, typename Y>
-AUVCORE_INLINE T target_at(const DuoArgs& a, const Y* yp, int64_t off, int64_t c) {
-  if (a.labels) return (int64_t)yp[off] == c ? T(1) : T(0);
-  return (T)yp[off];
-}
+constexpr int kLanes = 16, kFlush = 64;
 
-// The sums of one (b, c) over voxels [t0, t1). flags: 1 = a non-finite logit, 2 = a target out of range.
-// Written as one straight loop of branch-free arithmetic so that, for float inputs with unit strides, it
-// vectorises; built once per instruction set (isa.h).
-template <typename T, typename Y>
-AUVCORE_INLINE void forward_voxel(bool labels, DuoPreset preset, T zv, T nv, Y raw, int64_t c, int64_t K, T tau,
-                                  T* acc, int& bad_finite, int& bad_range) {
+template <typename T, typename Y, bool kLabels, DuoPreset kPreset>
+AUVCORE_INLINE void forward_voxel(T zv, T nv, Y raw, int64_t c, int64_t K, T tau, T (*acc)[kLanes], int j,
+                                  int& bad_finite, int& bad_range) {
   T yv;
-  if (labels) {
+  if (kLabels) {
     bad_range |= (int)((int64_t)raw < 0) | (int)((int64_t)raw >= K);
     yv = (int64_t)raw == c ? T(1) : T(0);
   } else {
     yv = (T)raw;
     bad_range |= (int)!(yv >= T(0) && yv <= T(1));  // also true for NaN
   }
-  bad_finite |= (int)!(std::abs(zv) <= std::numeric_limits<T>::max()) |
-                (int)!(std::abs(nv) <= std::numeric_limits<T>::max());
-  const Voxel<T> v = voxel<T>(zv, nv, yv, preset, tau, true);
-  acc[kBCE] += v.softplus - zv * v.yt;
-  acc[kSigY] += v.sig * v.yt;
-  acc[kSig] += v.sig;
-  acc[kY] += v.yt;
-  acc[kG] += v.g;
-  acc[kG2] += v.g * v.g;
+  bad_finite |= (int)!(abs_(zv) <= std::numeric_limits<T>::max()) |
+                (int)!(abs_(nv) <= std::numeric_limits<T>::max());
+  const Voxel<T> v = voxel<T>(zv, nv, yv, kPreset, tau, true);
+  acc[kBCE][j] += v.softplus - zv * v.yt;
+  acc[kSigY][j] += v.sig * v.yt;
+  acc[kSig][j] += v.sig;
+  acc[kY][j] += v.yt;
+  acc[kG][j] += v.g;
+  acc[kG2][j] += v.g * v.g;
 }
 
+// The sums of one (b, c) over voxels [t0, t1). flags: 1 = a non-finite logit, 2 = a target out of range.
 // kLanes independent partial sums, each over every kLanes-th voxel, so the inner loop vectorises without
 // reassociating anything (the result does not depend on the vector width); flushed into double every
-// kFlush rounds so that float partials stay short.
-constexpr int kLanes = 16, kFlush = 64;
-
-template <typename T, typename Y>
-AUVCORE_INLINE void forward_chunk_body(bool labels, DuoPreset preset, const T* z, int64_t zs, const T* n, int64_t ns,
-                                       const Y* y, int64_t ys, int64_t t0, int64_t t1, int64_t c, int64_t K, T tau,
-                                       double* s, int& flags) {
+// kFlush rounds so that float partials stay short. The label/preset choices are template arguments: a
+// branch in the loop body would keep it scalar.
+template <typename T, typename Y, bool kLabels, DuoPreset kPreset>
+AUVCORE_INLINE void forward_chunk_body(const T* z, int64_t zs, const T* n, int64_t ns, const Y* y, int64_t ys,
+                                       int64_t t0, int64_t t1, int64_t c, int64_t K, T tau, double* s, int& flags) {
   T acc[kDuoSums][kLanes] = {};
   int bf[kLanes] = {}, br[kLanes] = {};
   auto flush = [&]() {
@@ -194,46 +196,41 @@ AUVCORE_INLINE void forward_chunk_body(bool labels, DuoPreset preset, const T* z
   for (; t + kLanes <= t1; t += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       const int64_t i = t + j;
-      T a[kDuoSums] = {};
-      forward_voxel<T, Y>(labels, preset, z[i * zs], n[i * ns], y[i * ys], c, K, tau, a, bf[j], br[j]);
-      for (int k = 0; k < kDuoSums; ++k) acc[k][j] += a[k];
+      forward_voxel<T, Y, kLabels, kPreset>(z[i * zs], n[i * ns], y[i * ys], c, K, tau, acc, j, bf[j], br[j]);
     }
     if (++rounds == kFlush) {
       flush();
       rounds = 0;
     }
   }
-  flush();
   int bad_finite = 0, bad_range = 0;
   for (int j = 0; j < kLanes; ++j) {
     bad_finite |= bf[j];
     bad_range |= br[j];
   }
-  for (; t < t1; ++t) {  // the tail, fewer than kLanes voxels
-    T a[kDuoSums] = {};
-    forward_voxel<T, Y>(labels, preset, z[t * zs], n[t * ns], y[t * ys], c, K, tau, a, bad_finite, bad_range);
-    for (int k = 0; k < kDuoSums; ++k) s[k] += a[k];
-  }
+  for (int j = 0; t < t1; ++t, ++j)  // the tail, fewer than kLanes voxels, one per lane
+    forward_voxel<T, Y, kLabels, kPreset>(z[t * zs], n[t * ns], y[t * ys], c, K, tau, acc, j, bad_finite,
+                                          bad_range);
+  flush();
   flags |= (bad_finite ? 1 : 0) | (bad_range ? 2 : 0);
 }
 
-template <typename T, typename Y>
-AUVCORE_INLINE void backward_chunk_body(bool labels, DuoPreset preset, const T* z, int64_t zs, const T* n, int64_t ns,
-                                        const Y* y, int64_t ys, int64_t t0, int64_t t1, int64_t c, T tau,
-                                        const double* g, T* dz, int64_t dzs, T* dn, int64_t dns) {
+template <typename T, typename Y, bool kLabels, DuoPreset kPreset>
+AUVCORE_INLINE void backward_chunk_body(const T* z, int64_t zs, const T* n, int64_t ns, const Y* y, int64_t ys,
+                                        int64_t t0, int64_t t1, int64_t c, T tau, const double* g, T* dz,
+                                        int64_t dzs, T* dn, int64_t dns) {
   const T gb = (T)g[kBCE], gsy = (T)g[kSigY], gs = (T)g[kSig], gy = (T)g[kY], gg = (T)g[kG], gg2 = (T)g[kG2];
   const bool want_dn = dn != nullptr;
   for (int64_t t = t0; t < t1; ++t) {
     const T zv = z[t * zs], nv = n[t * ns];
     const Y raw = y[t * ys];
-    const T yv = labels ? ((int64_t)raw == c ? T(1) : T(0)) : (T)raw;
-    const Voxel<T> v = voxel<T>(zv, nv, yv, preset, tau, false);
+    const T yv = kLabels ? ((int64_t)raw == c ? T(1) : T(0)) : (T)raw;
+    const Voxel<T> v = voxel<T>(zv, nv, yv, kPreset, tau, false);
     const T dsig = v.sig * (T(1) - v.sig);
     // d/dz of: softplus(z) − z ỹ,  σ(z) ỹ,  σ(z)
     dz[t * dzs] = gb * (v.sig - v.yt) + (gsy * v.yt + gs) * dsig;
-    if (want_dn) {
+    if (kPreset == DuoPreset::Paper && want_dn) {  // a loop invariant: the compiler unswitches it
       // ỹ = clamp(y − τ ĝ): d/dỹ of the sums, then dỹ/dĝ = −τ inside the clamp; ĝ and ĝ² directly.
-      // (The official preset's ỹ is detached: its caller passes no dn.)
       const T dyt = -gb * zv + gsy * v.sig + gy;
       const T dg = (v.inside ? -tau * dyt : T(0)) + gg + gg2 * T(2) * v.g;
       dn[t * dns] = dg * (T(1) - v.g * v.g);
@@ -241,24 +238,45 @@ AUVCORE_INLINE void backward_chunk_body(bool labels, DuoPreset preset, const T* 
   }
 }
 
+// Compile-time choices for the loop bodies: unit strides (the vectorised case), labels or soft targets,
+// and the preset (the official one writes no dn).
+template <typename T, typename Y, typename Body>
+AUVCORE_INLINE void with_choices(bool unit, bool labels, DuoPreset preset, Body&& body) {
+  auto p = [&](auto lab, auto unit_stride) {
+    if (preset == DuoPreset::Paper)
+      body(lab, std::integral_constant<DuoPreset, DuoPreset::Paper>{}, unit_stride);
+    else
+      body(lab, std::integral_constant<DuoPreset, DuoPreset::Official>{}, unit_stride);
+  };
+  auto l = [&](auto unit_stride) {
+    if (labels) p(std::true_type{}, unit_stride);
+    else p(std::false_type{}, unit_stride);
+  };
+  if (unit) l(std::true_type{});
+  else l(std::false_type{});
+}
+
 #define AUVCORE_DUO_BUILD(SUFFIX, TARGET)                                                                        \
   template <typename T, typename Y>                                                                              \
   TARGET void forward_chunk_##SUFFIX(bool labels, DuoPreset preset, const T* z, int64_t zs, const T* n,          \
                                      int64_t ns, const Y* y, int64_t ys, int64_t t0, int64_t t1, int64_t c,      \
                                      int64_t K, T tau, double* s, int& flags) {                                  \
-    if (zs == 1 && ns == 1 && ys == 1) /* unit strides: the vectorised loop */                                  \
-      forward_chunk_body<T, Y>(labels, preset, z, 1, n, 1, y, 1, t0, t1, c, K, tau, s, flags);                  \
-    else                                                                                                         \
-      forward_chunk_body<T, Y>(labels, preset, z, zs, n, ns, y, ys, t0, t1, c, K, tau, s, flags);               \
+    with_choices<T, Y>(zs == 1 && ns == 1 && ys == 1, labels, preset, [&](auto lab, auto pre, auto unit) {      \
+      constexpr bool u = decltype(unit)::value;                                                                  \
+      forward_chunk_body<T, Y, decltype(lab)::value, decltype(pre)::value>(                                      \
+          z, u ? 1 : zs, n, u ? 1 : ns, y, u ? 1 : ys, t0, t1, c, K, tau, s, flags);                            \
+    });                                                                                                          \
   }                                                                                                              \
   template <typename T, typename Y>                                                                              \
   TARGET void backward_chunk_##SUFFIX(bool labels, DuoPreset preset, const T* z, int64_t zs, const T* n,         \
                                       int64_t ns, const Y* y, int64_t ys, int64_t t0, int64_t t1, int64_t c,     \
                                       T tau, const double* g, T* dz, int64_t dzs, T* dn, int64_t dns) {          \
-    if (zs == 1 && ns == 1 && ys == 1 && dzs == 1 && (dn == nullptr || dns == 1))                               \
-      backward_chunk_body<T, Y>(labels, preset, z, 1, n, 1, y, 1, t0, t1, c, tau, g, dz, 1, dn, 1);             \
-    else                                                                                                         \
-      backward_chunk_body<T, Y>(labels, preset, z, zs, n, ns, y, ys, t0, t1, c, tau, g, dz, dzs, dn, dns);      \
+    const bool unit = zs == 1 && ns == 1 && ys == 1 && dzs == 1 && (dn == nullptr || dns == 1);                 \
+    with_choices<T, Y>(unit, labels, preset, [&](auto lab, auto pre, auto unit_) {                              \
+      constexpr bool u = decltype(unit_)::value;                                                                 \
+      backward_chunk_body<T, Y, decltype(lab)::value, decltype(pre)::value>(                                     \
+          z, u ? 1 : zs, n, u ? 1 : ns, y, u ? 1 : ys, t0, t1, c, tau, g, dz, u ? 1 : dzs, dn, u ? 1 : dns);     \
+    });                                                                                                          \
   }
 AUVCORE_DUO_BUILD(avx512, AUVCORE_TARGET_AVX512)
 AUVCORE_DUO_BUILD(avx2, AUVCORE_TARGET_AVX2)
