@@ -129,9 +129,10 @@ def run(name, img, noisy, clean, args):
     torch.manual_seed(args.seed)
     net = TinyUNet3D()
     head = NoiseHead(net.features, K)
-    params = list(net.parameters()) + (list(head.parameters()) if name == "duo" else [])
+    uses_duo = name.startswith("duo")
+    params = list(net.parameters()) + (list(head.parameters()) if uses_duo else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    duo = DUOLoss(to_onehot_y=True)
+    duo = DUOLoss(to_onehot_y=True, detach_scale=name == "duo_detached")
     rng = np.random.default_rng(args.seed)
     D, H, W = img.shape
     pd, ph, pw = args.patch
@@ -149,7 +150,7 @@ def run(name, img, noisy, clean, args):
             ys.append(noisy_t[None, d:d + pd, h:h + ph, w:w + pw])
         x, y = torch.stack(xs), torch.stack(ys)
         z, f = net(x)
-        if name == "duo":
+        if uses_duo:
             loss = duo(z, head(f), y)
         else:
             loss = dice_bce(z, F.one_hot(y[:, 0], K).movedim(-1, 1).float())
@@ -158,7 +159,7 @@ def run(name, img, noisy, clean, args):
         opt.step()
         hist["step"].append(step)
         hist["loss"].append(loss.item())
-        if name == "duo":
+        if uses_duo:
             hist["w"].append(float(duo.last_weights.mean()))
         if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad():
@@ -182,6 +183,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", nargs="+", default=["dice_bce", "duo"], choices=["dice_bce", "duo", "duo_detached"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_duo"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,7 +194,7 @@ def main():
     label_dice = [round(v, 3) for v in dice_scores(as_logits, torch.from_numpy(clean))]
     print(f"volume {img.shape}, classes {names}; corrupted labels differ on {100 * frac:.1f}% of voxels "
           f"(Dice of corrupted vs clean labels per class: {label_dice})")
-    hists = {name: run(name, img, noisy, clean, args) for name in ("dice_bce", "duo")}
+    hists = {name: run(name, img, noisy, clean, args) for name in args.runs}
 
     import matplotlib
 
@@ -200,7 +202,7 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    labels = {"dice_bce": "Dice+BCE", "duo": "DUO (auvcore.DUOLoss)"}
+    labels = {"dice_bce": "Dice+BCE", "duo": "DUO (auvcore.DUOLoss)", "duo_detached": "DUO, detach_scale=True"}
     for name, h in hists.items():
         k = 10
         sm = np.convolve(h["loss"], np.ones(k) / k, mode="valid")
@@ -222,6 +224,7 @@ def main():
                       "final_dice_noisy": float(np.mean(h["dice_noisy"][-1])),
                       "best_dice_clean": float(max(np.mean(d) for d in h["dice_clean"])),
                       "loss_finite": bool(np.isfinite(h["loss"]).all()),
+                      "mean_w_last_50": float(np.mean(h["w"][-50:])) if h["w"] else 1.0,
                       "seconds": h["seconds"]} for name, h in hists.items()}
     summary["label_noise_fraction"] = frac
     summary["corrupted_label_dice"] = dict(zip(names, label_dice))
