@@ -34,7 +34,8 @@ def inputs(B, K, size, target, seed=0):
     z = torch.randn(*shape, generator=g).requires_grad_()
     n = (0.1 * torch.randn(*shape, generator=g)).requires_grad_()
     lab = torch.randint(0, K, (B, 1, size, size, size), generator=g)
-    y = lab if target == "labels" else torch.nn.functional.one_hot(lab[:, 0], K).movedim(-1, 1).float()
+    # contiguous, as MONAI's one_hot builds it (a movedim view would be copied by the reshape to [B, K, N])
+    y = lab if target == "labels" else torch.nn.functional.one_hot(lab[:, 0], K).movedim(-1, 1).float().contiguous()
     return z, n, y
 
 
