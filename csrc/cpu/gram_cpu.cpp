@@ -183,22 +183,32 @@ inline bool non_finite(T v) {
   return finite_mark(v) == 0;
 }
 
-// row[t] = x[base + so[t]] for t < nb; returns true if a value read was NaN or Inf.
+// Maximal runs of consecutive offsets in a panel's sample offsets, found once per panel and shared by all
+// its rows: decoded maps are one run per panel, and label maps, being blobs, give long runs per class.
+inline void find_runs(const int64_t* so, int64_t nb, std::vector<int64_t>& runs) {
+  runs.clear();
+  int64_t t = 0;
+  while (t < nb) {
+    int64_t e = t + 1;
+    while (e < nb && so[e] == so[e - 1] + 1) ++e;
+    runs.push_back(t);
+    runs.push_back(e - t);
+    t = e;
+  }
+}
+
+// row[t] = x[base + so[t]] for t < nb, run by run; returns true if a value read was NaN or Inf.
 template <typename Src, typename T>
-bool read_row(const Src* x, int64_t base, const int64_t* so, int64_t nb, T* row) {
+bool read_row(const Src* x, int64_t base, const int64_t* so, const std::vector<int64_t>& runs, T* row) {
   decltype(finite_mark(T())) mark = ~decltype(finite_mark(T()))(0);
-  if (so[nb - 1] - so[0] == nb - 1) {
-    const Src* src = x + base + so[0];
-    for (int64_t t = 0; t < nb; ++t) {
+  for (size_t r = 0; r < runs.size(); r += 2) {
+    const int64_t t0 = runs[r], len = runs[r + 1];
+    const Src* src = x + base + so[t0];
+    T* dst = row + t0;
+    for (int64_t t = 0; t < len; ++t) {
       T v = (T)Reader<Src>::get(src + t);
       mark = std::min(mark, finite_mark(v));
-      row[t] = v;
-    }
-  } else {
-    for (int64_t t = 0; t < nb; ++t) {
-      T v = (T)Reader<Src>::get(x + base + so[t]);
-      mark = std::min(mark, finite_mark(v));
-      row[t] = v;
+      dst[t] = v;
     }
   }
   return mark == 0;
@@ -278,6 +288,7 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
     auto panel = aligned_zeros<T>(pp * NB);
     auto acc = aligned_zeros<double>(pp * pp);
     std::vector<double> colmean(NB);
+    std::vector<int64_t> runs;
     try {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t ui = 0; ui < (int64_t)units.size(); ++ui) {
@@ -290,9 +301,10 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
           const int64_t nvec = (nb + W - 1) / W;
           const int64_t* so = jb.s_off + t0;
           bool stop = false;
+          find_runs(so, nb, runs);
           for (int64_t a = 0; a < p; ++a) {
             T* row = panel.get() + a * NB;
-            if (read_row(x, jb.base + p_off[a], so, nb, row)) {
+            if (read_row(x, jb.base + p_off[a], so, runs, row)) {
               if (!nan_to_num) {
                 bad_value = true;
                 stop = true;
