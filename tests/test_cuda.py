@@ -379,8 +379,9 @@ def test_emulated_decoded_kernels_match_the_oracle(emu, B_, K, D, H, W, mode, dt
 @built_with_cuda
 @pytest.mark.parametrize("shape,mode,dtype", [
     ((1, 1, 140, 3, 50), "D_HW", torch.float32),   # p = 140 > 128: column-mean pre-pass, 2 x 2 float tiles
-    ((1, 2, 70, 3, 50), "D_HW", torch.float64),    # p = 70 > 64: the same for double tiles
-    ((1, 2, 300, 70), "D_HW", torch.float64),      # column side (m > n), shifted covariance over 2 x 2 tiles
+    ((1, 1, 100, 3, 40), "D_HW", torch.float64),   # p = 100 > 96: the same for double tiles
+    ((1, 1, 300, 100), "D_HW", torch.float64),     # column side (m > n), shifted covariance over 2 x 2 tiles
+    ((1, 2, 90, 3, 40), "D_HW", torch.float32),    # p = 90: one 96-tile, centred in the block
     ((1, 2, 20, 9, 30), "W_DH", torch.float32),    # rows contiguous: p-fast loads
     ((2, 2, 1100, 3), "D_HW", torch.float32),      # column side, 1100 samples: 3 chunks per job
 ])
@@ -509,7 +510,7 @@ def test_decoded_matches_svd_reference(B_, K, D, H, W, mode, dtype, center, offs
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("shape,mode", [
-    ((1, 2, 140, 3, 50), "D_HW"),   # row side, p = 140 > the float tile: column-mean pre-pass, 2 x 2 tiles
+    ((1, 2, 140, 3, 50), "D_HW"),   # row side, p = 140 > the largest tile: column-mean pre-pass, 2 x 2 tiles
     ((1, 2, 300, 4, 5), "D_HW"),    # column side (m > n): shifted one-pass covariance
     ((2, 3, 40, 9, 70), "W_DH"),    # row side with the rows contiguous (p-fast loads)
     ((1, 1, 520, 600), "D_HW"),     # 2-D, p = 520: eigen solver in global memory

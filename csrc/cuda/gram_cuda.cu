@@ -83,31 +83,21 @@ __device__ __forceinline__ double load_elem<BF16>(const void* base, int64_t off)
   return (double)__uint_as_float((unsigned)h << 16);
 }
 
-// Output tile TP x TP per block, RM x RM accumulators per thread (rows ty + 16 i, columns tx + 16 j: the
-// stride-16 interleave keeps shared-memory reads conflict-free without vector loads), TS samples per stage.
-// The padding of 2 floats spreads the transposed tile stores of the 16 sample columns over distinct banks.
+// Output tile TP x TP per block (TP = 16 RM), RM x RM accumulators per thread (rows ty + 16 i, columns
+// tx + 16 j: the stride-16 interleave keeps shared-memory reads conflict-free without vector loads), TS samples
+// per stage. The host picks the smallest TP >= p, so a Gram of p <= TPmax is one tile (and its per-column
+// centring happens in the block); larger ones use the largest tile. A row pitch of TP + 2 floats (≡ 2 mod 32
+// banks) spreads the transposed tile stores of the 16 sample columns over distinct banks.
+constexpr int TS = 16;
 template <typename T>
-struct Cfg;
-template <>
-struct Cfg<float> {
-  static constexpr int RM = 8, TP = 128, TS = 16, PAD = 2;
-};
-template <>
-struct Cfg<double> {
-  static constexpr int RM = 4, TP = 64, TS = 16, PAD = 1;
-};
-
-template <typename T>
-__host__ __device__ constexpr int tile_of() {
-  return Cfg<T>::TP;
+__host__ __device__ constexpr int pad_of() {
+  return sizeof(T) == 4 ? 2 : 1;
 }
-
-template <typename In, typename T>
+template <typename In, typename T, int RM>
 __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
-  constexpr int RM = Cfg<T>::RM, TP = Cfg<T>::TP, TS = Cfg<T>::TS, PAD = Cfg<T>::PAD;
+  constexpr int TP = 16 * RM, PAD = pad_of<T>();
   constexpr int EPT = TP * TS / NT;  // tile elements each thread loads per stage
-  static_assert(RM * 16 == TP && NT == 256 && TS == 16, "the in-block centering assumes 16 x 16 threads");
-  static_assert(NT % TS == 0 && NT % TP == 0, "slot mapping");
+  static_assert(NT == 256 && TS == 16 && TP * TS % NT == 0, "the in-block centring assumes 16 x 16 threads");
   __shared__ T As[TS][TP + PAD];
   __shared__ T Bs[TS][TP + PAD];
   __shared__ int64_t poffA[TP], poffB[TP];
@@ -181,9 +171,10 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
     for (int i = 0; i < RM; ++i)
 #pragma unroll
       for (int j = 0; j < RM; ++j) acc[i][j] = T(0);
-    double rsum[EPT];
-#pragma unroll
-    for (int e = 0; e < EPT; ++e) rsum[e] = 0.0;
+    // Row sums of the shifted samples (AcrossSamples, diagonal tiles): thread tid < TP owns row tid and adds
+    // the column of the staged tile each stage (one register pair instead of one per loaded element).
+    double rsum = 0.0;
+    const bool own_sum = a.cent == kAcrossSamples && diag && tid < TP;
     bool bad = false;
 
     for (int64_t t0 = c0; t0 < c1; t0 += TS) {
@@ -195,14 +186,9 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
       __syncthreads();
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
-        int al, tl;
-        if (a.pfast) {
-          al = tid % TP;
-          tl = tid / TP + e * (NT / TP);
-        } else {
-          tl = tid % TS;
-          al = tid / TS + e * (NT / TS);
-        }
+        const int el = tid + e * NT;  // TP and TS are constants: these divisions are multiplies
+        const int al = a.pfast ? el % TP : el / TS;
+        const int tl = a.pfast ? el / TP : el % TS;
         const bool tin = t0 + tl < c1;
         double x = 0.0;
         if (tin && rowA0 + al < p) {
@@ -213,7 +199,6 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
           }
           if (a.cent == kAcrossSamples) {
             x -= shA[al];
-            rsum[e] += x;
           } else if (a.mu) {
             x -= smu[tl];
           }
@@ -248,6 +233,10 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
         for (int i = part; i < p; i += 16) As[tl][i] = (T)((double)As[tl][i] - mean);
       }
       __syncthreads();
+      if (own_sum) {
+#pragma unroll
+        for (int t = 0; t < TS; ++t) rsum += (double)As[t][tid];
+      }
 #pragma unroll
       for (int t = 0; t < TS; ++t) {
         T av[RM], bv[RM];
@@ -275,13 +264,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
         if (row < p && col < p && (!diag || col <= row)) atomicAdd(Gj + row * p + col, (double)acc[i][j]);
       }
     }
-    if (a.cent == kAcrossSamples && diag) {
-#pragma unroll
-      for (int e = 0; e < EPT; ++e) {
-        const int al = a.pfast ? tid % TP : tid / TS + e * (NT / TS);
-        if (rowA0 + al < p) atomicAdd(a.sums + job * p + rowA0 + al, rsum[e]);
-      }
-    }
+    if (own_sum && rowA0 + tid < p) atomicAdd(a.sums + job * p + rowA0 + tid, rsum);
     if (bad && !a.nan_to_num) atomicOr(a.flags + job, 1);
   }
 }
@@ -471,17 +454,28 @@ __global__ void __launch_bounds__(NT) scatter_kernel(const SortArgs a) {
 
 // ---- host side -------------------------------------------------------------------------------------------
 
-int num_sms(int device) {
-  int n = 0;
-  AUV_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
+template <typename In, typename T, int RM>
+void launch_gram_tile(const GramArgs& a, int64_t B, cudaStream_t s) {
+  constexpr int64_t TP = 16 * RM;
+  const int64_t tiles = (a.p + TP - 1) / TP;
+  const dim3 grid((unsigned)(tiles * (tiles + 1) / 2), (unsigned)std::min<int64_t>(std::max<int64_t>(a.items, 1), 65535),
+                  (unsigned)B);
+  gram_kernel<In, T, RM><<<grid, NT, 0, s>>>(a);
+  AUV_CUDA_CHECK_LAUNCH("gram_kernel");
+}
+
+// Largest tile: float 128 (8 x 8 accumulators, ~190 registers: one block per SM), double 96 (6 x 6, ~170).
+// The tile sizes below it (32, 64, 96 floats) stay at <= 128 registers, two blocks per SM.
+template <typename T>
+__host__ __device__ constexpr int max_rm() {
+  return sizeof(T) == 4 ? 8 : 6;
 }
 
 template <typename In, typename T>
 void launch_gram(GramArgs a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
-  constexpr int TP = Cfg<T>::TP;
-  if (a.cent == kAcrossP && a.p > TP) {
-    // The tile of a block holds TP of the p rows, too few to centre a column: take the means first.
+  constexpr int64_t TPmax = 16 * max_rm<T>();
+  if (a.cent == kAcrossP && a.p > TPmax) {
+    // A tile holds TPmax of the p rows, too few to centre a column: take the means first (one extra read).
     double* mu = ws.alloc_n<double>(jobs * a.ns);
     const int64_t gx = std::min<int64_t>((a.ns + NT - 1) / NT, 4096);
     const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>(jobs, 65535));
@@ -489,11 +483,14 @@ void launch_gram(GramArgs a, int64_t B, int64_t jobs, cudaStream_t s, Workspace&
     AUV_CUDA_CHECK_LAUNCH("colmean_kernel");
     a.mu = mu;
   }
-  const int64_t tiles = (a.p + TP - 1) / TP;
-  const dim3 grid((unsigned)(tiles * (tiles + 1) / 2), (unsigned)std::min<int64_t>(std::max<int64_t>(a.items, 1), 65535),
-                  (unsigned)B);
-  gram_kernel<In, T><<<grid, NT, 0, s>>>(a);
-  AUV_CUDA_CHECK_LAUNCH("gram_kernel");
+  if (a.p <= 32)
+    launch_gram_tile<In, T, 2>(a, B, s);
+  else if (a.p <= 64)
+    launch_gram_tile<In, T, 4>(a, B, s);
+  else if (a.p <= 96 || sizeof(T) == 8)
+    launch_gram_tile<In, T, 6>(a, B, s);
+  else
+    launch_gram_tile<In, T, max_rm<T>()>(a, B, s);
 }
 
 void launch_gram_dtype(DType dt, const GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
