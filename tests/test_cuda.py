@@ -457,6 +457,20 @@ def test_emulated_masked_tiles_chunks_and_errors(emu):
     assert flags.tolist() == [[0, 0, 1]]
 
 
+@pytest.mark.slow
+@built_with_cuda
+def test_emulated_masked_many_classes_uses_global_histogram(emu):
+    # K > 2048 classes: the histogram and the scatter skip shared memory and count with global atomics.
+    K = 2100
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(1, 3, 3000, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 6, (1, 3000), generator=g) * 400
+    _, S, counts, _, le = _emu_masked(emu, f, lab, K)
+    assert le == [0, 0]
+    assert torch.equal(counts[0], torch.bincount(lab[0], minlength=K))
+    _assert_scale_close(S, auvcore.masked_semantic_scale(f, lab, K, backend="cpp").numpy(), atol=1e-12)
+
+
 @built_with_cuda
 @pytest.mark.parametrize("p", [1, 2, 3, 31, 33, 80])
 @pytest.mark.parametrize("optin", [227 * 1024, 8 * 1024])  # shared-memory matrix / in place in global memory
