@@ -74,7 +74,10 @@ def resolve(backend: str, t: torch.Tensor) -> str:
         if t.device.type == "cpu":
             return "cpp" if has_native() else "torch"
         if t.device.type == "cuda" and has_cuda_kernels():
-            return "cuda"
+            from ._cuda import device_supported
+
+            if device_supported(t.device.index):  # else a GPU older than the build's architectures
+                return "cuda"
         return "torch"
     if backend == "cpp":
         if not has_native():

@@ -12,6 +12,7 @@ flag on the host. While a CUDA graph is being captured the check is skipped (the
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -25,6 +26,20 @@ def _require_kernels():
     if B._C.cuda_device_count() == 0:
         raise RuntimeError("backend='cuda': auvcore has CUDA kernels but no CUDA device is usable here "
                            "(no GPU or no driver); use backend='cpp' or 'torch'")
+
+
+@functools.lru_cache(maxsize=None)
+def device_supported(index: int) -> bool:
+    """Whether the compiled kernels run on CUDA device ``index`` (sm_80 and newer in the default build)."""
+    return B.has_cuda_kernels() and bool(B._C.cuda_device_supported(int(index)))
+
+
+def _require_device_supported(t: torch.Tensor):
+    if not device_supported(t.device.index):
+        cc = ".".join(map(str, torch.cuda.get_device_capability(t.device)))
+        raise RuntimeError(f"backend='cuda': auvcore's CUDA kernels were not built for {t.device} "
+                           f"(compute capability {cc}; the default build covers 8.0 and newer); "
+                           "use backend='torch', or rebuild with -DCMAKE_CUDA_ARCHITECTURES=<yours>")
 
 
 def as_cuda_tensor(x, name: str) -> tuple[torch.Tensor, int | None]:
@@ -81,6 +96,7 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
     """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array)."""
     _require_kernels()
     z, stream = as_cuda_tensor(z, "z")
+    _require_device_supported(z)
     if mode not in T.MODES:
         raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
     if variant not in T.VARIANTS:
@@ -111,6 +127,7 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
     _require_kernels()
     features, stream = as_cuda_tensor(features, "features")
     labels, _ = as_cuda_tensor(labels, "labels")
+    _require_device_supported(features)
     if labels.device != features.device:
         raise ValueError(f"labels: on {labels.device} but features on {features.device}")
     features = features.detach()

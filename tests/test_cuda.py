@@ -79,6 +79,8 @@ def test_device_count_never_raises():
 @no_driver
 def test_device_count_is_zero_without_driver():
     assert B._C.cuda_device_count() == 0
+    assert B._C.cuda_device_supported(0) is False
+    assert B._C.cuda_device_supported(-1) is False
 
 
 @built_with_cuda
@@ -164,8 +166,8 @@ def test_auto_on_cpu_tensors_uses_the_cpu_kernels(monkeypatch):
 @built_with_cuda
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1), scale_exp=st.integers(-30, 30),
-       kind=st.sampled_from(["random", "zero_offdiag", "repeated", "zero"]))
-def test_host_bisection_matches_lapack(n, seed, scale_exp, kind):
+       kind=st.sampled_from(["random", "zero_offdiag", "repeated", "zero"]), lanes=st.sampled_from([1, 2, 4, 8, 32]))
+def test_host_multisection_matches_lapack(n, seed, scale_exp, kind, lanes):
     rng = np.random.default_rng(seed)
     d = rng.standard_normal(n) * 10.0**scale_exp
     e = rng.standard_normal(n - 1) * 10.0**scale_exp
@@ -180,11 +182,19 @@ def test_host_bisection_matches_lapack(n, seed, scale_exp, kind):
         e[:] = 0.0
     Tm = np.diag(d) + np.diag(e, 1) + np.diag(e, -1)
     want = np.linalg.eigvalsh(Tm)
-    got = np.array(B._C._cuda_host_tridiag_eigvalsh(d.tolist(), e.tolist()))
+    got = np.array(B._C._cuda_host_tridiag_eigvalsh(d.tolist(), e.tolist(), lanes))
     norm = max(np.abs(want).max(), np.finfo(float).tiny)
     assert np.all(np.diff(got) >= 0)
     # pivmin (a few DBL_MIN) bounds the error of an all-zero matrix
     np.testing.assert_allclose(got, want, rtol=0, atol=8 * n * np.finfo(float).eps * norm + 1e-300)
+
+
+@built_with_cuda
+def test_host_multisection_lanes_per_eigenvalue():
+    lanes = B._C._cuda_host_multisect_lanes
+    assert [lanes(n, 256) for n in (1, 8, 9, 32, 33, 64, 96, 128, 129, 512)] == [32, 32, 16, 8, 4, 4, 2, 2, 1, 1]
+    with pytest.raises(ValueError, match="lanes"):
+        B._C._cuda_host_tridiag_eigvalsh([1.0, 2.0], [0.5], 3)
 
 
 @built_with_cuda
@@ -708,4 +718,6 @@ def test_cupy_input():
 @gpu
 def test_auto_uses_cuda_for_cuda_tensors():
     z = torch.randn(1, 2, 5, 6, 7, device="cuda")
-    assert B.resolve("auto", z) == "cuda"
+    supported = B._C.cuda_device_supported(z.device.index)
+    assert supported == (torch.cuda.get_device_capability(z.device) >= (8, 0))
+    assert B.resolve("auto", z) == ("cuda" if supported else "torch")

@@ -25,6 +25,8 @@ void register_cuda(py::module_& m) {
 
   m.def("cuda_device_count", &cuda::device_count,
         "Number of usable CUDA devices; 0 when there is no driver or GPU (never raises).");
+  m.def("cuda_device_supported", &cuda::device_supported, py::arg("device"),
+        "Whether the kernels in this build can run on that device (False for too old a GPU; never raises).");
 
   m.def(
       "cuda_decoded_gram",
@@ -63,7 +65,7 @@ void register_cuda(py::module_& m) {
   // Host builds of the solver's serial pieces, for tests on machines without a GPU.
   m.def(
       "_cuda_host_tridiag_eigvalsh",
-      [](const std::vector<double>& d, const std::vector<double>& e) {
+      [](const std::vector<double>& d, const std::vector<double>& e, int lanes) {
         const int n = (int)d.size();
         if (n == 0) throw ArgumentError("d: expected at least one entry");
         if ((int)e.size() != n - 1) throw ArgumentError("e: expected len(d) - 1 entries");
@@ -76,12 +78,17 @@ void register_cuda(py::module_& m) {
           if (j + 1 < n) e2[j] = e[j] * e[j];
           me2 = std::fmax(me2, e2[j]);
         }
+        if (lanes < 1 || lanes > 32 || (lanes & (lanes - 1))) throw ArgumentError("lanes: expected 1, 2, 4, .., 32");
         const cuda::Bracket br = cuda::bracket_from(gl, gu, me2, n);
+        const int steps = cuda::multisect_steps(br.hi - br.lo, br.abstol, lanes);
         for (int j = 0; j < n; ++j)
-          out[j] = cuda::bisect_eigenvalue(d.data(), e2.data(), n, j, br.lo, br.hi, br.pivmin, br.abstol);
+          out[j] = cuda::multisect_eigenvalue(d.data(), e2.data(), n, j, br.lo, br.hi, br.pivmin, lanes, steps);
         return out;
       },
-      py::arg("d"), py::arg("e"), "Ascending eigenvalues of a symmetric tridiagonal matrix by the CUDA bisection code.");
+      py::arg("d"), py::arg("e"), py::arg("lanes") = 1,
+      "Ascending eigenvalues of a symmetric tridiagonal matrix by the CUDA kernel's multisection steps\n"
+      "(`lanes` probes per step, as the lanes of a warp share an eigenvalue on the GPU).");
+  m.def("_cuda_host_multisect_lanes", &cuda::multisect_lanes, py::arg("n"), py::arg("threads"));
 
   m.def(
       "_cuda_host_entropy",

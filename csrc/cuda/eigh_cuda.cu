@@ -102,6 +102,29 @@ __device__ void tridiagonalise(double* A, int n, double* d, double* e, double* u
   __syncthreads();
 }
 
+// All eigenvalues of the tridiagonal (d, e2) into out[0..n) (ascending, times `up`): groups of g lanes
+// share an eigenvalue (g = 1 for n >= blockDim / 2). Every thread runs the same rounds and steps, inactive
+// lanes included, so the full-warp ballots never diverge.
+__device__ void multisect_all(const double* d, const double* e2, int n, const Bracket& br, double up, double* out) {
+  const int g = multisect_lanes(n, blockDim.x);
+  const int lane = threadIdx.x & 31, sub = lane & (g - 1);
+  const unsigned group = (g == 32 ? 0xffffffffu : ((1u << g) - 1u)) << (lane & ~(g - 1));
+  const int groups = blockDim.x / g, gi = threadIdx.x / g;
+  const int rounds = (n + groups - 1) / groups;
+  const int steps = multisect_steps(br.hi - br.lo, br.abstol, g);
+  for (int rr = 0; rr < rounds; ++rr) {
+    const int k = gi + rr * groups;
+    const bool active = k < n;
+    double lo = br.lo, hi = br.hi;
+    for (int it = 0; it < steps; ++it) {
+      const bool below = active && sturm_count(d, e2, n, multisect_point(lo, hi, sub, g), br.pivmin) <= k;
+      const int q = __popc(__ballot_sync(0xffffffffu, below) & group);
+      multisect_update(lo, hi, q, g);
+    }
+    if (active && sub == 0) out[k] = up * (0.5 * (lo + hi));
+  }
+}
+
 template <bool SHARED>
 __global__ void __launch_bounds__(NT) scale_kernel(const ScaleArgs a) {
   extern __shared__ double sm[];
@@ -148,8 +171,7 @@ __global__ void __launch_bounds__(NT) scale_kernel(const ScaleArgs a) {
     gu = block_reduce<Red::Max>(gu, red);
     me2 = block_reduce<Red::Max>(me2, red);
     const Bracket br = bracket_from(gl, gu, me2, p);
-    for (int j = tid; j < p; j += blockDim.x)
-      u[j] = up * bisect_eigenvalue(d, w, p, j, br.lo, br.hi, br.pivmin, br.abstol);  // ascending
+    multisect_all(d, w, p, br, up, u);  // ascending eigenvalues into u
     __syncthreads();
 
     if (a.evals)
@@ -173,6 +195,24 @@ __global__ void __launch_bounds__(NT) scale_kernel(const ScaleArgs a) {
 }
 
 }  // namespace
+
+bool device_supported(int device) {
+  if (device < 0 || device >= device_count()) return false;
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  bool ok = cudaSetDevice(device) == cudaSuccess;
+  if (ok) {
+    // Fails with cudaErrorNoKernelImageForDevice / InvalidDeviceFunction when no image fits the device.
+    cudaFuncAttributes attr;
+    ok = cudaFuncGetAttributes(&attr, scale_kernel<true>) == cudaSuccess;
+  }
+  (void)cudaGetLastError();
+  (void)cudaSetDevice(prev);
+  return ok;
+}
 
 void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, double eps,
                      int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream, int device) {

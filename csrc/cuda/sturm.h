@@ -27,21 +27,44 @@ __host__ __device__ inline int sturm_count(const double* d, const double* e2, in
   return count;
 }
 
-// The k-th smallest eigenvalue (0-based) by bisection of [lo, hi], which must bracket the spectrum.
-// Stops when the interval is below abstol or a few ulps of its ends.
-__host__ __device__ inline double bisect_eigenvalue(const double* d, const double* e2, int n, int k, double lo,
-                                                    double hi, double pivmin, double abstol) {
-  for (int it = 0; it < 256; ++it) {
-    const double tol = fmax(abstol, 2.0 * DBL_EPSILON * fmax(fabs(lo), fabs(hi)));
-    if (hi - lo <= tol) break;
-    const double mid = 0.5 * (lo + hi);
-    if (mid <= lo || mid >= hi) break;  // no double left between the ends
-    if (sturm_count(d, e2, n, mid, pivmin) > k)
-      hi = mid;
-    else
-      lo = mid;
+// Multisection: g probes split [lo, hi] into g + 1 parts per step (g = 1 is bisection). On the GPU the g
+// probes of an eigenvalue are g lanes of a warp and one ballot combines their Sturm counts; the helpers
+// below are shared with the serial host version so both take bit-identical steps.
+__host__ __device__ inline double multisect_point(double lo, double hi, int s, int g) {
+  return lo + (hi - lo) * (double)(s + 1) / (double)(g + 1);
+}
+// q = how many of the g probes have at most k eigenvalues below them; the k-th eigenvalue lies between
+// probe q-1 and probe q (the interval's ends standing in for probes -1 and g).
+__host__ __device__ inline void multisect_update(double& lo, double& hi, int q, int g) {
+  const double nlo = q == 0 ? lo : multisect_point(lo, hi, q - 1, g);
+  const double nhi = q == g ? hi : multisect_point(lo, hi, q, g);
+  lo = nlo;
+  hi = nhi;
+}
+// Steps for an interval of width w to shrink below tol: the same for every eigenvalue of a matrix, so the
+// lanes of a warp stay converged through the ballots.
+__host__ __device__ inline int multisect_steps(double w, double tol, int g) {
+  if (!(w > tol) || !(tol > 0)) return 0;
+  const int steps = (int)ceil(log2(w / tol) / log2((double)g + 1.0)) + 1;
+  return steps < 256 ? steps : 256;
+}
+
+// The k-th smallest eigenvalue (0-based), serially, with the GPU's multisection steps.
+__host__ __device__ inline double multisect_eigenvalue(const double* d, const double* e2, int n, int k, double lo,
+                                                       double hi, double pivmin, int g, int steps) {
+  for (int it = 0; it < steps; ++it) {
+    int q = 0;
+    for (int sidx = 0; sidx < g; ++sidx) q += sturm_count(d, e2, n, multisect_point(lo, hi, sidx, g), pivmin) <= k;
+    multisect_update(lo, hi, q, g);
   }
   return 0.5 * (lo + hi);
+}
+
+// Lanes per eigenvalue for an n x n matrix on a block of `threads`: a power of two, at most a warp.
+__host__ __device__ inline int multisect_lanes(int n, int threads) {
+  int g = 1;
+  while (g < 32 && 2 * g * n <= threads) g *= 2;
+  return g;
 }
 
 // Gershgorin interval of the tridiagonal matrix, widened as LAPACK's dstebz does, plus pivmin and the
@@ -56,9 +79,9 @@ __host__ __device__ inline Bracket bracket_from(double gl, double gu, double max
   const double fudge = 2.1;
   b.lo = gl - fudge * tnorm * DBL_EPSILON * n - fudge * 2.0 * b.pivmin;
   b.hi = gu + fudge * tnorm * DBL_EPSILON * n + fudge * 2.0 * b.pivmin;
-  // Absolute accuracy eps·‖T‖ is what the Householder reduction delivers anyway; asking for more only
-  // spends iterations on eigenvalues that are rounding noise.
-  b.abstol = DBL_EPSILON * tnorm;
+  // Absolute accuracy 2 eps·‖T‖ is what the Householder reduction delivers anyway; asking for more only
+  // spends steps on eigenvalues that are rounding noise.
+  b.abstol = 2.0 * DBL_EPSILON * tnorm;
   if (!(b.abstol > 0)) b.abstol = DBL_MIN;
   return b;
 }

@@ -129,6 +129,19 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
   return r;
 }
 
+inline unsigned __ballot_sync(unsigned mask, bool pred) {
+  emu::Block* b = emu::t_block;
+  const int tid = (int)threadIdx.x, warp = tid / 32;
+  b->xbuf[tid] = pred ? 1.0 : 0.0;
+  b->warp_bar[warp]->arrive_and_wait();
+  unsigned bits = 0;
+  for (int l = 0; l < 32 && warp * 32 + l < (int)b->xbuf.size(); ++l)
+    if (b->xbuf[warp * 32 + l] != 0.0) bits |= 1u << l;
+  b->warp_bar[warp]->arrive_and_wait();
+  return bits & mask;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 
@@ -175,6 +188,9 @@ inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void
   a->device = 0;
   return cudaSuccess;
 }
+struct cudaFuncAttributes { int maxThreadsPerBlock; };
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) { a->maxThreadsPerBlock = 1024; return cudaSuccess; }
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
   return v <= emu::optin_bytes() ? cudaSuccess : 1;

@@ -13,6 +13,10 @@ namespace cuda {
 // Number of usable CUDA devices; 0 (never an exception) when there is no driver or no GPU.
 int device_count();
 
+// Whether this module's kernels can run on `device` (machine code or PTX for its architecture is in the
+// binary). False, never an exception, for a missing device or driver.
+bool device_supported(int device);
+
 // Decoded maps z [B, K, D, H, W] or [B, K, H, W] (mode 0 "D_HW", 1 "H_DW", 2 "W_DH").
 // G: [B*K, p, p] float64, p = min(m, n), written in full (symmetric). flags: [B*K] int32, zero on entry; bit 0
 // is set for each (sample, class) whose matrix held a NaN/Inf (read as 0) when nan_to_num is false.
