@@ -406,7 +406,7 @@ __global__ void scan_kernel(const SortArgs a, int64_t B) {
 
 // Each block ranks its voxels per class in shared memory, reserves one range per class in the class's
 // segment with a single global atomic, and writes the feature offsets there.
-__global__ void __launch_bounds__(NT) scatter_kernel(const SortArgs a) {
+__global__ void __launch_bounds__(NT, 2) scatter_kernel(const SortArgs a) {
   extern __shared__ unsigned long long scat_sh[];
   unsigned long long* lbase = scat_sh;                                   // K
   unsigned int* lcount = reinterpret_cast<unsigned int*>(scat_sh + a.K);  // K
