@@ -36,11 +36,11 @@ void require_device(int device) {
 }
 
 DeviceGuard::DeviceGuard(int device) {
+  // Set even when cudaGetDevice already answers `device`: our (static) runtime's notion and the driver's
+  // current context, which torch's runtime may have moved, need not agree until we set it.
   AUV_CUDA_CHECK(cudaGetDevice(&prev_));
-  if (prev_ != device) {
-    AUV_CUDA_CHECK(cudaSetDevice(device));
-    switched_ = true;
-  }
+  AUV_CUDA_CHECK(cudaSetDevice(device));
+  switched_ = prev_ != device;
 }
 
 DeviceGuard::~DeviceGuard() {
