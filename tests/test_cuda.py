@@ -295,9 +295,10 @@ def emu(tmp_path_factory):
                                           str(build / (name + ".o"))], stderr=subprocess.PIPE, text=True))
         jobs.append(subprocess.Popen([cxx, *flags, "-c", str(_CSRC / "cuda" / "emu" / "emu_harness.cpp"), "-o",
                                       str(build / "harness.o")], stderr=subprocess.PIPE, text=True))
-        for j in jobs:
-            _, err = j.communicate()
-            assert j.returncode == 0, f"emulated build failed:\n{err[-4000:]}"
+        errors = [err for j in jobs for _, err in [j.communicate()] if j.returncode != 0]
+        if errors and any(("barrier" in e or "atomic_ref" in e) for e in errors) and not lib_path.exists():
+            pytest.skip("the C++ compiler lacks C++20 <barrier>/std::atomic_ref needed by the CUDA emulation")
+        assert not errors, "emulated build failed:\n" + errors[0][-4000:]
         subprocess.run([cxx, "-shared", "-pthread", "-o", str(lib_path), *map(str, build.glob("*.o"))], check=True)
     lib = ctypes.CDLL(str(lib_path))
     yield lib
