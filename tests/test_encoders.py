@@ -164,6 +164,19 @@ def test_encode_case_shapes_labels_and_input_modes():
         encode_case(enc, v, input="both")
 
 
+def test_encode_case_mr_uses_percentile_scaling():
+    v = _volume()
+    enc = Random3DEncoder(layer="layer1")
+    f_ct, _ = encode_case(enc, v)
+    v.image = v.image * 3.0 + 5000.0  # MR intensities have no absolute scale
+    v.modality = "MR"
+    f_mr, _ = encode_case(enc, v)
+    v.image = v.image * 0.5  # percentile scaling makes a global gain irrelevant
+    f_mr2, _ = encode_case(enc, v)
+    torch.testing.assert_close(f_mr, f_mr2, rtol=1e-4, atol=1e-4)
+    assert f_mr.std() > 0 and not torch.allclose(f_mr, f_ct)
+
+
 def test_encode_case_crops_large_volumes_around_foreground():
     v = _volume((64, 64, 32))
     enc = Random3DEncoder(layer="layer1", max_shape=(32, 32, 32))

@@ -61,14 +61,16 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
     volume : :class:`auvcore.data.Volume` at the encoder's spacing (``load_case(case,
         spacing=encoder.spacing)``).
     input : ``"raw"`` feeds the windowed raw image; ``"normalized"`` the annotation-normalized
-        image x̂ (SPEC §3).
+        image x̂ (SPEC §3). For an MR volume (``volume.modality == "MR"``) "raw" means percentile
+        scaling (0.5–99.5 % of the non-zero voxels → 0..1), handed to the encoder as pseudo-HU
+        −1000..1000 so the CT window of :meth:`preprocess` maps it back to 0..1.
     label_mode : ``"majority"`` (default) or ``"nearest"``, see :func:`labels_to_grid`.
 
     Volumes larger than ``encoder.max_shape`` are cropped around the foreground to that size
     first (label and image alike). Returns ``(features [1, C, *grid] float32 CPU,
     labels [1, *grid] int64)``.
     """
-    from ..data.preprocess import crop_or_pad, foreground_center, normalized_image
+    from ..data.preprocess import crop_or_pad, foreground_center, normalized_image, scale_percentile
 
     if input not in ("raw", "normalized"):
         raise ValueError(f"input: expected 'raw' or 'normalized', got {input!r}")
@@ -85,6 +87,8 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
         label, _ = crop_or_pad(label, shape, center)
     if input == "normalized":
         x = encoder.preprocess(normalized_image(image, label), normalized=True)
+    elif getattr(volume, "modality", "CT") == "MR":
+        x = encoder.preprocess(scale_percentile(image) * 2000.0 - 1000.0)
     else:
         x = encoder.preprocess(image)
     # Encoders that decode with prompts (SAM2) take the label map as their box source.
