@@ -162,6 +162,9 @@ def test_encode_case_shapes_labels_and_input_modes():
     assert torch.equal(l, ln) and not torch.allclose(f, fn)
     with pytest.raises(ValueError, match="input"):
         encode_case(enc, v, input="both")
+    v.spacing = (0.8, 0.8, 1.0)
+    with pytest.warns(UserWarning, match="spacing"):
+        encode_case(enc, v)
 
 
 def test_encode_case_mr_uses_percentile_scaling():

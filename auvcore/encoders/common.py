@@ -1,6 +1,8 @@
 """Encoder-independent pieces: labels onto a feature grid, ``encode_case``, prototype maps."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -120,6 +122,11 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
         raise ValueError(f"case {getattr(volume, 'case_id', '')!r}: encode_case needs a label map")
     if image.shape != label.shape:
         raise ValueError(f"case {volume.case_id!r}: image {image.shape} and label {label.shape} differ")
+    want = getattr(encoder, "spacing", None)
+    have = getattr(volume, "spacing", None)
+    if want is not None and have is not None and not np.allclose(want, have, rtol=0.01):
+        warnings.warn(f"case {volume.case_id!r}: spacing {tuple(have)} mm differs from the encoder's {tuple(want)} mm; "
+                      f"load it with load_case(case, spacing={tuple(want)})", stacklevel=2)
     if large not in ("crop", "tile"):
         raise ValueError(f"large: expected 'crop' or 'tile', got {large!r}")
     max_shape = getattr(encoder, "max_shape", None)
