@@ -16,7 +16,6 @@ import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import subprocess
 import sys
 import time
