@@ -67,15 +67,16 @@ def _worker(args, q):
     rss_before = _rss_kb()
     reset = _reset_peak()
     encode_case(enc, vols[0])  # warm-up (allocator, oneDNN primitive cache)
-    times = []
+    times, cpu = [], []
     for v in vols:
         for _ in range(args["repeats"]):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             f, l = encode_case(enc, v)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     q.put({"layer": args["layer"], "dtype": args["dtype"], "load_s": t_load,
            "shape": list(vols[0].shape), "grid": list(f.shape[1:]),
-           "times": times, "rss_before_mb": rss_before / 1024, "load_peak_mb": load_peak / 1024,
+           "times": times, "cpu": cpu, "rss_before_mb": rss_before / 1024, "load_peak_mb": load_peak / 1024,
            "peak_mb": _rss_kb("VmHWM") / 1024, "peak_reset": reset})
 
 
@@ -148,14 +149,14 @@ def write_report(a, rows, out: Path):
         "(the machine was shared with other jobs; times are medians)",
         f"- weights: {a.weights}; cases from the demo data set at 1.5×1.5×3 mm; time = `encode_case` "
         "(window, forward, labels onto the grid)", "",
-        "| layer | dtype | case shape (X,Y,Z) | feature map [C, grid] | time / case, median (min–max) | model load (time, peak RSS) | RSS with model loaded | peak RSS while encoding | encoding peak over loaded model |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layer | dtype | case shape (X,Y,Z) | feature map [C, grid] | time / case, median (min–max) | CPU time / case | model load (time, peak RSS) | RSS with model loaded | peak RSS while encoding | encoding peak over loaded model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ts = r["times"]
         lines.append(
             f"| {r['layer']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} | {r['grid']} | "
-            f"{statistics.median(ts):.2f} s ({min(ts):.2f}–{max(ts):.2f}) | {r['load_s']:.1f} s, {r['load_peak_mb']:.0f} MB | "
+            f"{statistics.median(ts):.2f} s ({min(ts):.2f}–{max(ts):.2f}) | {statistics.median(r['cpu']):.2f} s | {r['load_s']:.1f} s, {r['load_peak_mb']:.0f} MB | "
             f"{r['rss_before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['peak_mb'] - r['rss_before_mb']:.0f} MB |")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
