@@ -402,9 +402,7 @@ std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode) {
   }
 }
 
-void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
-                  bool in_double) {
-  require(is_floating(z.dtype), "z: expected a floating dtype");
+DecodedLayout decoded_layout(const ArrayView& z, int mode) {
   auto [m, n] = decoded_shape(z, mode);
   // rows (stride rs) x columns (outer no x inner ni, strides os and is)
   int64_t rs, no, os, ni, is;
@@ -422,16 +420,24 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
   for (int64_t o = 0; o < no; ++o)
     for (int64_t i = 0; i < ni; ++i) col_off[o * ni + i] = o * os + i * is;
   // The Gram is taken on the smaller side: rows are the p vectors when m <= n, else the columns are.
-  const bool row_side = m <= n;
-  const std::vector<int64_t>& p_off = row_side ? row_off : col_off;
-  const std::vector<int64_t>& s_off = row_side ? col_off : row_off;
-  Centering c = !center ? Centering::None : row_side ? Centering::AcrossP : Centering::AcrossSamples;
+  DecodedLayout L;
+  L.row_side = m <= n;
+  L.p_off = L.row_side ? std::move(row_off) : std::move(col_off);
+  L.s_off = L.row_side ? std::move(col_off) : std::move(row_off);
+  return L;
+}
+
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
+                  bool in_double) {
+  require(is_floating(z.dtype), "z: expected a floating dtype");
+  const DecodedLayout L = decoded_layout(z, mode);
   const int64_t B = z.shape[0], K = z.shape[1];
   std::vector<GramJob> jobs;
   jobs.reserve(B * K);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < K; ++k) jobs.push_back({b * z.strides[0] + k * z.strides[1], s_off.data(), (int64_t)s_off.size()});
-  gram_cpu(z.data(), z.dtype, p_off, jobs, c, nan_to_num, G, num_threads, "z", in_double);
+    for (int64_t k = 0; k < K; ++k)
+      jobs.push_back({b * z.strides[0] + k * z.strides[1], L.s_off.data(), (int64_t)L.s_off.size()});
+  gram_cpu(z.data(), z.dtype, L.p_off, jobs, L.centering(center), nan_to_num, G, num_threads, "z", in_double);
 }
 
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,

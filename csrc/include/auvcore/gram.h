@@ -41,4 +41,15 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t num_classe
 // Sizes of the decoded layout: {m, n} of one class matrix.
 std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode);
 
+// Where the Gram of one decoded class matrix reads: element (a, t) of the p x ns matrix of sample b, class k
+// sits at b*strides[0] + k*strides[1] + p_off[a] + s_off[t]. row_side: the p vectors are the m rows of M.
+struct DecodedLayout {
+  std::vector<int64_t> p_off, s_off;
+  bool row_side;
+  Centering centering(bool center) const {
+    return !center ? Centering::None : row_side ? Centering::AcrossP : Centering::AcrossSamples;
+  }
+};
+DecodedLayout decoded_layout(const ArrayView& z, int mode);
+
 }  // namespace auvcore

@@ -1,0 +1,268 @@
+"""DUO loss (dynamic uncertainty-aware optimization, SPEC §4) and its label-noise head.
+
+The native path (``backend="cpp"``, the default on CPU) runs the full-size part in C++: one pass over the
+logits, noise logits and targets gives six sums per (sample, class); the backward is one elementwise pass
+from the gradients of those sums; nothing full-size is saved for the backward. The Dice ratio, the weights
+from the semantic scale S, the noise constraint R and the mean are then plain autograd on B x K numbers.
+``backend="torch"`` is the same formula composed of torch ops (``_torch_impl.duo_loss_torch``), which also
+runs on any device.
+
+float16/bfloat16 logits (e.g. under ``torch.autocast``) are cast to float32 first: the loss is computed
+and returned in float32, and the cast copies the two logit tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _backend as B
+from . import _torch_impl as T
+from .scale import semantic_scale
+
+PRESETS = {"paper": 0, "official": 1}
+REDUCTIONS = ("mean", "none")
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_BCE, _SIGY, _SIG, _Y, _G, _G2 = range(6)
+
+
+class _FusedSums(torch.autograd.Function):
+    """[B, K, N] logits, noise logits, targets -> the per-(b, c) sums [B, K - c0, 6] (float64)."""
+
+    @staticmethod
+    def forward(ctx, z, n, y, labels, c0, preset, tau, nt):
+        sums = torch.empty(z.shape[0], z.shape[1] - c0, B._C.duo_num_sums, dtype=torch.float64)
+        B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, sums.data_ptr(), nt)
+        ctx.save_for_backward(z, n, y)  # the inputs themselves: references, not copies
+        ctx.args = (labels, c0, preset, tau, nt)
+        return sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_sums):
+        z, n, y = ctx.saved_tensors
+        labels, c0, preset, tau, nt = ctx.args
+        g = grad_sums.to(torch.float64).contiguous()
+        dz = torch.empty(z.shape, dtype=z.dtype)
+        want_dn = ctx.needs_input_grad[1] and preset == PRESETS["paper"]
+        dn = torch.empty(z.shape, dtype=z.dtype) if want_dn else None
+        null = B._C.ArrayView(0, B._C.DType.f32, [], [])
+        B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, g.data_ptr(), B.view(dz),
+                          B.view(dn) if want_dn else null, nt)
+        return dz, dn, None, None, None, None, None, None
+
+
+def _check_number(name, value, low=0.0, high=math.inf):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"{name}: expected a finite number in [{low}, {high}], got {value!r}")
+
+
+class DUOLoss(nn.Module):
+    """DUO loss: class weights from the semantic perception scale plus a learnable label-noise estimate.
+
+    ``L = mean_{b, c} w_{b,c} (λ·BCE(z, ỹ) + Dice(σ(z), ỹ)) + β·R`` with ``ĝ = tanh(n)``,
+    ``ỹ = clamp(y − τ ĝ, 0, 1)``, ``w = 1 / (1 + α S(z[b, c]))`` and
+    ``R = Σ_c (mean ĝ)² + (mean ĝ² − σ0²)²`` (SPEC §4).
+
+    Args:
+        num_classes: K; checked against ``seg_logits.shape[1]`` if given.
+        include_background: include channel 0 in the loss and in R (MONAI's convention: excluded).
+        to_onehot_y: ``target`` holds class indices ``[B, 1, *spatial]`` (or ``[B, *spatial]``) that are
+            compared with each class on the fly (no one-hot tensor is built on the native path).
+        alpha, lambda_bce, tau, sigma0, beta, smooth: α, λ, τ, σ0, β and the Dice smoothing s.
+        mode: how S reads a 3-D class map (``"D_HW"``, ``"H_DW"``, ``"W_DH"``); 2-D maps use m = H, n = W.
+        detach_scale: stop the gradient through S (by default S is differentiable, a regulariser).
+        preset: ``"paper"`` (SPEC §4) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
+            ``ỹ = stopgrad(y − σ(n)·y)``, no R, and S of the snippet (``variant="official"``: no centering,
+            energy on σ + 1e-6), not detached. Its noise head receives no gradient by construction.
+        reduction: ``"mean"`` (a scalar) or ``"none"``: the per-(b, c) losses ``[B, K']`` over the included
+            classes, ``w·L_seg + β·R`` each, so that their mean is the ``"mean"`` loss.
+        backend: ``"auto"`` (native on CPU, torch elsewhere), ``"cpp"`` or ``"torch"``.
+        num_threads: CPU threads of the native path (default ``torch.get_num_threads()``).
+
+    Called as ``loss(seg_logits, noise_logits, target)`` with logits ``[B, K, *spatial]`` (2-D or 3-D).
+    After each call, ``last_weights`` and ``last_scales`` hold w and S ``[B, K']`` (detached) for logging.
+    """
+
+    def __init__(self, num_classes: int | None = None, include_background: bool = False, to_onehot_y: bool = False,
+                 alpha: float = 0.5, lambda_bce: float = 1.0, tau: float = 0.5, sigma0: float = 0.1,
+                 beta: float = 0.1, smooth: float = 1e-5, mode: str = "D_HW", detach_scale: bool = False,
+                 preset: str = "paper", reduction: str = "mean", backend: str = "auto",
+                 num_threads: int | None = None):
+        super().__init__()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
+        for name, v in (("include_background", include_background), ("to_onehot_y", to_onehot_y),
+                        ("detach_scale", detach_scale)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+        _check_number("alpha", alpha)
+        _check_number("lambda_bce", lambda_bce)
+        _check_number("tau", tau)
+        _check_number("sigma0", sigma0)
+        _check_number("beta", beta)
+        _check_number("smooth", smooth)
+        if mode not in T.MODES:
+            raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in ("auto", "cpp", "torch"):
+            raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', got {backend!r}")
+        B.threads(num_threads)
+        self.num_classes, self.include_background, self.to_onehot_y = num_classes, include_background, to_onehot_y
+        self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta, self.smooth = (
+            float(alpha), float(lambda_bce), float(tau), float(sigma0), float(beta), float(smooth))
+        self.mode, self.detach_scale, self.preset, self.reduction = mode, detach_scale, preset, reduction
+        self.backend, self.num_threads = backend, num_threads
+        self.last_weights: torch.Tensor | None = None
+        self.last_scales: torch.Tensor | None = None
+
+    # -- validation -------------------------------------------------------------------------------------
+    def _check(self, z, n, y):
+        for name, t in (("seg_logits", z), ("noise_logits", n), ("target", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if z.dim() not in (4, 5):
+            raise ValueError(f"seg_logits: expected [B, K, H, W] or [B, K, D, H, W], got shape {tuple(z.shape)}")
+        if z.numel() == 0:
+            raise ValueError(f"seg_logits: empty tensor of shape {tuple(z.shape)}")
+        for name, t in (("seg_logits", z), ("noise_logits", n)):
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if n.shape != z.shape:
+            raise ValueError(f"noise_logits: expected shape {tuple(z.shape)} (that of seg_logits), "
+                             f"got {tuple(n.shape)}")
+        for name, t in (("noise_logits", n), ("target", y)):
+            if t.device != z.device:
+                raise ValueError(f"{name}: on {t.device} but seg_logits on {z.device}")
+        Bn, K = z.shape[:2]
+        if self.num_classes is not None and K != self.num_classes:
+            raise ValueError(f"seg_logits: {K} channels but num_classes={self.num_classes}")
+        if K - (0 if self.include_background else 1) < 1:
+            raise ValueError("seg_logits: a single channel and include_background=False leave no class")
+        spatial = tuple(z.shape[2:])
+        if self.to_onehot_y:
+            if tuple(y.shape) not in ((Bn, 1) + spatial, (Bn,) + spatial):
+                raise ValueError(f"target: expected class indices of shape {(Bn, 1) + spatial} or "
+                                 f"{(Bn,) + spatial}, got {tuple(y.shape)}")
+            if y.dtype not in _INTS + _FLOATS:
+                raise TypeError(f"target: expected integer (or integral float) class indices, got {y.dtype}")
+            if y.dtype in _FLOATS and not bool((y == torch.round(y)).all()):
+                raise ValueError("target: to_onehot_y=True needs integral class indices, found a fractional value")
+        else:
+            if tuple(y.shape) != tuple(z.shape):
+                raise ValueError(f"target: expected one-hot of shape {tuple(z.shape)}, got {tuple(y.shape)} "
+                                 "(pass to_onehot_y=True for class indices)")
+            if y.dtype not in _INTS + _FLOATS + (torch.bool,):
+                raise TypeError(f"target: expected a numeric dtype, got {y.dtype}")
+
+    # -- the loss ---------------------------------------------------------------------------------------
+    def forward(self, seg_logits: torch.Tensor, noise_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        z, n, y = seg_logits, noise_logits, target
+        self._check(z, n, y)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            if z.dtype in _HALF or n.dtype in _HALF or n.dtype != z.dtype:
+                dt = torch.float64 if torch.float64 in (z.dtype, n.dtype) else torch.float32
+                z, n = z.to(dt), n.to(dt)
+            be = "cpp" if self.backend in ("auto", "cpp") and z.device.type == "cpu" and B.has_native() else "torch"
+            if self.backend == "cpp" and be != "cpp":
+                B.resolve("cpp", z)  # raises the reason
+            per, S, w = (self._native if be == "cpp" else self._torch)(z, n, y)
+        self.last_scales, self.last_weights = S.detach(), w.detach()
+        return per if self.reduction == "none" else per.mean()
+
+    @property
+    def _c0(self) -> int:
+        return 0 if self.include_background else 1
+
+    def _scale(self, z):
+        """S [B, K'] of the included classes, NaN (maps too thin for a spectrum) read as 0, i.e. w = 1.
+
+        S is taken over all K maps and sliced afterwards: the slice's gradient is then a [B, K] vector with a
+        zero for the background, instead of a full-size zero-filled copy of z on the backward.
+        """
+        if self.detach_scale:
+            z = z.detach()
+        official = self.preset == "official"
+        S = semantic_scale(z, mode=self.mode, variant="official" if official else "paper",
+                           backend="cpp" if z.device.type == "cpu" and B.has_native() else "torch",
+                           num_threads=self.num_threads)[:, self._c0:]
+        return torch.where(torch.isnan(S), torch.zeros_like(S), S)
+
+    def _native(self, z, n, y):
+        Bn, K = z.shape[:2]
+        if self.to_onehot_y:
+            y3 = y.reshape(Bn, -1)
+            if y3.dtype in _FLOATS:
+                y3 = y3.long()
+        else:
+            y3 = y.reshape(Bn, K, -1)
+            if y3.dtype == torch.bool:
+                y3 = y3.view(torch.uint8)
+            elif y3.dtype in _HALF:
+                y3 = y3.float()
+        nt = B.threads(self.num_threads)
+        sums = _FusedSums.apply(z.reshape(Bn, K, -1), n.reshape(Bn, K, -1), y3, self.to_onehot_y, self._c0,
+                                PRESETS[self.preset], self.tau, nt)
+        N = z[0, 0].numel()
+        S = self._scale(z).to(torch.float64)
+        w = 1.0 / (1.0 + self.alpha * S)
+        bce = sums[..., _BCE] / N
+        if self.preset == "official":
+            per = w * bce
+        else:
+            s = self.smooth
+            dice = 1 - (2 * sums[..., _SIGY] + s) / (sums[..., _SIG] + sums[..., _Y] + s)
+            count = Bn * N
+            mean_g, mean_g2 = sums[..., _G].sum(0) / count, sums[..., _G2].sum(0) / count
+            R = (mean_g**2 + (mean_g2 - self.sigma0**2) ** 2).sum()
+            per = w * (self.lambda_bce * bce + dice) + self.beta * R
+        return per.to(z.dtype), S.to(z.dtype), w.to(z.dtype)
+
+    def _torch(self, z, n, y):
+        K = z.shape[1]
+        for name, t in (("seg_logits", z), ("noise_logits", n)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: contains NaN or Inf")
+        if self.to_onehot_y:
+            lab = (y[:, 0] if y.dim() == z.dim() else y).long()
+            lo, hi = int(lab.min()), int(lab.max())
+            if lo < 0 or hi >= K:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"target: label value {bad} is outside 0..{K - 1} (num_classes={K})")
+            y = nn.functional.one_hot(lab, K).movedim(-1, 1)
+        else:
+            yf = y.to(z.dtype)
+            if not bool(((yf >= 0) & (yf <= 1)).all()):
+                raise ValueError("target: values must lie in [0, 1]")
+        per = T.duo_loss_torch(z, n, y, self._c0, self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta,
+                               self.smooth, self.mode, self.detach_scale, self.preset)
+        S = self._scale(z.detach())
+        return per, S, 1.0 / (1.0 + self.alpha * S)
+
+
+class NoiseHead(nn.Module):
+    """The label-noise estimation head: a 1×1(×1) convolution from the decoder's last feature map to K
+    channels, initialised to output 0 (ĝ = tanh(0) = 0: training starts from the given labels)."""
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims: expected 1, 2 or 3, got {spatial_dims!r}")
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+        self.conv = conv(in_channels, num_classes, kernel_size=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.conv(features)

@@ -1,0 +1,135 @@
+"""CPU benchmark of the DUO loss (issue 3): forward + backward time and peak memory of ``DUOLoss`` (fused C++
+kernel + analytic S backward) side by side with the pure-torch composition of the same formula
+(``DUOLoss(backend="torch")``), in one run.
+
+    python bench/bench_duo.py                 # B=2 K=4 96³ float32, integer labels (to_onehot_y=True)
+    python bench/bench_duo.py --target onehot # the same with a float one-hot target
+    python bench/bench_duo.py --quick         # small sizes, a smoke run
+
+Peak memory: each variant runs in a fresh child process with glibc's mmap threshold pinned low, so that
+every large tensor is its own mapping and the resident set follows live memory; the peak is VmHWM (reset
+through /proc/self/clear_refs right before the step) minus the resident set before it, i.e. the extra
+memory one forward + backward needs on top of the inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import auvcore  # noqa: E402
+from auvcore import DUOLoss  # noqa: E402
+
+
+def inputs(B, K, size, target, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, K, size, size, size)
+    z = torch.randn(*shape, generator=g).requires_grad_()
+    n = (0.1 * torch.randn(*shape, generator=g)).requires_grad_()
+    lab = torch.randint(0, K, (B, 1, size, size, size), generator=g)
+    y = lab if target == "labels" else torch.nn.functional.one_hot(lab[:, 0], K).movedim(-1, 1).float()
+    return z, n, y
+
+
+def step(loss, z, n, y):
+    z.grad = n.grad = None
+    loss(z, n, y).backward()
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def child(args):
+    """One variant in this process: the extra resident memory of one forward + backward."""
+    z, n, y = inputs(args.B, args.K, args.size, args.target)
+    loss = DUOLoss(to_onehot_y=args.target == "labels", backend=args.child)
+    step(loss, z, n, y)  # warm-up: thread pools, first-touch of the gradients' storage
+    z.grad = n.grad = None
+    before = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    step(loss, z, n, y)
+    peak = rss_kib("VmHWM")
+    print(json.dumps({"peak_extra_mib": (peak - before) / 1024}))
+
+
+def peak_memory(args, backend):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, "--B", str(args.B), "--K", str(args.K),
+           "--size", str(args.size), "--target", args.target]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+def lscpu():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--B", type=int, default=2)
+    ap.add_argument("--K", type=int, default=4)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--target", choices=["labels", "onehot"], default="labels")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", choices=["cpp", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.size, args.repeat = 32, 3
+    if args.child:
+        return child(args)
+
+    z, n, y = inputs(args.B, args.K, args.size, args.target)
+    fused = DUOLoss(to_onehot_y=args.target == "labels")
+    composed = DUOLoss(to_onehot_y=args.target == "labels", backend="torch")
+    # same value and gradients before timing anything
+    step(fused, z, n, y)
+    gz, gn = z.grad.clone(), n.grad.clone()
+    step(composed, z, n, y)
+    dz = float((gz - z.grad).abs().max() / z.grad.abs().max())
+    dn = float((gn - n.grad).abs().max() / n.grad.abs().max())
+    # interleaved repeats, so that a busy machine slows both alike
+    times = {"fused": [], "torch": []}
+    for _ in range(args.repeat):
+        for name, loss in (("fused", fused), ("torch", composed)):
+            t0 = time.perf_counter()
+            step(loss, z, n, y)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    mem = {"fused": peak_memory(args, "cpp"), "torch": peak_memory(args, "torch")}
+
+    shape = f"B={args.B} K={args.K} {args.size}³ float32, target={args.target}"
+    print(f"DUO loss forward+backward, {shape}, threads={torch.get_num_threads()}, CPU: {lscpu()}")
+    print(f"gradient agreement (max rel. diff): seg_logits {dz:.2e}, noise_logits {dn:.2e}")
+    print(f"{'':28}{'DUOLoss (fused C++)':>22}{'pure-torch composition':>26}{'ratio':>9}")
+    print(f"{'time, median of ' + str(args.repeat) + ' [s]':28}{med['fused']:>22.3f}{med['torch']:>26.3f}"
+          f"{med['torch'] / med['fused']:>8.2f}x")
+    print(f"{'time, best [s]':28}{best['fused']:>22.3f}{best['torch']:>26.3f}{best['torch'] / best['fused']:>8.2f}x")
+    print(f"{'peak extra memory [MiB]':28}{mem['fused']:>22.1f}{mem['torch']:>26.1f}"
+          f"{mem['torch'] / mem['fused']:>8.2f}x")
+    inp = (z.numel() * 2 * 4 + y.numel() * y.element_size()) / 2**20
+    print(f"(inputs: {inp:.1f} MiB; the gradients of seg_logits and noise_logits alone are "
+          f"{z.numel() * 2 * 4 / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
