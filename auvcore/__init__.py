@@ -1,7 +1,7 @@
 """auvcore: aleatoric uncertainty of medical segmentation data sets from foundation-model features."""
 from ._backend import has_cuda_kernels, has_native
 from .duo import DUOLoss, NoiseHead
-from .auv import AUVAccumulator, auv, keep_mask, keep_mask_per_class, sample_scale
+from .scores import AUVAccumulator, auv, keep_mask, keep_mask_per_class, sample_scale
 from .scale import energy_spectrum, masked_semantic_scale, semantic_scale
 
 __version__ = "0.1.0"

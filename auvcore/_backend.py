@@ -59,6 +59,10 @@ def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
             return torch.from_numpy(x), True
         except (ValueError, TypeError):  # negative strides or a non-native byte order
             return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))), True
+    if hasattr(x, "__cuda_array_interface__"):  # CuPy and friends: a zero-copy torch view on the same device
+        from ._cuda import as_cuda_tensor
+
+        return as_cuda_tensor(x, name)[0], False
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
@@ -70,7 +74,10 @@ def resolve(backend: str, t: torch.Tensor) -> str:
         if t.device.type == "cpu":
             return "cpp" if has_native() else "torch"
         if t.device.type == "cuda" and has_cuda_kernels():
-            return "cuda"
+            from ._cuda import device_supported
+
+            if device_supported(t.device.index):  # else a GPU older than the build's architectures
+                return "cuda"
         return "torch"
     if backend == "cpp":
         if not has_native():
@@ -80,6 +87,9 @@ def resolve(backend: str, t: torch.Tensor) -> str:
     if backend == "cuda":
         if not has_cuda_kernels():
             raise RuntimeError("backend='cuda': auvcore was built without CUDA kernels")
+        if _C.cuda_device_count() == 0:
+            raise RuntimeError("backend='cuda': auvcore has CUDA kernels but no CUDA device is usable here "
+                               "(no GPU or no driver); use backend='cpp' or 'torch'")
         if t.device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got device {t.device}")
     return backend

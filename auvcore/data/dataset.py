@@ -17,7 +17,8 @@ MODALITIES = ("CT", "MR")
 @dataclass(frozen=True)
 class Case:
     """One training case: ``case_id``, the image file and its label map file (``None`` if the
-    layout lists no label for it)."""
+    layout lists no label for it; a listed or expected label path is kept even when the file is
+    missing, so :func:`load_case` can name it)."""
 
     case_id: str
     image: Path
@@ -199,7 +200,8 @@ def _discover_nnunet(root: Path, meta: dict) -> Dataset:
         if p.is_file() and p.name.endswith(suffix) and not p.name.startswith("."):
             cid = p.name[: -len(suffix)]
             lab = lab_dir / (cid + ending)
-            cases.append(Case(cid, p, lab if lab.is_file() else None))
+            # keep the expected path even if the file is missing: load_case then names it
+            cases.append(Case(cid, p, lab))
     return Dataset(root, cases, _class_names(meta, root / "dataset.json"), "nnunet",
                    modality=_modality(meta), meta=meta)
 
@@ -214,7 +216,7 @@ def _discover_msd(root: Path, meta: dict) -> Dataset:
             img = (root / entry["image"]).resolve()
             lab = entry.get("label")
             lab = (root / lab).resolve() if lab else None
-            cases.append(Case(_strip_ext(img.name), img, lab if lab is not None and lab.exists() else None))
+            cases.append(Case(_strip_ext(img.name), img, lab))
     else:
         img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
         if not img_dir.is_dir():
@@ -302,7 +304,8 @@ def load_case(
     lab = None
     if case.label is None or not Path(case.label).exists():
         if require_label:
-            raise FileNotFoundError(f"case {cid!r}: label map missing ({case.label or 'none listed'})")
+            what = f"no file {case.label}" if case.label is not None else "the data set lists none"
+            raise FileNotFoundError(f"case {cid!r}: label map missing ({what})")
     else:
         try:
             lab, laff = read_image(case.label)

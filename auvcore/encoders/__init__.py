@@ -9,7 +9,7 @@
 :func:`encode_case` runs an encoder on a loaded case and brings its labels onto the feature
 grid; :func:`prototype_maps` turns embeddings into class-wise decoded maps ``[1, K, *grid]``.
 """
-from .common import class_means, encode_case, labels_to_grid, prototype_maps
+from .common import class_means, encode_case, labels_to_grid, prototype_maps, tiled_forward
 from .hooks import HookEncoder
 from .merlin import MerlinEncoder
 from .random3d import Random3DEncoder
@@ -43,5 +43,5 @@ def get_encoder(name: str, **kw):
 
 __all__ = [
     "MerlinEncoder", "Random3DEncoder", "HookEncoder", "SAM2Encoder", "get_encoder", "encode_case",
-    "prototype_maps", "labels_to_grid", "class_means", "ENCODERS",
+    "prototype_maps", "labels_to_grid", "class_means", "tiled_forward", "ENCODERS",
 ]

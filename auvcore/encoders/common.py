@@ -1,6 +1,8 @@
 """Encoder-independent pieces: labels onto a feature grid, ``encode_case``, prototype maps."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -51,8 +53,47 @@ def _grid_for(shape, stride):
     return tuple(-(-n // s) for n, s in zip(shape, stride))
 
 
+def tiled_forward(encoder, x: torch.Tensor, tile, halo=None) -> torch.Tensor:
+    """Run ``encoder`` on ``x [1, 1, X, Y, Z]`` tile by tile and stitch the feature maps.
+
+    Each tile's core (``tile − 2·halo`` voxels per axis, a multiple of ``encoder.stride``) is
+    taken from a forward pass over the core plus ``halo`` voxels of context on each side, so the
+    result equals the whole-volume forward wherever the encoder's receptive field fits in the
+    halo. ``halo`` defaults to a quarter of the tile (rounded to the stride).
+    """
+    stride = tuple(getattr(encoder, "stride", None) or ())
+    if len(stride) != 3:
+        raise ValueError("encoder: tiling needs an encoder with a known 3-D stride")
+    n = tuple(x.shape[2:])
+    tile = tuple(max(s, (int(t) // s) * s) for t, s in zip(tile, stride))
+    if halo is None:
+        halo = tuple((t // 4 // s) * s for t, s in zip(tile, stride))
+    halo = tuple(int(h) for h in np.broadcast_to(halo, (3,)))
+    core = tuple(t - 2 * h for t, h in zip(tile, halo))
+    if any(c < s or h % s for c, h, s in zip(core, halo, stride)):
+        raise ValueError(f"halo: {halo} must be multiples of the stride {stride} leaving a core in each tile of {tile}")
+    grid = tuple(-(-a // s) for a, s in zip(n, stride))
+    out = None
+    starts = [range(0, a, c) for a, c in zip(n, core)]
+    for s0 in starts[0]:
+        for s1 in starts[1]:
+            for s2 in starts[2]:
+                st = (s0, s1, s2)
+                w0 = tuple(max(0, a - h) for a, h in zip(st, halo))
+                w1 = tuple(min(m, a + c + h) for a, c, h, m in zip(st, core, halo, n))
+                f = encoder(x[:, :, w0[0]:w1[0], w0[1]:w1[1], w0[2]:w1[2]])
+                if out is None:
+                    out = torch.empty((f.shape[0], f.shape[1]) + grid, dtype=f.dtype, device=f.device)
+                g0 = tuple(a // s for a, s in zip(st, stride))
+                g1 = tuple(min(g, -(-min(m, a + c) // s)) for g, a, c, m, s in zip(grid, st, core, n, stride))
+                off = tuple((a - w) // s for a, w, s in zip(st, w0, stride))
+                out[:, :, g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]] = f[
+                    :, :, off[0]:off[0] + g1[0] - g0[0], off[1]:off[1] + g1[1] - g0[1], off[2]:off[2] + g1[2] - g0[2]]
+    return out
+
+
 def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority",
-                num_classes: int | None = None):
+                num_classes: int | None = None, large: str = "crop"):
     """Encode one loaded case and bring its labels onto the feature grid.
 
     Parameters
@@ -61,14 +102,18 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
     volume : :class:`auvcore.data.Volume` at the encoder's spacing (``load_case(case,
         spacing=encoder.spacing)``).
     input : ``"raw"`` feeds the windowed raw image; ``"normalized"`` the annotation-normalized
-        image x̂ (SPEC §3).
+        image x̂ (SPEC §3). For an MR volume (``volume.modality == "MR"``) "raw" means percentile
+        scaling (0.5–99.5 % of the non-zero voxels → 0..1), handed to the encoder as pseudo-HU
+        −1000..1000 so the CT window of :meth:`preprocess` maps it back to 0..1.
     label_mode : ``"majority"`` (default) or ``"nearest"``, see :func:`labels_to_grid`.
 
-    Volumes larger than ``encoder.max_shape`` are cropped around the foreground to that size
-    first (label and image alike). Returns ``(features [1, C, *grid] float32 CPU,
+    large : what to do with volumes larger than ``encoder.max_shape``: ``"crop"`` (default) crops
+        image and label around the foreground to that size; ``"tile"`` encodes the whole volume
+        in overlapping tiles of that size (:func:`tiled_forward`).
+ Returns ``(features [1, C, *grid] float32 CPU,
     labels [1, *grid] int64)``.
     """
-    from ..data.preprocess import crop_or_pad, foreground_center, normalized_image
+    from ..data.preprocess import crop_or_pad, foreground_center, normalized_image, scale_percentile
 
     if input not in ("raw", "normalized"):
         raise ValueError(f"input: expected 'raw' or 'normalized', got {input!r}")
@@ -77,18 +122,33 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
         raise ValueError(f"case {getattr(volume, 'case_id', '')!r}: encode_case needs a label map")
     if image.shape != label.shape:
         raise ValueError(f"case {volume.case_id!r}: image {image.shape} and label {label.shape} differ")
+    want = getattr(encoder, "spacing", None)
+    have = getattr(volume, "spacing", None)
+    if want is not None and have is not None and not np.allclose(want, have, rtol=0.01):
+        warnings.warn(f"case {volume.case_id!r}: spacing {tuple(have)} mm differs from the encoder's {tuple(want)} mm; "
+                      f"load it with load_case(case, spacing={tuple(want)})", stacklevel=2)
+    if large not in ("crop", "tile"):
+        raise ValueError(f"large: expected 'crop' or 'tile', got {large!r}")
     max_shape = getattr(encoder, "max_shape", None)
-    if max_shape is not None and any(n > m for n, m in zip(image.shape, max_shape)):
+    too_big = max_shape is not None and any(n > m for n, m in zip(image.shape, max_shape))
+    if too_big and large == "crop":
         shape = tuple(min(n, m) for n, m in zip(image.shape, max_shape))
         center = foreground_center(label)
         image, _ = crop_or_pad(image, shape, center)
         label, _ = crop_or_pad(label, shape, center)
     if input == "normalized":
         x = encoder.preprocess(normalized_image(image, label), normalized=True)
+    elif getattr(volume, "modality", "CT") == "MR":
+        x = encoder.preprocess(scale_percentile(image) * 2000.0 - 1000.0)
     else:
         x = encoder.preprocess(image)
     # Encoders that decode with prompts (SAM2) take the label map as their box source.
-    feats = encoder(x, label) if getattr(encoder, "needs_label", False) else encoder(x)
+    if getattr(encoder, "needs_label", False):
+        feats = encoder(x, label)
+    elif too_big and large == "tile":
+        feats = tiled_forward(encoder, x, max_shape)
+    else:
+        feats = encoder(x)
     if isinstance(feats, dict):
         raise ValueError("encoder: returned several feature maps; pick one layer for encode_case")
     feats = feats.float().cpu()

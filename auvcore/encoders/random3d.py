@@ -12,7 +12,7 @@ STRIDES = {"layer1": (2, 2, 2), "layer2": (4, 4, 4), "layer3": (8, 8, 8)}
 
 
 class Random3DEncoder:
-    """Three stride-2 conv stages (16/32/64 channels) with seeded He-normal weights.
+    """Three stride-2 conv + ReLU stages (16/32/64 channels) with seeded He-normal weights.
 
     ``layer``: ``"layer1"`` (stride 2), ``"layer2"`` (stride 4, default) or ``"layer3"``
     (stride 8) on every axis. ``seed`` fixes the weights, so two encoders with the same seed give
@@ -37,7 +37,8 @@ class Random3DEncoder:
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * np.sqrt(2.0 / conv.weight[0].numel()))
                 conv.bias.zero_()
-            mods += [conv, nn.GroupNorm(min(8, cout), cout), nn.ReLU()]
+            # no GroupNorm: its whole-volume statistics would make tiled and whole forwards differ
+            mods += [conv, nn.ReLU()]
             cin = cout
         self.net = nn.Sequential(*mods).eval().to(self.device, dtype)
         for p in self.net.parameters():

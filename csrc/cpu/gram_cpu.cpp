@@ -16,7 +16,8 @@
 namespace auvcore {
 namespace {
 
-constexpr int64_t kBlock = 4;     // register block of G: 4 x 4 entries
+constexpr int64_t kRowBlock = 6, kColBlock = 4;  // register block of G
+constexpr int64_t kPad = 12;  // rows are padded to a multiple of both
 constexpr int64_t kPanelBytes = 2048;  // one panel row: 512 floats or 256 doubles
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -37,37 +38,39 @@ __attribute__((always_inline)) inline double hsum(v8d x) {
   return x[0] + x[1];
 }
 
-// G (lower triangle, ldg) += P Pᵀ for a panel P of pp rows (pp % 4 == 0), nvec vectors per row.
-// The 4 x 4 register block keeps 16 accumulators live: 8 loads feed 16 FMAs.
+// G (lower triangle, ldg) += P Pᵀ for a panel P of pp rows (pp % kRowBlock == 0), nvec vectors per row.
+// A 6 x 4 register block: 24 accumulators, 6 rows held in registers, the 4 others streamed one at a time,
+// so 10 loads feed 24 FMAs and the streamed rows are the only traffic from L2.
 template <typename V, typename T>
-__attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+__attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G,
+                                                           int64_t ldg) {
   constexpr int64_t W = sizeof(V) / sizeof(T);
-  for (int64_t I = 0; I < pp; I += kBlock) {
-    const T* a0 = P + (I + 0) * ld;
-    const T* a1 = P + (I + 1) * ld;
-    const T* a2 = P + (I + 2) * ld;
-    const T* a3 = P + (I + 3) * ld;
-    for (int64_t J = 0; J <= I; J += kBlock) {
+  for (int64_t I = 0; I < pp; I += kRowBlock) {
+    const T* a[6];
+    for (int r = 0; r < 6; ++r) a[r] = P + (I + r) * ld;
+    for (int64_t J = 0; J < I + kRowBlock; J += kColBlock) {
       const T* b0 = P + (J + 0) * ld;
       const T* b1 = P + (J + 1) * ld;
       const T* b2 = P + (J + 2) * ld;
       const T* b3 = P + (J + 3) * ld;
-      V c00 = {}, c01 = {}, c02 = {}, c03 = {}, c10 = {}, c11 = {}, c12 = {}, c13 = {};
-      V c20 = {}, c21 = {}, c22 = {}, c23 = {}, c30 = {}, c31 = {}, c32 = {}, c33 = {};
+      V c[6][4] = {};
       for (int64_t v = 0; v < nvec; ++v) {
         const int64_t o = v * W;
-        V x0 = *(const V*)(a0 + o), x1 = *(const V*)(a1 + o), x2 = *(const V*)(a2 + o), x3 = *(const V*)(a3 + o);
-        V y0 = *(const V*)(b0 + o), y1 = *(const V*)(b1 + o), y2 = *(const V*)(b2 + o), y3 = *(const V*)(b3 + o);
-        c00 += x0 * y0; c01 += x0 * y1; c02 += x0 * y2; c03 += x0 * y3;
-        c10 += x1 * y0; c11 += x1 * y1; c12 += x1 * y2; c13 += x1 * y3;
-        c20 += x2 * y0; c21 += x2 * y1; c22 += x2 * y2; c23 += x2 * y3;
-        c30 += x3 * y0; c31 += x3 * y1; c32 += x3 * y2; c33 += x3 * y3;
+        V x0 = *(const V*)(a[0] + o), x1 = *(const V*)(a[1] + o), x2 = *(const V*)(a[2] + o);
+        V x3 = *(const V*)(a[3] + o), x4 = *(const V*)(a[4] + o), x5 = *(const V*)(a[5] + o);
+        V y = *(const V*)(b0 + o);
+        c[0][0] += x0 * y; c[1][0] += x1 * y; c[2][0] += x2 * y; c[3][0] += x3 * y; c[4][0] += x4 * y; c[5][0] += x5 * y;
+        y = *(const V*)(b1 + o);
+        c[0][1] += x0 * y; c[1][1] += x1 * y; c[2][1] += x2 * y; c[3][1] += x3 * y; c[4][1] += x4 * y; c[5][1] += x5 * y;
+        y = *(const V*)(b2 + o);
+        c[0][2] += x0 * y; c[1][2] += x1 * y; c[2][2] += x2 * y; c[3][2] += x3 * y; c[4][2] += x4 * y; c[5][2] += x5 * y;
+        y = *(const V*)(b3 + o);
+        c[0][3] += x0 * y; c[1][3] += x1 * y; c[2][3] += x2 * y; c[3][3] += x3 * y; c[4][3] += x4 * y; c[5][3] += x5 * y;
       }
-      double* g = G + I * ldg + J;
-      g[0] += hsum(c00); g[1] += hsum(c01); g[2] += hsum(c02); g[3] += hsum(c03); g += ldg;
-      g[0] += hsum(c10); g[1] += hsum(c11); g[2] += hsum(c12); g[3] += hsum(c13); g += ldg;
-      g[0] += hsum(c20); g[1] += hsum(c21); g[2] += hsum(c22); g[3] += hsum(c23); g += ldg;
-      g[0] += hsum(c30); g[1] += hsum(c31); g[2] += hsum(c32); g[3] += hsum(c33);
+      for (int r = 0; r < 6; ++r) {
+        double* g = G + (I + r) * ldg + J;
+        for (int q = 0; q < 4; ++q) g[q] += hsum(c[r][q]);
+      }
     }
   }
 }
@@ -180,22 +183,32 @@ inline bool non_finite(T v) {
   return finite_mark(v) == 0;
 }
 
-// row[t] = x[base + so[t]] for t < nb; returns true if a value read was NaN or Inf.
+// Maximal runs of consecutive offsets in a panel's sample offsets, found once per panel and shared by all
+// its rows: decoded maps are one run per panel, and label maps, being blobs, give long runs per class.
+inline void find_runs(const int64_t* so, int64_t nb, std::vector<int64_t>& runs) {
+  runs.clear();
+  int64_t t = 0;
+  while (t < nb) {
+    int64_t e = t + 1;
+    while (e < nb && so[e] == so[e - 1] + 1) ++e;
+    runs.push_back(t);
+    runs.push_back(e - t);
+    t = e;
+  }
+}
+
+// row[t] = x[base + so[t]] for t < nb, run by run; returns true if a value read was NaN or Inf.
 template <typename Src, typename T>
-bool read_row(const Src* x, int64_t base, const int64_t* so, int64_t nb, T* row) {
+bool read_row(const Src* x, int64_t base, const int64_t* so, const std::vector<int64_t>& runs, T* row) {
   decltype(finite_mark(T())) mark = ~decltype(finite_mark(T()))(0);
-  if (so[nb - 1] - so[0] == nb - 1) {
-    const Src* src = x + base + so[0];
-    for (int64_t t = 0; t < nb; ++t) {
+  for (size_t r = 0; r < runs.size(); r += 2) {
+    const int64_t t0 = runs[r], len = runs[r + 1];
+    const Src* src = x + base + so[t0];
+    T* dst = row + t0;
+    for (int64_t t = 0; t < len; ++t) {
       T v = (T)Reader<Src>::get(src + t);
       mark = std::min(mark, finite_mark(v));
-      row[t] = v;
-    }
-  } else {
-    for (int64_t t = 0; t < nb; ++t) {
-      T v = (T)Reader<Src>::get(x + base + so[t]);
-      mark = std::min(mark, finite_mark(v));
-      row[t] = v;
+      dst[t] = v;
     }
   }
   return mark == 0;
@@ -212,7 +225,7 @@ template <typename Src, typename T>
 void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
                 Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg) {
   const int64_t p = (int64_t)p_off.size();
-  const int64_t pp = (p + kBlock - 1) / kBlock * kBlock;
+  const int64_t pp = (p + kPad - 1) / kPad * kPad;
   const int64_t W = 64 / sizeof(T);
   const int64_t NB = kPanelBytes / sizeof(T);
   const int64_t njobs = (int64_t)jobs.size();
@@ -275,6 +288,7 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
     auto panel = aligned_zeros<T>(pp * NB);
     auto acc = aligned_zeros<double>(pp * pp);
     std::vector<double> colmean(NB);
+    std::vector<int64_t> runs;
     try {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t ui = 0; ui < (int64_t)units.size(); ++ui) {
@@ -287,9 +301,10 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
           const int64_t nvec = (nb + W - 1) / W;
           const int64_t* so = jb.s_off + t0;
           bool stop = false;
+          find_runs(so, nb, runs);
           for (int64_t a = 0; a < p; ++a) {
             T* row = panel.get() + a * NB;
-            if (read_row(x, jb.base + p_off[a], so, nb, row)) {
+            if (read_row(x, jb.base + p_off[a], so, runs, row)) {
               if (!nan_to_num) {
                 bad_value = true;
                 stop = true;

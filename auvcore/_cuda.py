@@ -1,0 +1,177 @@
+"""The CUDA kernels of the semantic scale (SPEC §5), called from ``auvcore.scale`` when ``backend="cuda"``
+(or ``"auto"`` with CUDA tensors).
+
+Tensors cross into the extension as pointer + shape + strides, read in place on the caller's current stream.
+Outputs are allocated here with torch on the input's device. CuPy arrays (or anything with
+``__cuda_array_interface__`` / ``__dlpack__``) are wrapped zero-copy, and then CuPy's current stream is used.
+
+The only host synchronisation is the error check at the end: NaN/Inf inputs (unless ``nan_to_num``) and
+labels out of range are detected on the device, and raising the same errors as the CPU backend needs their
+flag on the host. While a CUDA graph is being captured the check is skipped (the affected S are NaN).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from . import _backend as B
+from . import _torch_impl as T
+
+
+def _require_kernels():
+    if not B.has_cuda_kernels():
+        raise RuntimeError("backend='cuda': auvcore was built without CUDA kernels")
+    if B._C.cuda_device_count() == 0:
+        raise RuntimeError("backend='cuda': auvcore has CUDA kernels but no CUDA device is usable here "
+                           "(no GPU or no driver); use backend='cpp' or 'torch'")
+
+
+@functools.lru_cache(maxsize=None)
+def device_supported(index: int) -> bool:
+    """Whether the compiled kernels run on CUDA device ``index`` (sm_80 and newer in the default build)."""
+    return B.has_cuda_kernels() and bool(B._C.cuda_device_supported(int(index)))
+
+
+def _require_device_supported(t: torch.Tensor):
+    if not device_supported(t.device.index):
+        cc = ".".join(map(str, torch.cuda.get_device_capability(t.device)))
+        raise RuntimeError(f"backend='cuda': auvcore's CUDA kernels were not built for {t.device} "
+                           f"(compute capability {cc}; the default build covers 8.0 and newer); "
+                           "use backend='torch', or rebuild with -DCMAKE_CUDA_ARCHITECTURES=<yours>")
+
+
+def as_cuda_tensor(x, name: str) -> tuple[torch.Tensor, int | None]:
+    """A torch view of a CUDA array without a copy, and the stream to run on when it is not torch's
+    (CuPy's current stream for CuPy input, else None)."""
+    if isinstance(x, torch.Tensor):
+        t, stream = x, None
+    else:
+        stream = None
+        mod = type(x).__module__.split(".")[0]
+        if mod == "cupy":
+            import cupy  # noqa: PLC0415 - optional dependency, present when x is a CuPy array
+
+            stream = cupy.cuda.get_current_stream().ptr or None  # 0: the legacy default stream, torch's too
+        if hasattr(x, "__dlpack__"):
+            t = torch.from_dlpack(x)
+        elif hasattr(x, "__cuda_array_interface__"):
+            t = torch.as_tensor(x, device="cuda")
+        else:
+            raise TypeError(f"{name}: expected a CUDA torch.Tensor or a CUDA array (CuPy, DLPack), "
+                            f"got {type(x).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: backend='cuda' needs CUDA tensors, got device {t.device}")
+    return t, stream
+
+
+@contextlib.contextmanager
+def _on_stream(device: torch.device, stream: int | None):
+    """Yields the raw stream handle the kernels run on; outputs allocated inside belong to that stream."""
+    if stream is None:
+        yield torch.cuda.current_stream(device).cuda_stream
+        return
+    ext = torch.cuda.ExternalStream(stream, device=device)
+    with torch.cuda.stream(ext):
+        yield stream
+
+
+def _capturing(device) -> bool:
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # pragma: no cover - very old torch
+        return False
+
+
+def _decoded_pm(z: torch.Tensor, mode: str) -> tuple[int, int]:
+    if z.dim() == 4:
+        return int(z.shape[2]), int(z.shape[3])
+    _, _, D, H, W = z.shape
+    return {"D_HW": (D, H * W), "H_DW": (H, D * W), "W_DH": (W, D * H)}[mode]
+
+
+def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
+                   nan_to_num: bool = False) -> torch.Tensor:
+    """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array)."""
+    _require_kernels()
+    z, stream = as_cuda_tensor(z, "z")
+    _require_device_supported(z)
+    if mode not in T.MODES:
+        raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
+    if variant not in T.VARIANTS:
+        raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
+    if variant == "official":
+        center, nan_to_num = False, True
+    z = z.detach()
+    Bn, K = int(z.shape[0]), int(z.shape[1])
+    m, n = _decoded_pm(z, mode)
+    p = min(m, n)
+    dev = z.device
+    with torch.cuda.device(dev), _on_stream(dev, stream) as s:
+        G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=dev)
+        flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
+        S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
+        B._C.cuda_decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(),
+                               flags.data_ptr(), s, dev.index)
+        B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, float(eps), T.VARIANTS[variant],
+                                  flags.data_ptr(), S.data_ptr(), 0, s, dev.index)
+        if not nan_to_num and not _capturing(dev) and bool(flags.any()):
+            raise ValueError("z contains NaN or Inf; pass nan_to_num=True to read them as 0")
+    return S.view(Bn, K)
+
+
+def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: float = 1e-8,
+                          nan_to_num: bool = False) -> torch.Tensor:
+    """S [B, K] float64 on the features' device; features [B, C, *spatial], labels [B, *spatial] in 0..K-1."""
+    _require_kernels()
+    features, stream = as_cuda_tensor(features, "features")
+    labels, _ = as_cuda_tensor(labels, "labels")
+    _require_device_supported(features)
+    if labels.device != features.device:
+        raise ValueError(f"labels: on {labels.device} but features on {features.device}")
+    features = features.detach()
+    Bn, C = int(features.shape[0]), int(features.shape[1])
+    K = int(K)
+    dev = features.device
+    with torch.cuda.device(dev), _on_stream(dev, stream) as s:
+        G = torch.empty(Bn * K, C, C, dtype=torch.float64, device=dev)
+        counts = torch.empty(Bn * K, dtype=torch.int64, device=dev)
+        flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
+        label_error = torch.zeros(2, dtype=torch.int64, device=dev)
+        S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
+        B._C.cuda_masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), G.data_ptr(),
+                              counts.data_ptr(), flags.data_ptr(), label_error.data_ptr(), s, dev.index)
+        B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, C, counts.data_ptr(), 0, float(eps), 0, flags.data_ptr(),
+                                  S.data_ptr(), 0, s, dev.index)
+        if not _capturing(dev):
+            # One transfer for both checks: [any NaN/Inf, label error flag, offending label].
+            status = torch.cat([flags.any().view(1).to(torch.int64), label_error]).tolist()
+            if status[1]:
+                raise ValueError(f"labels: value {status[2]} is outside 0..{K - 1} (num_classes={K})")
+            if status[0] and not nan_to_num:
+                raise ValueError("features contains NaN or Inf; pass nan_to_num=True to read them as 0")
+    return S.view(Bn, K)
+
+
+def gram_and_eigenvalues(z, mode: str = "D_HW", center: bool = True, nan_to_num: bool = True):
+    """Diagnostics for tests and benchmarks: the Gram matrices [B, K, p, p] and their eigenvalues [B, K, p]
+    (descending) from the CUDA kernels."""
+    _require_kernels()
+    z, stream = as_cuda_tensor(z, "z")
+    z = z.detach()
+    Bn, K = int(z.shape[0]), int(z.shape[1])
+    m, n = _decoded_pm(z, mode)
+    p = min(m, n)
+    dev = z.device
+    with torch.cuda.device(dev), _on_stream(dev, stream) as s:
+        G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=dev)
+        flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
+        B._C.cuda_decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(),
+                               flags.data_ptr(), s, dev.index)
+        Gout = G.clone()
+        S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
+        ev = torch.empty(Bn * K, p, dtype=torch.float64, device=dev)
+        B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, 1e-8, 0, 0, S.data_ptr(), ev.data_ptr(), s,
+                                  dev.index)
+    return Gout.view(Bn, K, p, p), ev.view(Bn, K, p)

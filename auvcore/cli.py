@@ -1,0 +1,151 @@
+"""The `auvcore` command: score a data set, filter it, report on it (see `auvcore --help`)."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """examples:
+  auvcore demo                                   build the demo data set, score, filter, report
+  auvcore score DATA/ --encoder merlin --layer layer2 --mode masked --out runs/r1
+  auvcore filter runs/r1 --quantile 0.95         kept/dropped lists + nnU-Net splits_final.json
+  auvcore filter runs/r1 --per-class liver       per-class filter (SPEC eq. 9)
+  auvcore report runs/r1                         runs/r1/report/index.html
+"""
+
+
+def _quantile(s: str) -> float:
+    try:
+        q = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    if not 0.0 < q <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s}")
+    return q
+
+
+def _add_score_args(p, dataset: bool = True):
+    if dataset:
+        p.add_argument("dataset", help="data set folder (MSD or nnU-Net raw layout) or a CSV of case,image,label")
+        p.add_argument("--out", required=True, help="run folder (created; an interrupted run resumes from it)")
+    p.add_argument("--encoder", default="merlin", choices=["merlin", "random3d", "sam2"],
+                   help="feature encoder (default: merlin, the embedded Merlin/Astra 3-D CT encoder)")
+    p.add_argument("--layer", default="layer2", help="encoder layer whose features are scored (default: layer2)")
+    p.add_argument("--weights", default="astra", help="merlin weights: astra (default), random, or a file")
+    p.add_argument("--mode", default="masked", choices=["masked", "decoded"],
+                   help="masked: within-class embedding covariance; decoded: prototype-similarity maps")
+    p.add_argument("--input", default="raw", choices=["raw", "normalized"],
+                   help="feed the raw image or the annotation-normalized image x̂")
+    p.add_argument("--reduction", default="mean", choices=["mean", "sum"], help="class scales -> sample scale")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random3d encoder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="auvcore", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Aleatoric uncertainty (AUV) of a medical segmentation data set from foundation-model "
+                    "features: find and filter the noisiest training cases.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", help="score every case (resumable) and write the AUV table",
+                       description="Score every case: per-(case, class) semantic scale, voxel counts, per-class "
+                                   "and sample AUV (normalised over the whole set), baseline scores. Writes "
+                                   "RUN/scores.parquet. Killed runs resume when the same command is run again.")
+    _add_score_args(p)
+    p.add_argument("--csv", action="store_true", help="also write RUN/scores.csv")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N cases")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("filter", help="drop the most uncertain cases; write kept/dropped lists and nnU-Net splits",
+                       description="Keep case i iff AUV_i <= Q(quantile) (inverted-CDF quantile of the run's AUVs), "
+                                   "or, with --per-class, iff every named class present in i passes its own cut.")
+    p.add_argument("run", help="run folder written by `auvcore score`")
+    p.add_argument("--quantile", type=_quantile, default=0.95, help="quantile p in (0, 1] (default 0.95)")
+    p.add_argument("--per-class", nargs="+", metavar="NAME", help="class names for the per-class filter")
+
+    p = sub.add_parser("report", help="write RUN/report/index.html with the plots")
+    p.add_argument("run", help="run folder written by `auvcore score`")
+    p.add_argument("--quantile", type=_quantile, default=None, help="cut to draw (default: the last filter's, else 0.95)")
+
+    p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
+    p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
+    p.add_argument("--quantile", type=_quantile, default=0.95)
+    _add_score_args(p, dataset=False)
+
+    p = sub.add_parser("bench", help="run the benchmarks in bench/ (source checkout)")
+    p.add_argument("--dir", default="bench", help="benchmark folder (default ./bench)")
+    p.add_argument("--quick", action="store_true", help="small sizes")
+    return ap
+
+
+def _score(args, dataset, out):
+    from .pipeline import score_dataset
+
+    return score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
+                         input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
+                         limit=getattr(args, "limit", None), progress=not getattr(args, "no_progress", False))
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "score":
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit: expected a positive number, got {args.limit}")
+        table = _score(args, args.dataset, args.out)
+        print(f"scores: {table}")
+    elif args.command == "filter":
+        from .pipeline import filter_run
+
+        out = filter_run(args.run, args.quantile, args.per_class)
+        print((out / "summary.json").read_text())
+        print(f"kept/dropped lists and splits_final.json in {out}")
+    elif args.command == "report":
+        from .report import write_report
+
+        print(f"report: {write_report(args.run, args.quantile)}")
+    elif args.command == "demo":
+        from .data.demo import build_demo
+        from .pipeline import filter_run
+        from .report import write_report
+
+        t0 = time.time()
+        out = Path(args.out)
+        print(f"[1/4] building {args.cases} demo cases from real chest CT in {out / 'data'}", flush=True)
+        data = build_demo(out / "data", n_cases=args.cases)
+        print(f"[2/4] scoring with {args.encoder} ({args.layer}, {args.mode}, {args.input})", flush=True)
+        _score(args, data, out / "run")
+        print("[3/4] filtering", flush=True)
+        filter_run(out / "run", args.quantile)
+        print("[4/4] report", flush=True)
+        page = write_report(out / "run", args.quantile)
+        print(f"done in {time.time() - t0:.0f} s. report: {page.resolve()}")
+    elif args.command == "bench":
+        d = Path(args.dir)
+        scripts = sorted(d.glob("bench_*.py")) if d.is_dir() else []
+        if not scripts:
+            raise ValueError(f"--dir: no bench_*.py scripts in {d} (run from a source checkout)")
+        for s in scripts:
+            print(f"== {s}", flush=True)
+            rc = subprocess.call([sys.executable, str(s)] + (["--quick"] if args.quick else []))
+            if rc:
+                return rc
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("\nauvcore: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, NotADirectoryError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"auvcore: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The main job: score a data set case by case (resumable), assemble the AUV table, filter it.
+
+A run folder holds:
+  settings.json          what was scored and how (a restart with other settings is refused)
+  cases/<case>.npz       one file per finished case, written atomically: the unit of resumption
+  scores.parquet (.csv)  the table, rebuilt from the case files, so an interrupted and resumed run ends
+                         with the same table as an uninterrupted one
+  filter/                kept.txt, dropped.txt, splits_final.json, summary.json (``filter_run``)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import scores as A
+from .scale import energy_spectrum
+
+TABLE = "scores.parquet"
+SETTINGS_KEYS = ("dataset", "encoder", "layer", "weights", "mode", "input", "reduction", "seed")
+
+
+# ---- atomic files ------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, w)
+
+
+# ---- settings ----------------------------------------------------------------------------------------
+
+def _settings(run: Path) -> dict:
+    try:
+        with open(run / "settings.json", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"RUN: {run} holds no scoring run (settings.json missing); run `auvcore score` first")
+    except ValueError as e:
+        raise ValueError(f"RUN: {run}/settings.json is unreadable: {e}")
+
+
+def _check_same_settings(run: Path, new: dict) -> None:
+    old = _settings(run)
+    diff = [k for k in SETTINGS_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise ValueError(f"--out: {run} holds a run with other settings ({what}); use another --out folder")
+
+
+# ---- scoring one case --------------------------------------------------------------------------------
+
+def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: str = "raw") -> dict:
+    """Per-class semantic scale S, voxel counts, energy spectra, class-mean embeddings (Mahalanobis
+    baseline) and intensity variance (variance baseline) of one loaded case."""
+    from .baselines import intensity_variance
+    from .encoders import class_means, encode_case, prototype_maps
+    from .scale import masked_semantic_scale, semantic_scale
+
+    feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
+    counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
+    if mode == "masked":
+        S = masked_semantic_scale(feats, lab, num_classes)[0].double().numpy()
+        spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
+    else:
+        # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
+        maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)
+        S = semantic_scale(maps)[0].double().numpy()
+        spec = energy_spectrum(maps)[0].numpy()
+        absent = counts < 2
+        S[absent] = np.nan
+        spec[absent] = np.nan
+    return {
+        "S": S,
+        "counts": counts.astype(np.int64),
+        "spectrum": spec.astype(np.float32),
+        "means": class_means(feats, lab, num_classes).numpy().astype(np.float32),
+        "variance": intensity_variance(volume.image, volume.label, num_classes),
+    }
+
+
+def _case_file(run: Path, case_id: str) -> Path:
+    return run / "cases" / f"{case_id}.npz"
+
+
+def _save_case(run: Path, case_id: str, result: dict) -> None:
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **result)
+
+    atomic_write(_case_file(run, case_id), w)
+
+
+def _load_case(run: Path, case_id: str) -> dict:
+    with np.load(_case_file(run, case_id)) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---- the scoring run ---------------------------------------------------------------------------------
+
+def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", weights: str = "astra",
+                  mode: str = "masked", input: str = "raw", reduction: str = "mean", seed: int = 0,
+                  csv: bool = False, limit: int | None = None, progress: bool = True) -> Path:
+    """Score every case of ``dataset`` into the run folder ``out`` (resumable); returns the table path."""
+    from .data import discover, load_case
+    from .encoders import get_encoder
+
+    if mode not in ("masked", "decoded"):
+        raise ValueError(f"--mode: expected 'masked' or 'decoded', got {mode!r}")
+    if input not in ("raw", "normalized"):
+        raise ValueError(f"--input: expected 'raw' or 'normalized', got {input!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"--reduction: expected 'mean' or 'sum', got {reduction!r}")
+    ds = discover(dataset)
+    cases = ds.cases[:limit] if limit else ds.cases
+    run = Path(out)
+    settings = {"dataset": str(ds.root.resolve()), "encoder": encoder, "layer": layer,
+                "weights": weights if encoder == "merlin" else None, "mode": mode, "input": input,
+                "reduction": reduction, "seed": seed, "num_classes": ds.num_classes,
+                "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality}
+    if (run / "settings.json").exists():
+        _check_same_settings(run, settings)
+    elif run.exists() and run.is_dir() and any(run.iterdir()):
+        raise ValueError(f"--out: {run} exists and is not an auvcore run folder; use an empty or new folder")
+    else:
+        atomic_text(run / "settings.json", json.dumps(settings, indent=2))
+
+    todo = [c for c in cases if not _case_file(run, c.case_id).exists()]
+    if todo:
+        kw = {"layer": layer, "seed": seed} if encoder == "random3d" else {"layer": layer}
+        if encoder == "merlin":
+            kw["weights"] = weights
+        enc = get_encoder(encoder, **kw)
+        bar = _progress(len(cases), len(cases) - len(todo), progress)
+        for case in todo:
+            vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
+            _save_case(run, case.case_id, score_case(enc, vol, ds.num_classes, mode, input))
+            bar.update(1)
+        bar.close()
+    return write_table(run, [c.case_id for c in cases], ds, csv=csv)
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="case", desc="scoring", disable=not enabled, smoothing=0.1)
+
+
+def _class_columns(class_names: dict) -> list[tuple[int, str]]:
+    return [(int(k), v) for k, v in sorted(class_names.items(), key=lambda kv: int(kv[0]))]
+
+
+def _rank01(x: np.ndarray) -> np.ndarray:
+    """Per-column percentile ranks in [0, 1] of the non-NaN entries (baselines live on other scales per
+    class; ranks make them comparable before averaging over classes)."""
+    out = np.full_like(x, np.nan, dtype=np.float64)
+    for k in range(x.shape[1]):
+        ok = ~np.isnan(x[:, k])
+        if ok.sum() >= 2:
+            r = np.argsort(np.argsort(x[ok, k]))
+            out[ok, k] = r / (ok.sum() - 1)
+        elif ok.any():
+            out[ok, k] = 0.5
+    return out
+
+
+def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
+    """Assemble the table from the case files: AUV normalised over the whole scored set."""
+    import pandas as pd
+
+    from .baselines import MahalanobisScorer
+
+    settings = _settings(run)
+    rows = [_load_case(run, c) for c in case_ids]
+    S = np.stack([r["S"] for r in rows])
+    K = S.shape[1]
+    fg = list(range(1, K)) if K > 1 else [0]
+    sample_S = A.sample_scale(S, fg, settings["reduction"])
+    auv_sample = A.auv(sample_S)
+    auv_class = A.auv(S)
+    var = np.stack([r["variance"] for r in rows])
+    means = np.stack([r["means"] for r in rows]).astype(np.float64)
+    maha = MahalanobisScorer().fit(means).fit_score(means) if len(rows) >= 2 else np.full_like(S, np.nan)
+    table = {"case": case_ids, "sample_scale": sample_S, "auv": auv_sample,
+             "variance_score": np.nanmean(_rank01(var[:, fg]), axis=1) if len(rows) > 1 else np.nan,
+             "mahalanobis_score": np.nanmean(_rank01(np.asarray(maha)[:, fg]), axis=1) if len(rows) > 1 else np.nan}
+    if ds.corruption:
+        table["corrupted"] = [bool(ds.corruption.get(c, {}).get("corrupted", False)) for c in case_ids]
+        table["corruption_kind"] = [ds.corruption.get(c, {}).get("kind") or "" for c in case_ids]
+    for k, name in _class_columns(settings["class_names"]):
+        if k >= K:
+            continue
+        table[f"S[{name}]"] = S[:, k]
+        table[f"voxels[{name}]"] = np.stack([r["counts"] for r in rows])[:, k]
+        table[f"auv[{name}]"] = auv_class[:, k]
+        table[f"variance[{name}]"] = var[:, k]
+        table[f"mahalanobis[{name}]"] = np.asarray(maha)[:, k]
+    df = pd.DataFrame(table)
+    path = run / TABLE
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    if csv:
+        atomic_write(run / "scores.csv", lambda tmp: df.to_csv(tmp, index=False))
+    return path
+
+
+def read_table(run: Path):
+    import pandas as pd
+
+    path = Path(run) / TABLE
+    if not path.exists():
+        raise ValueError(f"RUN: {run} has no {TABLE}; run `auvcore score` to the end first")
+    return pd.read_parquet(path)
+
+
+def case_spectrum(run: Path, case_id: str) -> np.ndarray:
+    return _load_case(Path(run), case_id)["spectrum"]
+
+
+# ---- filtering ---------------------------------------------------------------------------------------
+
+def nnunet_splits(case_ids: list[str], dropped: set[str], folds: int = 5, seed: int = 12345) -> list[dict]:
+    """nnU-Net-style 5-fold split over all cases (seeded shuffle); the dropped cases are left out of every
+    training fold and stay in validation, where they are still evaluated."""
+    ids = sorted(case_ids)
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(len(ids))
+    parts = np.array_split(order, min(folds, len(ids)))
+    out = []
+    for val_idx in parts:
+        val = sorted(ids[i] for i in val_idx)
+        train = sorted(c for c in ids if c not in set(val) and c not in dropped)
+        out.append({"train": train, "val": val})
+    return out
+
+
+def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None) -> Path:
+    """Write kept.txt, dropped.txt, splits_final.json and summary.json under RUN/filter/."""
+    run = Path(run)
+    settings = _settings(run)
+    q = A._check_quantile(quantile)
+    df = read_table(run)
+    names = {v: int(k) for k, v in settings["class_names"].items()}
+    if per_class:
+        unknown = [n for n in per_class if n not in names]
+        if unknown:
+            raise ValueError(f"--per-class: unknown class {unknown} (classes: {', '.join(names)})")
+        cols = np.stack([df[f"auv[{n}]"].to_numpy(dtype=np.float64) for n in per_class], axis=1)
+        keep = A.keep_mask_per_class(cols, q, classes=list(range(len(per_class))))
+        how = {"per_class": per_class}
+    else:
+        keep = A.keep_mask(df["auv"].to_numpy(dtype=np.float64), q)
+        how = {"global": True}
+    ids = df["case"].tolist()
+    kept = [c for c, k in zip(ids, keep) if k]
+    dropped = [c for c, k in zip(ids, keep) if not k]
+    out = run / "filter"
+    summary = {"quantile": q, **how, "cases": len(ids), "kept": len(kept), "dropped": len(dropped),
+               "cut": A.inverted_cdf_quantile(df["auv"].to_numpy(dtype=np.float64), q) if not per_class else None}
+    if "corrupted" in df:
+        bad = set(df.loc[df["corrupted"], "case"])
+        summary["corrupted_dropped"] = len(bad & set(dropped))
+        summary["precision_at_cut"] = (len(bad & set(dropped)) / len(dropped)) if dropped else None
+    atomic_text(out / "kept.txt", "".join(f"{c}\n" for c in kept))
+    atomic_text(out / "dropped.txt", "".join(f"{c}\n" for c in dropped))
+    atomic_text(out / "splits_final.json", json.dumps(nnunet_splits(ids, set(dropped)), indent=1))
+    atomic_text(out / "summary.json", json.dumps({**summary, "written": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    return out

@@ -1,0 +1,166 @@
+"""Merlin feature extraction: time and peak memory per case, per layer, on CPU.
+
+Builds (or reuses) the demo data set, loads cases at Merlin's spacing (1.5×1.5×3 mm) and, for each
+layer, in a fresh process (so peak memory is that layer's alone): loads the encoder, warms up,
+then times ``encode_case`` (preprocess + forward + labels onto the grid) per case.
+
+    python bench/bench_encoders.py --threads 2 --cases 3 --repeats 2 --out bench/RESULTS_encoders.md
+
+Memory is the process's resident set: with the model loaded, and its peak (VmHWM, reset after
+loading) while encoding, i.e. what encoding adds on top of the loaded model.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_kb(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak():
+    try:  # Linux >= 4.0: "5" resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _worker(args, q):
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    from auvcore.data import discover, load_case
+    from auvcore.encoders import MerlinEncoder, encode_case
+
+    ds = discover(args["data"])
+    vols = [load_case(c, spacing=(1.5, 1.5, 3.0)) for c in ds.cases[: args["cases"]]]
+    if args.get("shape"):
+        import numpy as np
+
+        from auvcore.data import Volume
+        rng = np.random.default_rng(0)
+        shp = tuple(args["shape"])
+        vols = [Volume(rng.normal(-300, 300, shp).astype("float32"), np.ones(shp, "int64"),
+                       (1.5, 1.5, 3.0), np.eye(4), "synthetic")]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args["dtype"]]
+    t0 = time.perf_counter()
+    enc = MerlinEncoder(args["layer"], weights=args["weights"], dtype=dtype, max_shape=None)
+    t_load = time.perf_counter() - t0
+    load_peak = _rss_kb("VmHWM")  # includes the bf16 file and its float copy side by side
+    rss_before = _rss_kb()
+    reset = _reset_peak()
+    encode_case(enc, vols[0])  # warm-up (allocator, oneDNN primitive cache)
+    times, cpu = [], []
+    for v in vols:
+        for _ in range(args["repeats"]):
+            t, c = time.perf_counter(), time.process_time()
+            f, l = encode_case(enc, v)
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    q.put({"layer": args["layer"], "dtype": args["dtype"], "load_s": t_load,
+           "shape": list(vols[0].shape), "grid": list(f.shape[1:]),
+           "times": times, "cpu": cpu, "rss_before_mb": rss_before / 1024, "load_peak_mb": load_peak / 1024,
+           "peak_mb": _rss_kb("VmHWM") / 1024, "peak_reset": reset})
+
+
+def run(args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def _sh(cmd):
+    try:
+        return subprocess.check_output(cmd, shell=True, text=True, stderr=subprocess.DEVNULL).strip()
+    except subprocess.CalledProcessError:
+        return ""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="data set folder (default: build the demo in /tmp)")
+    ap.add_argument("--layers", default="layer1,layer2,layer3")
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--weights", default="astra")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cases", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--full", action="store_true", help="also time layer4 on a 224×224×160 volume (SPEC's 26 s figure)")
+    ap.add_argument("--out", default=None, help="write a markdown report here")
+    a = ap.parse_args()
+    data = a.data
+    if data is None:
+        from auvcore.data.demo import build_demo
+        t = time.perf_counter()
+        data = str(build_demo("/tmp/auvcore-bench-demo", n_cases=24))
+        print(f"demo (24 cases) ready in {time.perf_counter() - t:.1f} s", flush=True)
+    rows = []
+    for dt in a.dtypes.split(","):
+        for layer in a.layers.split(","):
+            r = run({"data": data, "layer": layer, "dtype": dt, "weights": a.weights, "threads": a.threads,
+                     "cases": a.cases, "repeats": a.repeats})
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    if a.full:
+        r = run({"data": data, "layer": "layer4", "dtype": "float32", "weights": a.weights, "threads": a.threads,
+                 "cases": 1, "repeats": 1, "shape": [224, 224, 160]})
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    if a.out:
+        write_report(a, rows, Path(a.out))
+
+
+def write_report(a, rows, out: Path):
+    import statistics
+
+    import torch
+
+    cpu = _sh("lscpu | grep 'Model name' | sed 's/Model name: *//'")
+    ncpu = _sh("nproc")
+    commit = _sh(f"git -C {ROOT} rev-parse --short HEAD")
+    load = os.getloadavg()
+    lines = [
+        "# Merlin encoder: time and memory per case (CPU)", "",
+        f"- command: `python bench/bench_encoders.py {' '.join(sys.argv[1:])}`",
+        f"- machine: {cpu}, {ncpu} CPU cores (lscpu), torch {torch.__version__}, {a.threads} torch threads",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, git commit {commit}",
+        f"- load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(the machine was shared with other jobs; times are medians)",
+        f"- weights: {a.weights}; cases from the demo data set at 1.5×1.5×3 mm; time = `encode_case` "
+        "(window, forward, labels onto the grid)", "",
+        "| layer | dtype | case shape (X,Y,Z) | feature map [C, grid] | time / case, median (min–max) | CPU time / case | model load (time, peak RSS) | RSS with model loaded | peak RSS while encoding | encoding peak over loaded model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ts = r["times"]
+        lines.append(
+            f"| {r['layer']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} | {r['grid']} | "
+            f"{statistics.median(ts):.2f} s ({min(ts):.2f}–{max(ts):.2f}) | {statistics.median(r['cpu']):.2f} s | {r['load_s']:.1f} s, {r['load_peak_mb']:.0f} MB | "
+            f"{r['rss_before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['peak_mb'] - r['rss_before_mb']:.0f} MB |")
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+// C entry points of the emulated CUDA ops (see cuda_runtime.h here), loaded by tests/test_cuda.py with ctypes.
+// "Device" pointers are host pointers in the emulation.
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "auvcore/array.h"
+#include "auvcore/scale_cuda.h"
+#include "cuda_runtime.h"
+
+using namespace auvcore;
+
+namespace {
+ArrayView make_view(void* p, int dtype, int ndim, const int64_t* shape, const int64_t* strides) {
+  ArrayView v;
+  v.ptr = reinterpret_cast<std::uintptr_t>(p);
+  v.dtype = static_cast<DType>(dtype);
+  v.shape.assign(shape, shape + ndim);
+  v.strides.assign(strides, strides + ndim);
+  return v;
+}
+template <typename F>
+int guarded(char* err, int errlen, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const ArgumentError& e) {
+    std::strncpy(err, e.what(), errlen - 1);
+    return 1;
+  } catch (const std::exception& e) {
+    std::strncpy(err, e.what(), errlen - 1);
+    return 2;
+  }
+}
+}  // namespace
+
+extern "C" {
+void emu_set_optin(int bytes) { emu::optin_bytes() = bytes; }
+int emu_launch_count() { return emu::launches(); }
+
+int emu_decoded_gram(void* z, int dtype, int ndim, const int64_t* shape, const int64_t* strides, int mode, int center,
+                     int nan_to_num, double* G, int32_t* flags, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    cuda::decoded_gram(make_view(z, dtype, ndim, shape, strides), mode, center, nan_to_num, G, flags, 0, 0);
+  });
+}
+
+int emu_masked_gram(void* f, int fdtype, int fndim, const int64_t* fshape, const int64_t* fstrides, void* lab,
+                    int ldtype, const int64_t* lshape, const int64_t* lstrides, int64_t K, int center,
+                    int nan_to_num, double* G, int64_t* counts, int32_t* flags, int64_t* label_error, char* err,
+                    int errlen) {
+  return guarded(err, errlen, [&] {
+    cuda::masked_gram(make_view(f, fdtype, fndim, fshape, fstrides), make_view(lab, ldtype, fndim - 1, lshape, lstrides),
+                      K, center, nan_to_num, G, counts, flags, label_error, 0, 0);
+  });
+}
+
+int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r, double eps, int variant,
+                        const int32_t* flags, double* S, double* evals, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    cuda::scale_from_gram(G, count, p, counts, r, eps, variant, flags, S, evals, 0, 0);
+  });
+}
+}

@@ -1,0 +1,678 @@
+// Fused centering + Gram of every (sample, class) matrix of a batch on the GPU (SPEC §5), mirroring
+// csrc/cpu/gram_cpu.cpp: decoded maps (row side with per-column centering when m <= n, column side with the
+// shifted one-pass covariance when m > n) and masked embeddings (voxels grouped by class with a counting sort
+// on the device: histogram, scan, scatter).
+//
+// Precision: float inputs (f16/bf16 widened on load) multiply-accumulate in FP32 over at most kChunk samples,
+// then each chunk's partial Gram is added into the float64 output (atomicAdd, so the summation order of the
+// chunks, and hence the last bits, vary from run to run). float64 inputs stay float64 throughout.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "auvcore/scale_cuda.h"
+#include "common_cuda.cuh"
+
+namespace auvcore {
+namespace cuda {
+namespace {
+
+constexpr int NT = 256;         // threads per block of the Gram kernel (a 16 x 16 grid over the output tile)
+constexpr int kChunk = 512;     // samples per work item: the FP32 partial sums run over at most this many
+constexpr int kMaxSpatial = 6;  // spatial dimensions of masked inputs
+constexpr int kVoxPerThread = 8;
+constexpr int kMaxSharedHist = 2048;  // classes counted in shared memory; more go straight to global atomics
+
+enum Cent : int { kNone = 0, kAcrossP = 1, kAcrossSamples = 2 };
+
+// Offset of index i in a dimension that may be two dimensions of the input folded together:
+// (i % inner) * s_in + (i / inner) * s_out; inner <= 0 means a single dimension.
+struct IndexMap {
+  int64_t inner = 0, s_in = 0, s_out = 0;
+  __host__ __device__ __forceinline__ int64_t operator()(int64_t i) const {
+    if (inner <= 0) return i * s_in;
+    return (i % inner) * s_in + (i / inner) * s_out;
+  }
+};
+
+struct GramArgs {
+  const void* data = nullptr;
+  int64_t p = 0;             // Gram size
+  IndexMap pmap;             // Gram index -> element offset
+  IndexMap smap;             // decoded: sample index -> element offset (the same for every job)
+  const int64_t* sorted = nullptr;  // masked: [B, N] feature offsets grouped by class
+  const int64_t* seg = nullptr;     // masked: [B, K + 1] class segment starts within a row of `sorted`
+  int64_t N = 0;             // masked: voxels per sample
+  int64_t ns = 0;            // decoded: samples per job
+  int64_t nch = 0;           // decoded: chunks per job
+  int64_t items = 0;         // work items per sample (upper bound for masked)
+  int K = 0;
+  int64_t stride_b = 0, stride_k = 0;  // job (b, k) starts at b * stride_b + k * stride_k
+  int cent = kNone;
+  int nan_to_num = 0;
+  int pfast = 0;             // consecutive threads load consecutive Gram rows (else consecutive samples)
+  const double* mu = nullptr;  // AcrossP with p > tile: per-sample means from the pre-pass, [jobs, ns]
+  double* G = nullptr;
+  double* sums = nullptr;    // AcrossSamples: [jobs, p] sums of the shifted samples
+  int32_t* flags = nullptr;
+};
+
+struct F16 {};
+struct BF16 {};
+
+template <typename In>
+__device__ __forceinline__ double load_elem(const void* base, int64_t off);
+template <>
+__device__ __forceinline__ double load_elem<float>(const void* base, int64_t off) {
+  return (double)__ldg(static_cast<const float*>(base) + off);
+}
+template <>
+__device__ __forceinline__ double load_elem<double>(const void* base, int64_t off) {
+  return __ldg(static_cast<const double*>(base) + off);
+}
+template <>
+__device__ __forceinline__ double load_elem<F16>(const void* base, int64_t off) {
+  const unsigned short h = __ldg(static_cast<const unsigned short*>(base) + off);
+  return (double)__half2float(__ushort_as_half(h));
+}
+template <>
+__device__ __forceinline__ double load_elem<BF16>(const void* base, int64_t off) {
+  const unsigned short h = __ldg(static_cast<const unsigned short*>(base) + off);
+  return (double)__uint_as_float((unsigned)h << 16);
+}
+
+// Output tile TP x TP per block (TP = 16 RM), RM x RM accumulators per thread (rows ty + 16 i, columns
+// tx + 16 j: the stride-16 interleave keeps shared-memory reads conflict-free without vector loads), TS samples
+// per stage. The host picks the smallest TP >= p, so a Gram of p <= TPmax is one tile (and its per-column
+// centring happens in the block); larger ones use the largest tile. A row pitch of TP + 2 floats (≡ 2 mod 32
+// banks) spreads the transposed tile stores of the 16 sample columns over distinct banks.
+constexpr int TS = 16;
+template <typename T>
+__host__ __device__ constexpr int pad_of() {
+  return sizeof(T) == 4 ? 2 : 1;
+}
+template <typename In, typename T, int RM>
+__global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
+  constexpr int TP = 16 * RM, PAD = pad_of<T>();
+  constexpr int EPT = TP * TS / NT;  // tile elements each thread loads per stage
+  static_assert(NT == 256 && TS == 16 && TP * TS % NT == 0, "the in-block centring assumes 16 x 16 threads");
+  __shared__ T As[TS][TP + PAD];
+  __shared__ T Bs[TS][TP + PAD];
+  __shared__ int64_t poffA[TP], poffB[TP];
+  __shared__ double shA[TP], shB[TP];
+  __shared__ int64_t soff[TS];
+  __shared__ double smu[TS];
+
+  const int tid = threadIdx.x;
+  const int64_t p = a.p;
+  // Lower-triangle tile pair (I, J), J <= I, from the flat block index.
+  int q = blockIdx.x, I = 0;
+  while (q > I) {
+    q -= I + 1;
+    ++I;
+  }
+  const int J = q;
+  const bool diag = I == J;
+  const int64_t rowA0 = (int64_t)I * TP, rowB0 = (int64_t)J * TP;
+  for (int i = tid; i < TP; i += NT) {
+    poffA[i] = rowA0 + i < p ? a.pmap(rowA0 + i) : 0;
+    poffB[i] = rowB0 + i < p ? a.pmap(rowB0 + i) : 0;
+  }
+  const bool inblock_center = a.cent == kAcrossP && a.mu == nullptr;  // host guarantees p <= TP then
+  T(*Bt)[TP + PAD] = diag ? As : Bs;
+  const int b = blockIdx.z;
+  const int tx = tid & 15, ty = tid >> 4;
+
+  for (int64_t w = blockIdx.y; w < a.items; w += gridDim.y) {
+    int k = -1;
+    int64_t c0 = 0, ns = 0, seg0 = 0;
+    if (a.seg) {
+      // Masked: the sample's work items run over the classes' chunks in order.
+      const int64_t* sg = a.seg + (int64_t)b * (a.K + 1);
+      int64_t rem = w;
+      for (int kk = 0; kk < a.K; ++kk) {
+        const int64_t nk = sg[kk + 1] - sg[kk];
+        const int64_t ch = (nk + kChunk - 1) / kChunk;
+        if (rem < ch) {
+          k = kk;
+          c0 = rem * kChunk;
+          ns = nk;
+          seg0 = sg[kk];
+          break;
+        }
+        rem -= ch;
+      }
+      if (k < 0) break;  // past the last chunk of the sample (the same for every thread)
+    } else {
+      k = (int)(w / a.nch);
+      c0 = (w % a.nch) * kChunk;
+      ns = a.ns;
+    }
+    const int64_t c1 = c0 + kChunk < ns ? c0 + kChunk : ns;
+    const int64_t job = (int64_t)b * a.K + k;
+    const int64_t base = (int64_t)b * a.stride_b + (int64_t)k * a.stride_k;
+    const int64_t* srt = a.sorted ? a.sorted + (int64_t)b * a.N + seg0 : nullptr;
+
+    __syncthreads();  // the previous item is done with the shared shifts and tiles
+    if (a.cent == kAcrossSamples) {
+      // Shift of the one-pass covariance: the job's first sample (non-finite values read as 0).
+      const int64_t f0 = base + (srt ? srt[0] : a.smap(0));
+      for (int i = tid; i < TP; i += NT) {
+        double x = rowA0 + i < p ? load_elem<In>(a.data, f0 + poffA[i]) : 0.0;
+        shA[i] = isfinite(x) ? x : 0.0;
+        double y = rowB0 + i < p ? load_elem<In>(a.data, f0 + poffB[i]) : 0.0;
+        shB[i] = isfinite(y) ? y : 0.0;
+      }
+    }
+    T acc[RM][RM];
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+      for (int j = 0; j < RM; ++j) acc[i][j] = T(0);
+    // Row sums of the shifted samples (AcrossSamples, diagonal tiles): thread tid < TP owns row tid and adds
+    // the column of the staged tile each stage (one register pair instead of one per loaded element).
+    double rsum = 0.0;
+    const bool own_sum = a.cent == kAcrossSamples && diag && tid < TP;
+    bool bad = false;
+
+    for (int64_t t0 = c0; t0 < c1; t0 += TS) {
+      if (tid < TS) {
+        const int64_t t = t0 + tid;
+        soff[tid] = t < c1 ? (srt ? srt[t] : a.smap(t)) : 0;
+        smu[tid] = (a.mu && t < c1) ? a.mu[job * ns + t] : 0.0;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < EPT; ++e) {
+        const int el = tid + e * NT;  // TP and TS are constants: these divisions are multiplies
+        const int al = a.pfast ? el % TP : el / TS;
+        const int tl = a.pfast ? el / TP : el % TS;
+        const bool tin = t0 + tl < c1;
+        double x = 0.0;
+        if (tin && rowA0 + al < p) {
+          x = load_elem<In>(a.data, base + poffA[al] + soff[tl]);
+          if (!isfinite(x)) {
+            bad = true;
+            x = 0.0;
+          }
+          if (a.cent == kAcrossSamples) {
+            x -= shA[al];
+          } else if (a.mu) {
+            x -= smu[tl];
+          }
+        }
+        As[tl][al] = (T)x;
+        if (!diag) {
+          double y = 0.0;
+          if (tin && rowB0 + al < p) {
+            y = load_elem<In>(a.data, base + poffB[al] + soff[tl]);
+            if (!isfinite(y)) {
+              bad = true;
+              y = 0.0;
+            }
+            if (a.cent == kAcrossSamples)
+              y -= shB[al];
+            else if (a.mu)
+              y -= smu[tl];
+          }
+          Bs[tl][al] = (T)y;
+        }
+      }
+      if (inblock_center) {
+        // Per-column mean over the p rows, in double: the 16 lanes of a half-warp own one sample column.
+        __syncthreads();
+        const int tl = tid >> 4, part = tid & 15;
+        double s = 0.0;
+#pragma unroll
+        for (int i = part; i < TP; i += 16) s += (double)As[tl][i];
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, 16);
+        const double mean = s / (double)p;
+        for (int i = part; i < p; i += 16) As[tl][i] = (T)((double)As[tl][i] - mean);
+      }
+      __syncthreads();
+      if (own_sum) {
+#pragma unroll
+        for (int t = 0; t < TS; ++t) rsum += (double)As[t][tid];
+      }
+#pragma unroll
+      for (int t = 0; t < TS; ++t) {
+        T av[RM], bv[RM];
+#pragma unroll
+        for (int i = 0; i < RM; ++i) {
+          av[i] = As[t][ty + 16 * i];
+          bv[i] = Bt[t][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < RM; ++i)
+#pragma unroll
+          for (int j = 0; j < RM; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+      }
+      // No barrier here: the next stage's stores come after its own barrier, which every reader passes
+      // only once done with this stage.
+    }
+
+    double* Gj = a.G + job * p * p;
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+      const int64_t row = rowA0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < RM; ++j) {
+        const int64_t col = rowB0 + tx + 16 * j;
+        if (row < p && col < p && (!diag || col <= row)) atomicAdd(Gj + row * p + col, (double)acc[i][j]);
+      }
+    }
+    if (own_sum && rowA0 + tid < p) atomicAdd(a.sums + job * p + rowA0 + tid, rsum);
+    if (bad && !a.nan_to_num) atomicOr(a.flags + job, 1);
+  }
+}
+
+// AcrossP centering when the Gram spans several tiles: the mean over the p rows of every sample column, one
+// thread per column (consecutive threads read consecutive samples of a row).
+template <typename In>
+__global__ void __launch_bounds__(NT) colmean_kernel(const GramArgs a, int64_t jobs, double* mu) {
+  for (int64_t job = blockIdx.y; job < jobs; job += gridDim.y) {
+    const int64_t b = job / a.K, k = job % a.K;
+    const int64_t base = b * a.stride_b + k * a.stride_k;
+    for (int64_t t = (int64_t)blockIdx.x * NT + threadIdx.x; t < a.ns; t += (int64_t)gridDim.x * NT) {
+      const int64_t so = base + a.smap(t);
+      double s = 0.0;
+      for (int64_t r = 0; r < a.p; ++r) {
+        const double x = load_elem<In>(a.data, so + a.pmap(r));
+        s += isfinite(x) ? x : 0.0;
+      }
+      mu[job * a.ns + t] = s / (double)a.p;
+    }
+  }
+}
+
+// Centering correction of the shifted covariance (G -= d dᵀ / n) and the mirror of the lower triangle.
+// Thread (r, c), c <= r, alone reads G[r][c] and writes G[r][c] and G[c][r], so no barrier is needed.
+__global__ void __launch_bounds__(NT) finalize_kernel(double* G, int64_t p, int64_t jobs, const double* sums,
+                                                      const int64_t* seg, int K, int64_t ns_const) {
+  const int64_t pp = p * p;
+  for (int64_t job = blockIdx.y; job < jobs; job += gridDim.y) {
+    double* g = G + job * pp;
+    int64_t ns = ns_const;
+    if (seg) {
+      const int64_t* sg = seg + (job / K) * (K + 1) + job % K;
+      ns = sg[1] - sg[0];
+    }
+    const double* d = sums ? sums + job * p : nullptr;
+    for (int64_t idx = (int64_t)blockIdx.x * NT + threadIdx.x; idx < pp; idx += (int64_t)gridDim.x * NT) {
+      const int64_t r = idx / p, c = idx % p;
+      if (c > r) continue;
+      double v = g[r * p + c];
+      if (d && ns > 0) v -= d[r] * d[c] / (double)ns;
+      g[r * p + c] = v;
+      g[c * p + r] = v;
+    }
+  }
+}
+
+// ---- masked mode: counting sort of the voxels by class -------------------------------------------------
+
+struct SpatialMap {
+  int nsd = 0;
+  int64_t shape[kMaxSpatial] = {};
+  int64_t ls[kMaxSpatial] = {};  // label strides
+  int64_t fs[kMaxSpatial] = {};  // feature strides
+};
+
+__device__ __forceinline__ void voxel_offsets(const SpatialMap& m, int64_t v, int64_t& loff, int64_t& foff) {
+  loff = 0;
+  foff = 0;
+  for (int d = m.nsd - 1; d >= 0; --d) {
+    const int64_t i = v % m.shape[d];
+    v /= m.shape[d];
+    loff += i * m.ls[d];
+    foff += i * m.fs[d];
+  }
+}
+
+__device__ __forceinline__ int64_t load_label(const void* p, int dtype, int64_t off) {
+  switch (dtype) {
+    case (int)DType::I64: return __ldg(static_cast<const long long*>(p) + off);
+    case (int)DType::I32: return __ldg(static_cast<const int*>(p) + off);
+    case (int)DType::I16: return __ldg(static_cast<const short*>(p) + off);
+    case (int)DType::I8: return (int64_t)(signed char)__ldg(static_cast<const char*>(p) + off);
+    default: return (int64_t)__ldg(static_cast<const unsigned char*>(p) + off);
+  }
+}
+
+struct SortArgs {
+  const void* labels = nullptr;
+  int ldtype = 0;
+  int64_t lstride_b = 0;
+  SpatialMap sm;
+  int64_t N = 0;
+  int K = 0;
+  int shared_hist = 0;
+  unsigned long long* counts = nullptr;  // [B, K]
+  unsigned long long* fill = nullptr;    // [B, K] next free position of each class segment
+  int64_t* seg = nullptr;                // [B, K + 1]
+  int64_t* sorted = nullptr;             // [B, N]
+  unsigned long long* label_error = nullptr;  // {flag, value}
+};
+
+__device__ __forceinline__ void report_label(unsigned long long* err, int64_t l) {
+  if (atomicCAS(err, 0ull, 1ull) == 0ull) err[1] = (unsigned long long)l;
+}
+
+__global__ void __launch_bounds__(NT) hist_kernel(const SortArgs a) {
+  extern __shared__ unsigned int hist_sh[];
+  const int b = blockIdx.y;
+  if (a.shared_hist) {
+    for (int k = threadIdx.x; k < a.K; k += NT) hist_sh[k] = 0;
+    __syncthreads();
+  }
+  const int64_t v0 = (int64_t)blockIdx.x * NT * kVoxPerThread;
+  for (int j = 0; j < kVoxPerThread; ++j) {
+    const int64_t v = v0 + (int64_t)j * NT + threadIdx.x;
+    if (v >= a.N) break;
+    int64_t loff, foff;
+    voxel_offsets(a.sm, v, loff, foff);
+    const int64_t l = load_label(a.labels, a.ldtype, b * a.lstride_b + loff);
+    if (l < 0 || l >= a.K) {
+      report_label(a.label_error, l);
+      continue;
+    }
+    if (a.shared_hist)
+      atomicAdd(hist_sh + l, 1u);
+    else
+      atomicAdd(a.counts + (int64_t)b * a.K + l, 1ull);
+  }
+  if (a.shared_hist) {
+    __syncthreads();
+    for (int k = threadIdx.x; k < a.K; k += NT)
+      if (hist_sh[k]) atomicAdd(a.counts + (int64_t)b * a.K + k, (unsigned long long)hist_sh[k]);
+  }
+}
+
+// Exclusive scan of the class counts of each sample (K is small: one thread per sample).
+__global__ void scan_kernel(const SortArgs a, int64_t B) {
+  for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < B; b += (int64_t)gridDim.x * blockDim.x) {
+    int64_t s = 0;
+    for (int k = 0; k < a.K; ++k) {
+      a.seg[b * (a.K + 1) + k] = s;
+      a.fill[b * a.K + k] = (unsigned long long)s;
+      s += (int64_t)a.counts[b * a.K + k];
+    }
+    a.seg[b * (a.K + 1) + a.K] = s;
+  }
+}
+
+// Each block ranks its voxels per class in shared memory, reserves one range per class in the class's
+// segment with a single global atomic, and writes the feature offsets there.
+__global__ void __launch_bounds__(NT, 2) scatter_kernel(const SortArgs a) {
+  extern __shared__ unsigned long long scat_sh[];
+  unsigned long long* lbase = scat_sh;                                   // K
+  unsigned int* lcount = reinterpret_cast<unsigned int*>(scat_sh + a.K);  // K
+  const int b = blockIdx.y;
+  if (a.shared_hist) {
+    for (int k = threadIdx.x; k < a.K; k += NT) lcount[k] = 0;
+    __syncthreads();
+  }
+  int lab[kVoxPerThread];
+  unsigned int rank[kVoxPerThread];
+  int64_t fo[kVoxPerThread];
+  const int64_t v0 = (int64_t)blockIdx.x * NT * kVoxPerThread;
+#pragma unroll
+  for (int j = 0; j < kVoxPerThread; ++j) {
+    lab[j] = -1;
+    rank[j] = 0;
+    fo[j] = 0;
+    const int64_t v = v0 + (int64_t)j * NT + threadIdx.x;
+    if (v < a.N) {
+      int64_t loff, foff;
+      voxel_offsets(a.sm, v, loff, foff);
+      const int64_t l = load_label(a.labels, a.ldtype, b * a.lstride_b + loff);
+      if (l >= 0 && l < a.K) {
+        lab[j] = (int)l;
+        fo[j] = foff;
+        if (a.shared_hist) rank[j] = atomicAdd(lcount + l, 1u);
+      }
+    }
+  }
+  if (a.shared_hist) {
+    __syncthreads();
+    for (int k = threadIdx.x; k < a.K; k += NT)
+      lbase[k] = lcount[k] ? atomicAdd(a.fill + (int64_t)b * a.K + k, (unsigned long long)lcount[k]) : 0ull;
+    __syncthreads();
+  }
+  int64_t* row = a.sorted + (int64_t)b * a.N;
+#pragma unroll
+  for (int j = 0; j < kVoxPerThread; ++j) {
+    if (lab[j] < 0) continue;
+    const unsigned long long pos =
+        a.shared_hist ? lbase[lab[j]] + rank[j] : atomicAdd(a.fill + (int64_t)b * a.K + lab[j], 1ull);
+    row[pos] = fo[j];
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------------------
+
+template <typename In, typename T, int RM>
+void launch_gram_tile(const GramArgs& a, int64_t B, cudaStream_t s) {
+  constexpr int64_t TP = 16 * RM;
+  const int64_t tiles = (a.p + TP - 1) / TP;
+  const dim3 grid((unsigned)(tiles * (tiles + 1) / 2), (unsigned)std::min<int64_t>(std::max<int64_t>(a.items, 1), 65535),
+                  (unsigned)B);
+  gram_kernel<In, T, RM><<<grid, NT, 0, s>>>(a);
+  AUV_CUDA_CHECK_LAUNCH("gram_kernel");
+}
+
+// Largest tile: float 128 (8 x 8 accumulators, ~190 registers: one block per SM), double 96 (6 x 6, ~170).
+// The tile sizes below it (32, 64, 96 floats) stay at <= 128 registers, two blocks per SM.
+template <typename T>
+__host__ __device__ constexpr int max_rm() {
+  return sizeof(T) == 4 ? 8 : 6;
+}
+
+template <typename In, typename T>
+void launch_gram(GramArgs a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
+  constexpr int64_t TPmax = 16 * max_rm<T>();
+  if (a.cent == kAcrossP && a.p > TPmax) {
+    // A tile holds TPmax of the p rows, too few to centre a column: take the means first (one extra read).
+    double* mu = ws.alloc_n<double>(jobs * a.ns);
+    const int64_t gx = std::min<int64_t>((a.ns + NT - 1) / NT, 4096);
+    const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>(jobs, 65535));
+    colmean_kernel<In><<<grid, NT, 0, s>>>(a, jobs, mu);
+    AUV_CUDA_CHECK_LAUNCH("colmean_kernel");
+    a.mu = mu;
+  }
+  if (a.p <= 32)
+    launch_gram_tile<In, T, 2>(a, B, s);
+  else if (a.p <= 64)
+    launch_gram_tile<In, T, 4>(a, B, s);
+  else if (a.p <= 96 || sizeof(T) == 8)
+    launch_gram_tile<In, T, 6>(a, B, s);
+  else
+    launch_gram_tile<In, T, max_rm<T>()>(a, B, s);
+}
+
+void launch_gram_dtype(DType dt, const GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
+  switch (dt) {
+    case DType::F64: launch_gram<double, double>(a, B, jobs, s, ws); break;
+    case DType::F32: launch_gram<float, float>(a, B, jobs, s, ws); break;
+    case DType::F16: launch_gram<F16, float>(a, B, jobs, s, ws); break;
+    case DType::BF16: launch_gram<BF16, float>(a, B, jobs, s, ws); break;
+    default: throw ArgumentError("expected a floating dtype");
+  }
+}
+
+void launch_finalize(double* G, int64_t p, int64_t jobs, const double* sums, const int64_t* seg, int K, int64_t ns,
+                     cudaStream_t s) {
+  const int64_t gx = std::min<int64_t>((p * p + NT - 1) / NT, 1024);
+  const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>(jobs, 65535));
+  finalize_kernel<<<grid, NT, 0, s>>>(G, p, jobs, sums, seg, K, ns);
+  AUV_CUDA_CHECK_LAUNCH("finalize_kernel");
+}
+
+void require_device_pointer(const void* p, const char* name) {
+  cudaPointerAttributes attr;
+  cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw ArgumentError(std::string(name) + ": not a pointer the CUDA runtime knows (" + cudaGetErrorString(err) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw ArgumentError(std::string(name) + ": expected CUDA device memory");
+}
+
+}  // namespace
+
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int32_t* flags,
+                  std::uintptr_t stream, int device) {
+  require(is_floating(z.dtype), "z: expected a floating dtype");
+  require(z.dim() == 4 || z.dim() == 5, "z: expected decoded maps [B, K, D, H, W] or [B, K, H, W]");
+  require((int64_t)z.strides.size() == z.dim(), "z: strides do not match the shape");
+  for (auto d : z.shape) require(d >= 1, "z: every dimension must be >= 1");
+  require(mode >= 0 && mode <= 2, "mode: expected one of 'D_HW', 'H_DW', 'W_DH'");
+  require(G != nullptr && flags != nullptr, "G and flags: output pointers must not be null");
+  const int64_t B = z.shape[0], K = z.shape[1];
+  require(B <= 65535, "z: at most 65535 samples per call on CUDA");
+  require(K <= (int64_t)1 << 30, "z: too many classes");
+
+  // Rows (m, stride rs) x columns (outer no x inner ni, strides os and is), as in csrc/cpu/gram_cpu.cpp.
+  int64_t m, n, rs, no, os, ni, is;
+  if (z.dim() == 4) {
+    m = z.shape[2]; n = z.shape[3]; rs = z.strides[2]; no = 1; os = 0; ni = z.shape[3]; is = z.strides[3];
+  } else {
+    const int64_t D = z.shape[2], H = z.shape[3], W = z.shape[4];
+    const int64_t sd = z.strides[2], sh = z.strides[3], sw = z.strides[4];
+    if (mode == 0) { m = D; rs = sd; no = H; os = sh; ni = W; is = sw; }
+    else if (mode == 1) { m = H; rs = sh; no = D; os = sd; ni = W; is = sw; }
+    else { m = W; rs = sw; no = D; os = sd; ni = H; is = sh; }
+    n = no * ni;
+  }
+  const bool row_side = m <= n;
+  const int64_t p = row_side ? m : n;
+  require(p <= kMaxEighSize, "z: min(m, n) = " + std::to_string(p) + " exceeds the CUDA limit of " +
+                                 std::to_string(kMaxEighSize));
+
+  IndexMap rows, cols;
+  rows.s_in = rs;
+  cols.inner = no > 1 ? ni : 0;
+  cols.s_in = is;
+  cols.s_out = os;
+
+  GramArgs a;
+  a.data = z.data();
+  a.p = p;
+  a.pmap = row_side ? rows : cols;
+  a.smap = row_side ? cols : rows;
+  a.ns = row_side ? n : m;
+  a.nch = (a.ns + kChunk - 1) / kChunk;
+  a.items = K * a.nch;
+  a.K = (int)K;
+  a.stride_b = z.strides[0];
+  a.stride_k = z.strides[1];
+  a.cent = !center ? kNone : row_side ? kAcrossP : kAcrossSamples;
+  a.nan_to_num = nan_to_num;
+  a.pfast = std::llabs(a.pmap.s_in) < std::llabs(a.smap.s_in);
+  a.G = G;
+  a.flags = flags;
+
+  require_device(device);
+  DeviceGuard guard(device);
+  require_device_pointer(z.data(), "z");
+  const cudaStream_t s = as_stream(stream);
+  const int64_t jobs = B * K;
+  Workspace ws(device, s);
+  AUV_CUDA_CHECK(cudaMemsetAsync(G, 0, sizeof(double) * jobs * p * p, s));
+  if (a.cent == kAcrossSamples) {
+    a.sums = ws.alloc_n<double>(jobs * p);
+    AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * p, s));
+  }
+  launch_gram_dtype(z.dtype, a, B, jobs, s, ws);
+  launch_finalize(G, p, jobs, a.sums, nullptr, (int)K, a.ns, s);
+}
+
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
+                 int64_t* counts, int32_t* flags, int64_t* label_error, std::uintptr_t stream, int device) {
+  require(is_floating(f.dtype), "features: expected a floating dtype");
+  require(!is_floating(labels.dtype), "labels: expected an integer dtype");
+  require(f.dim() >= 3, "features: expected [B, C, *spatial]");
+  require(labels.dim() == f.dim() - 1, "labels: expected [B, *spatial] matching features [B, C, *spatial]");
+  for (int64_t d = 0; d < labels.dim(); ++d)
+    require(labels.shape[d] == f.shape[d == 0 ? 0 : d + 1],
+            "labels: shape does not match features [B, C, *spatial] at dimension " + std::to_string(d));
+  for (auto d : f.shape) require(d >= 1, "features: every dimension must be >= 1");
+  require(K >= 1, "num_classes: expected >= 1");
+  require(K <= (int64_t)1 << 30, "num_classes: too large");
+  require(G && counts && flags && label_error, "G, counts, flags, label_error: output pointers must not be null");
+  const int64_t B = f.shape[0], C = f.shape[1], nsd = labels.dim() - 1;
+  require(B <= 65535, "features: at most 65535 samples per call on CUDA");
+  require(nsd <= kMaxSpatial, "features: at most " + std::to_string(kMaxSpatial) + " spatial dimensions on CUDA");
+  require(C <= kMaxEighSize, "features: C = " + std::to_string(C) + " exceeds the CUDA limit of " +
+                                 std::to_string(kMaxEighSize));
+  int64_t N = 1;
+  SortArgs sa;
+  sa.sm.nsd = (int)nsd;
+  for (int64_t d = 0; d < nsd; ++d) {
+    sa.sm.shape[d] = labels.shape[d + 1];
+    sa.sm.ls[d] = labels.strides[d + 1];
+    sa.sm.fs[d] = f.strides[d + 2];
+    N *= labels.shape[d + 1];
+  }
+  sa.labels = labels.data();
+  sa.ldtype = (int)labels.dtype;
+  sa.lstride_b = labels.strides[0];
+  sa.N = N;
+  sa.K = (int)K;
+  sa.shared_hist = K <= kMaxSharedHist;
+  sa.counts = reinterpret_cast<unsigned long long*>(counts);
+  sa.label_error = reinterpret_cast<unsigned long long*>(label_error);
+
+  require_device(device);
+  DeviceGuard guard(device);
+  require_device_pointer(f.data(), "features");
+  require_device_pointer(labels.data(), "labels");
+  const cudaStream_t s = as_stream(stream);
+  const int64_t jobs = B * K;
+  Workspace ws(device, s);
+  sa.seg = ws.alloc_n<int64_t>(B * (K + 1));
+  sa.fill = ws.alloc_n<unsigned long long>(B * K);
+  sa.sorted = ws.alloc_n<int64_t>(B * N);
+  AUV_CUDA_CHECK(cudaMemsetAsync(counts, 0, sizeof(int64_t) * jobs, s));
+  AUV_CUDA_CHECK(cudaMemsetAsync(G, 0, sizeof(double) * jobs * C * C, s));
+
+  const int64_t vox_per_block = (int64_t)NT * kVoxPerThread;
+  const dim3 sgrid((unsigned)((N + vox_per_block - 1) / vox_per_block), (unsigned)B);
+  require(sgrid.x >= 1 && (N + vox_per_block - 1) / vox_per_block < ((int64_t)1 << 31), "features: too many voxels");
+  hist_kernel<<<sgrid, NT, sa.shared_hist ? sizeof(unsigned int) * K : 0, s>>>(sa);
+  AUV_CUDA_CHECK_LAUNCH("hist_kernel");
+  scan_kernel<<<(unsigned)std::min<int64_t>((B + 127) / 128, 1024), 128, 0, s>>>(sa, B);
+  AUV_CUDA_CHECK_LAUNCH("scan_kernel");
+  scatter_kernel<<<sgrid, NT, sa.shared_hist ? (sizeof(unsigned long long) + sizeof(unsigned int)) * K : 0, s>>>(sa);
+  AUV_CUDA_CHECK_LAUNCH("scatter_kernel");
+
+  GramArgs a;
+  a.data = f.data();
+  a.p = C;
+  a.pmap.s_in = f.strides[1];
+  a.sorted = sa.sorted;
+  a.seg = sa.seg;
+  a.N = N;
+  a.items = (N + kChunk - 1) / kChunk + K;  // Σ_k ceil(n_k / chunk) <= N / chunk + K
+  a.K = (int)K;
+  a.stride_b = f.strides[0];
+  a.stride_k = 0;
+  a.cent = center ? kAcrossSamples : kNone;
+  a.nan_to_num = nan_to_num;
+  a.pfast = nsd > 0 && std::llabs(f.strides[1]) < std::llabs(f.strides[f.dim() - 1]);
+  a.G = G;
+  a.flags = flags;
+  if (center) {
+    a.sums = ws.alloc_n<double>(jobs * C);
+    AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * C, s));
+  }
+  launch_gram_dtype(f.dtype, a, B, jobs, s, ws);
+  launch_finalize(G, C, jobs, a.sums, sa.seg, (int)K, 0, s);
+}
+
+}  // namespace cuda
+}  // namespace auvcore

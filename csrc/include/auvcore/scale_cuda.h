@@ -1,0 +1,43 @@
+// CUDA kernels of the semantic perception scale (SPEC §2, §5): host entry points.
+// All pointers are device pointers owned by the caller (torch/CuPy memory), read and written in place on the
+// caller's stream. Nothing here synchronises the device; errors throw (ArgumentError for bad arguments,
+// std::runtime_error carrying the CUDA error string for failed CUDA calls).
+#pragma once
+#include <cstdint>
+
+#include "auvcore/array.h"
+
+namespace auvcore {
+namespace cuda {
+
+// Number of usable CUDA devices; 0 (never an exception) when there is no driver or no GPU.
+int device_count();
+
+// Whether this module's kernels can run on `device` (machine code or PTX for its architecture is in the
+// binary). False, never an exception, for a missing device or driver.
+bool device_supported(int device);
+
+// Decoded maps z [B, K, D, H, W] or [B, K, H, W] (mode 0 "D_HW", 1 "H_DW", 2 "W_DH").
+// G: [B*K, p, p] float64, p = min(m, n), written in full (symmetric). flags: [B*K] int32, zero on entry; bit 0
+// is set for each (sample, class) whose matrix held a NaN/Inf (read as 0) when nan_to_num is false.
+void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int32_t* flags,
+                  std::uintptr_t stream, int device);
+
+// Masked embeddings f [B, C, *spatial], labels [B, *spatial] in 0..K-1.
+// G: [B*K, C, C] float64 (column side, centred over each class's voxels); counts: [B*K] int64 voxels per class;
+// flags as above; label_error: [2] int64, zero on entry; set to {1, value} if a label is outside 0..K-1
+// (such voxels join no class).
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
+                 int64_t* counts, int32_t* flags, int64_t* label_error, std::uintptr_t stream, int device);
+
+// For each of `count` symmetric G (p x p, float64, overwritten): eigenvalues in double, then S over the top r
+// (r = min(counts[i], p) when counts is given, else r_const). S[i] = NaN where r < 2 or flags[i] != 0 (flags may
+// be null). evals (optional, [count, p]): eigenvalues in descending order, unclamped.
+void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, double eps,
+                     int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream, int device);
+
+// Largest Gram size the eigen kernel takes.
+constexpr int64_t kMaxEighSize = 4096;
+
+}  // namespace cuda
+}  // namespace auvcore

@@ -1,0 +1,165 @@
+"""The main job end to end on a tiny data set with the random-weight encoder: score, filter, report,
+resumption after kill -9, and bad invocations."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from auvcore.cli import main
+from auvcore.data.demo import build_demo
+
+N_CASES = 10
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo") / "data", n_cases=N_CASES, corrupt_fraction=0.3, seed=1,
+                      size_mm=(120.0, 120.0, 72.0))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    assert main(["score", str(data), "--encoder", "random3d", "--out", str(out), "--csv", "--no-progress"]) == 0
+    return out
+
+
+def test_score_writes_the_table(run):
+    df = pd.read_parquet(run / "scores.parquet")
+    assert len(df) == N_CASES and df["case"].is_unique
+    assert {"case", "sample_scale", "auv", "variance_score", "mahalanobis_score", "corrupted"} <= set(df.columns)
+    # AUV normalised over the whole set: the extremes are exactly 0 and 1 (up to δ)
+    assert df["auv"].max() == pytest.approx(1.0) and df["auv"].min() == pytest.approx(0.0, abs=1e-6)
+    assert df["auv"].idxmax() == df["sample_scale"].idxmin()
+    s_cols = [c for c in df.columns if c.startswith("S[") and c != "S[background]"]
+    assert s_cols and np.allclose(df[s_cols].mean(axis=1, skipna=True), df["sample_scale"])
+    assert (df[[c for c in df.columns if c.startswith("voxels[")]].sum(axis=1) > 0).all()
+    pd.testing.assert_frame_equal(pd.read_csv(run / "scores.csv").fillna(""), df.fillna(""), check_dtype=False)
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["encoder"] == "random3d" and settings["mode"] == "masked"
+    assert len(list((run / "cases").glob("*.npz"))) == N_CASES
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_filter_and_splits(run):
+    assert main(["filter", str(run), "--quantile", "0.8"]) == 0
+    f = run / "filter"
+    kept = f.joinpath("kept.txt").read_text().split()
+    dropped = f.joinpath("dropped.txt").read_text().split()
+    df = pd.read_parquet(run / "scores.parquet")
+    assert sorted(kept + dropped) == sorted(df["case"])
+    assert len(dropped) == 2  # ceil(0.8 * 10) = 8 kept
+    assert set(dropped) == set(df.nlargest(2, "auv")["case"])
+    splits = json.loads(f.joinpath("splits_final.json").read_text())
+    assert len(splits) == 5
+    assert sorted(c for s in splits for c in s["val"]) == sorted(df["case"])
+    for s in splits:
+        assert not set(s["train"]) & set(dropped) and not set(s["train"]) & set(s["val"])
+    name = "right lung"
+    assert df[f"auv[{name}]"].notna().all()
+    assert main(["filter", str(run), "--quantile", "0.5", "--per-class", name]) == 0
+    summary = json.loads(f.joinpath("summary.json").read_text())
+    assert summary["per_class"] == [name] and summary["dropped"] == 5
+    assert set(f.joinpath("dropped.txt").read_text().splitlines()) == set(df.nlargest(5, f"auv[{name}]")["case"])
+
+
+def test_report(run):
+    assert main(["report", str(run)]) == 0
+    page = run / "report" / "index.html"
+    html = page.read_text()
+    for img in ("auv_hist.png", "energy.png", "class_scales.png", "gallery.png", "roc.png"):
+        assert f'src="{img}"' in html and (page.parent / img).stat().st_size > 1000
+    metrics = json.loads((page.parent / "metrics.json").read_text())
+    assert set(metrics["scorers"]) == {"AUV (ours)", "intensity variance", "Mahalanobis"}
+    for m in metrics["scorers"].values():
+        assert 0.0 <= m["auroc"] <= 1.0
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium")
+def test_report_opens_in_a_headless_browser(run, tmp_path):
+    main(["report", str(run)])
+    page = (run / "report" / "index.html").resolve()
+    # The DOM after load: every <img> decoded (naturalWidth > 0) means every picture loaded.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace(
+        "</body>", "<script>window.onload=()=>{document.title='imgs:'+[...document.images]"
+                   ".map(i=>i.naturalWidth>0).join(',')}</script></body>"))
+    for img in page.parent.glob("*.png"):
+        shutil.copy(img, tmp_path / img.name)
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    title = out.stdout.split("<title>")[1].split("</title>")[0]
+    flags = title.removeprefix("imgs:").split(",")
+    assert len(flags) == 5 and all(f == "true" for f in flags), title
+
+
+def test_killed_run_resumes_to_the_same_table(data, run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "auvcore", "score", str(data), "--encoder", "random3d", "--out", str(out),
+           "--no-progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while len(list((out / "cases").glob("*.npz"))) < 3 and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list((out / "cases").glob("*.npz")))
+    assert 3 <= done < N_CASES, "the scoring process was not killed mid-run"
+    assert not (out / "scores.parquet").exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "scores.parquet"), pd.read_parquet(run / "scores.parquet"))
+
+
+def test_rerun_with_other_settings_is_refused(data, run, capsys):
+    assert main(["score", str(data), "--encoder", "random3d", "--mode", "decoded", "--out", str(run)]) == 2
+    assert "other settings (mode: 'masked' -> 'decoded')" in capsys.readouterr().err
+
+
+def test_decoded_mode(data, tmp_path):
+    out = tmp_path / "dec"
+    assert main(["score", str(data), "--encoder", "random3d", "--mode", "decoded", "--input", "normalized",
+                 "--limit", "4", "--out", str(out), "--no-progress"]) == 0
+    df = pd.read_parquet(out / "scores.parquet")
+    assert len(df) == 4 and df["auv"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["score", "/nonexistent/data", "--out", "{tmp}/r"], "error:"),
+    (["score", "{empty}", "--out", "{tmp}/r"], "error:"),
+    (["filter", "{run}", "--per-class", "no_such_class"], "unknown class ['no_such_class']"),
+    (["filter", "{tmp}"], "holds no scoring run"),
+    (["report", "{tmp}"], "holds no scoring run"),
+])
+def test_bad_invocations(argv, msg, run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    before = sorted(p.name for p in (run / "filter").iterdir()) if (run / "filter").exists() else None
+    stamp = (run / "filter" / "summary.json").read_text() if before else None
+    argv = [a.format(tmp=tmp_path, run=run, empty=tmp_path / "empty") for a in argv]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # no partial output
+    if stamp is not None:
+        assert (run / "filter" / "summary.json").read_text() == stamp
+
+
+@pytest.mark.parametrize("q", ["0", "1.5", "-0.1", "abc"])
+def test_quantile_outside_range(q, run, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["filter", str(run), "--quantile", q])
+    assert e.value.code == 2 and "expected a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_help_reads_well():
+    out = subprocess.run([sys.executable, "-m", "auvcore", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for word in ("score", "filter", "report", "demo", "bench", "examples:"):
+        assert word in out.stdout
