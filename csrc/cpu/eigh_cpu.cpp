@@ -17,52 +17,91 @@ __attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, doubl
   // Householder vectors, kept for the accumulation of Q: reflector k lives on indices k+1..n-1.
   std::vector<double> hv(vt ? n * n : 0), hbeta(vt ? n : 0, 0.0);
 
-  // 1. Tridiagonalise: for each column k, a reflector H = I - beta u uᵀ zeroes A[k+2:, k], and the trailing
-  //    block becomes H A22 H = A22 - u wᵀ - w uᵀ with w = p - (beta/2)(uᵀp) u, p = beta A22 u.
-  //    The trailing block is kept full (both triangles) so every loop runs over contiguous rows.
-  for (int64_t k = 0; k + 2 < n; ++k) {
-    const int64_t m = n - k - 1;  // size of the trailing block
-    double* col = v.data();
-    for (int64_t i = 0; i < m; ++i) col[i] = A[(k + 1 + i) * n + k];
+  // 1. Tridiagonalise: for each k, a reflector H = I - beta u uᵀ zeroes row/column k past k+1, and the
+  //    trailing block becomes H A22 H = A22 - u wᵀ - w uᵀ with w = p - (beta/2)(uᵀp) u, p = beta A22 u.
+  //    The trailing block is kept full (both triangles) so every loop runs over contiguous rows, and the
+  //    product p of step k+1 is accumulated while step k updates the rows: one pass over A22 per step.
+  std::vector<double> u_next(n), p_next(n);
+  double* u = v.data();
+  double* p = pv.data();
+  // Reflector of row k past the diagonal (row = column by symmetry) into `out`; returns beta, 0 when the
+  // row is already reduced, and sets e[k].
+  auto reflector = [&](int64_t k, double* out) -> double {
+    const int64_t m = n - k - 1;
+    const double* x = A + k * n + (k + 1);
     double scale = 0.0;
-    for (int64_t i = 0; i < m; ++i) scale = std::max(scale, std::fabs(col[i]));
-    double norm2 = 0.0;
-    if (scale > 0)
-      for (int64_t i = 0; i < m; ++i) norm2 += (col[i] / scale) * (col[i] / scale);
-    double tail2 = norm2 - (scale > 0 ? (col[0] / scale) * (col[0] / scale) : 0.0);
-    d[k] = A[k * n + k];
-    if (scale == 0.0 || tail2 <= 0.0) {  // already tridiagonal in this column
-      e[k] = col[0];
-      continue;
+    for (int64_t i = 0; i < m; ++i) scale = std::max(scale, std::fabs(x[i]));
+    double norm2 = 0.0, head2 = 0.0;
+    if (scale > 0) {
+      for (int64_t i = 0; i < m; ++i) norm2 += (x[i] / scale) * (x[i] / scale);
+      head2 = (x[0] / scale) * (x[0] / scale);
+    }
+    if (scale == 0.0 || norm2 - head2 <= 0.0) {
+      e[k] = x[0];
+      return 0.0;
     }
     const double norm = scale * std::sqrt(norm2);
-    const double alpha = col[0] >= 0 ? -norm : norm;
-    col[0] -= alpha;  // u = x - alpha e1
+    const double alpha = x[0] >= 0 ? -norm : norm;
+    std::copy(x, x + m, out);
+    out[0] -= alpha;  // u = x - alpha e1
     double unorm2 = 0.0;
-    for (int64_t i = 0; i < m; ++i) unorm2 += col[i] * col[i];
-    const double beta = 2.0 / unorm2;
+    for (int64_t i = 0; i < m; ++i) unorm2 += out[i] * out[i];
     e[k] = alpha;
-    // p = beta A22 u (A22 symmetric: accumulate rows, which are its columns)
-    double* p = pv.data();
-    std::fill(p, p + m, 0.0);
-    for (int64_t j = 0; j < m; ++j) {
-      const double* row = A + (k + 1 + j) * n + (k + 1);
-      const double uj = beta * col[j];
-      for (int64_t i = 0; i < m; ++i) p[i] += row[i] * uj;
+    return 2.0 / unorm2;
+  };
+  bool have_u = false, have_p = false;
+  double beta = 0.0;
+  for (int64_t k = 0; k + 2 < n; ++k) {
+    const int64_t m = n - k - 1;  // size of the trailing block
+    d[k] = A[k * n + k];
+    if (!have_u) beta = reflector(k, u);
+    have_u = false;
+    if (beta == 0.0) {
+      have_p = false;
+      continue;
+    }
+    double* const A22 = A + (k + 1) * n + (k + 1);
+    if (!have_p) {  // p = beta A22 u (A22 symmetric: accumulate rows, which are its columns)
+      std::fill(p, p + m, 0.0);
+      for (int64_t j = 0; j < m; ++j) {
+        const double* row = A22 + j * n;
+        const double uj = beta * u[j];
+        for (int64_t i = 0; i < m; ++i) p[i] += row[i] * uj;
+      }
     }
     double up = 0.0;
-    for (int64_t i = 0; i < m; ++i) up += col[i] * p[i];
+    for (int64_t i = 0; i < m; ++i) up += u[i] * p[i];
     const double kk = 0.5 * beta * up;
-    for (int64_t i = 0; i < m; ++i) p[i] -= kk * col[i];  // p is now w
-    for (int64_t i = 0; i < m; ++i) {
-      double* row = A + (k + 1 + i) * n + (k + 1);
-      const double ui = col[i], wi = p[i];
-      for (int64_t j = 0; j < m; ++j) row[j] -= ui * p[j] + wi * col[j];
-    }
+    for (int64_t i = 0; i < m; ++i) p[i] -= kk * u[i];  // p is now w
     if (vt) {
-      std::copy(col, col + m, hv.begin() + k * n + (k + 1));
+      std::copy(u, u + m, hv.begin() + k * n + (k + 1));
       hbeta[k] = beta;
     }
+    // Row 0 of the block first: it is the row the next reflector is built from.
+    for (int64_t j = 0; j < m; ++j) A22[j] -= u[0] * p[j] + p[0] * u[j];
+    double beta_next = 0.0;
+    if (k + 3 < n) {
+      beta_next = reflector(k + 1, u_next.data());
+      have_u = true;
+    }
+    const bool fuse = beta_next != 0.0;
+    if (fuse) std::fill(p_next.begin(), p_next.begin() + (m - 1), 0.0);
+    for (int64_t i = 1; i < m; ++i) {
+      double* row = A22 + i * n;
+      const double ui = u[i], wi = p[i];
+      for (int64_t j = 0; j < m; ++j) row[j] -= ui * p[j] + wi * u[j];
+      if (fuse) {  // the next block is rows/columns 1.. of this one
+        const double f = beta_next * u_next[i - 1];
+        double* pn = p_next.data();
+        for (int64_t j = 1; j < m; ++j) pn[j - 1] += row[j] * f;
+      }
+    }
+    if (have_u) {
+      std::swap_ranges(u_next.begin(), u_next.begin() + (m - 1), u);
+      if (fuse) std::swap_ranges(p_next.begin(), p_next.begin() + (m - 1), p);
+    }
+    have_p = fuse;
+    beta = beta_next;
   }
   if (n >= 2) {
     d[n - 2] = A[(n - 2) * n + (n - 2)];
