@@ -29,13 +29,11 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import auvcore  # noqa: E402
-from auvcore import _torch_impl as T  # noqa: E402
+import auvcore
+from auvcore import _torch_impl as T
 
 try:
     import cupy  # type: ignore

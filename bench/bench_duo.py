@@ -23,9 +23,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import auvcore  # noqa: E402
-from auvcore import DUOLoss  # noqa: E402
+from auvcore import DUOLoss
 
 
 def inputs(B, K, size, target, seed=0):

@@ -16,7 +16,6 @@ import torch
 
 import auvcore
 from auvcore import _backend as B
-from auvcore import _torch_impl as T
 
 
 def timeit(fn, repeat):

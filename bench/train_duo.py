@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -29,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from auvcore import DUOLoss, NoiseHead  # noqa: E402
+from auvcore import DUOLoss, NoiseHead
 
 K = 8  # background + 7 classes
 

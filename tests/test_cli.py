@@ -1,13 +1,11 @@
 """The main job end to end on a tiny data set with the random-weight encoder: score, filter, report,
 resumption after kill -9, and bad invocations."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -7,6 +7,21 @@ import numpy as np
 import torch
 
 
+HU_WINDOW = (-1000.0, 1000.0)  # Merlin's CT window
+XHAT_RANGE = (-5.0, 5.0)  # the annotation-normalized image x̂ is clipped to this
+
+
+def ct_input(volume_hu, normalized: bool = False) -> torch.Tensor:
+    """``[X, Y, Z]`` volume → ``[1, 1, X, Y, Z]`` float32 input in 0..1: HU −1000..1000 (Merlin's window),
+    or, with ``normalized=True``, the annotation-normalized x̂ (−5..5), each mapped linearly to 0..1."""
+    v = np.asarray(volume_hu, dtype=np.float32)
+    if v.ndim != 3:
+        raise ValueError(f"volume_hu: expected a 3-D [X, Y, Z] array, got shape {v.shape}")
+    lo, hi = XHAT_RANGE if normalized else HU_WINDOW
+    x = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+
+
 def labels_to_grid(label, grid_shape, num_classes: int | None = None, mode: str = "majority",
                    stride=None) -> np.ndarray:
     """Bring an integer label map ``[X, Y, Z]`` onto a coarser (or equal) grid ``grid_shape``.

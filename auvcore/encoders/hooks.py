@@ -1,8 +1,9 @@
 """Features from any ``torch.nn.Module`` through forward hooks on named sub-modules."""
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from .common import ct_input
 
 
 class HookEncoder:
@@ -51,11 +52,7 @@ class HookEncoder:
     def preprocess(self, volume_hu, normalized: bool = False) -> torch.Tensor:
         if self._pre is not None:
             return self._pre(volume_hu, normalized) if normalized else self._pre(volume_hu)
-        v = np.asarray(volume_hu, dtype=np.float32)
-        if v.ndim != 3:
-            raise ValueError(f"volume_hu: expected a 3-D [X, Y, Z] array, got shape {v.shape}")
-        lo, hi = (-5.0, 5.0) if normalized else (-1000.0, 1000.0)
-        return torch.from_numpy(np.clip((v - lo) / (hi - lo), 0, 1).astype(np.float32))[None, None]
+        return ct_input(volume_hu, normalized)
 
     @torch.no_grad()
     def __call__(self, x):

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .common import ct_input
+
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 STRIDES = {"layer1": (4, 4, 2), "layer2": (8, 8, 4), "layer3": (16, 16, 8), "layer4": (32, 32, 16)}
 BLOCKS = (3, 8, 36, 3)  # ResNet-152
 SPACING = (1.5, 1.5, 3.0)
-HU_WINDOW = (-1000.0, 1000.0)
 
 
 class Bottleneck3d(nn.Module):
@@ -236,12 +237,7 @@ class MerlinEncoder:
         ``normalized=True`` the input is the annotation-normalized x̂ (values in −5..5), mapped
         linearly to 0..1 instead.
         """
-        v = np.asarray(volume_hu, dtype=np.float32)
-        if v.ndim != 3:
-            raise ValueError(f"volume_hu: expected a 3-D [X, Y, Z] array, got shape {v.shape}")
-        lo, hi = (-5.0, 5.0) if normalized else HU_WINDOW
-        x = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+        return ct_input(volume_hu, normalized)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .common import ct_input
+
 LAYERS = ("layer1", "layer2", "layer3")
 _WIDTHS = {"layer1": 16, "layer2": 32, "layer3": 64}
 STRIDES = {"layer1": (2, 2, 2), "layer2": (4, 4, 4), "layer3": (8, 8, 8)}
@@ -58,11 +60,7 @@ class Random3DEncoder:
 
     def preprocess(self, volume_hu, normalized: bool = False) -> torch.Tensor:
         """``[X, Y, Z]`` → ``[1, 1, X, Y, Z]`` float32 in 0..1 (see class doc)."""
-        v = np.asarray(volume_hu, dtype=np.float32)
-        if v.ndim != 3:
-            raise ValueError(f"volume_hu: expected a 3-D [X, Y, Z] array, got shape {v.shape}")
-        lo, hi = (-5.0, 5.0) if normalized else (-1000.0, 1000.0)
-        return torch.from_numpy(np.clip((v - lo) / (hi - lo), 0, 1).astype(np.float32))[None, None]
+        return ct_input(volume_hu, normalized)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
