@@ -128,6 +128,12 @@ def run(argv=None) -> int:
         if not scripts:
             raise ValueError(f"--dir: no bench_*.py scripts in {d} (run from a source checkout)")
         for s in scripts:
+            if s.name == "bench_cuda.py":
+                import torch
+
+                if not torch.cuda.is_available():
+                    print(f"== {s}: skipped (no CUDA GPU)", flush=True)
+                    continue
             print(f"== {s}", flush=True)
             rc = subprocess.call([sys.executable, str(s)] + (["--quick"] if args.quick else []))
             if rc:

@@ -107,7 +107,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="also time layer4 on a 224×224×160 volume (SPEC's 26 s figure)")
     ap.add_argument("--out", default=None, help="write a markdown report here")
+    ap.add_argument("--quick", action="store_true", help="one case, one repeat, layer2 only")
     a = ap.parse_args()
+    if a.quick:
+        a.cases, a.repeats, a.layers, a.full = 1, 1, "layer2", False
     data = a.data
     if data is None:
         from auvcore.data.demo import build_demo
