@@ -5,6 +5,8 @@ and ``backend="auto"`` falls back to it; asking for ``backend="cpp"`` then says 
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -29,6 +31,17 @@ _DTYPES = {
     torch.int32: "i32",
     torch.int64: "i64",
 }
+
+
+_warned = False
+
+
+def _warn_no_native() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"auvcore: the native module is not built ({_IMPORT_ERROR}); using the pure-PyTorch path "
+                      "(slower, float32 results differ in the last digits)", RuntimeWarning, stacklevel=3)
 
 
 def has_native() -> bool:
@@ -72,7 +85,10 @@ def resolve(backend: str, t: torch.Tensor) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if t.device.type == "cpu":
-            return "cpp" if has_native() else "torch"
+            if has_native():
+                return "cpp"
+            _warn_no_native()
+            return "torch"
         if t.device.type == "cuda" and has_cuda_kernels():
             from ._cuda import device_supported
 
