@@ -477,14 +477,7 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
 
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
                  int64_t* counts, int num_threads) {
-  require(is_floating(f.dtype), "features: expected a floating dtype");
-  require(!is_floating(labels.dtype), "labels: expected an integer dtype");
-  require(f.dim() >= 3, "features: expected [B, C, *spatial]");
-  require(labels.dim() == f.dim() - 1, "labels: expected [B, *spatial] matching features [B, C, *spatial]");
-  for (int64_t d = 0; d < labels.dim(); ++d)
-    require(labels.shape[d] == f.shape[d == 0 ? 0 : d + 1],
-            "labels: shape does not match features [B, C, *spatial] at dimension " + std::to_string(d));
-  require(K >= 1, "num_classes: expected >= 1");
+  check_masked_args(f, labels, K);
   const int64_t B = f.shape[0], C = f.shape[1], nsd = labels.dim() - 1;
   int64_t N = 1;
   for (int64_t d = 0; d < nsd; ++d) N *= labels.shape[d + 1];

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <string>
 
+#include "auvcore/gram.h"
 #include "auvcore/scale_cuda.h"
 #include "common_cuda.cuh"
 
@@ -593,15 +594,8 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
 
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
                  int64_t* counts, int32_t* flags, int64_t* label_error, std::uintptr_t stream, int device) {
-  require(is_floating(f.dtype), "features: expected a floating dtype");
-  require(!is_floating(labels.dtype), "labels: expected an integer dtype");
-  require(f.dim() >= 3, "features: expected [B, C, *spatial]");
-  require(labels.dim() == f.dim() - 1, "labels: expected [B, *spatial] matching features [B, C, *spatial]");
-  for (int64_t d = 0; d < labels.dim(); ++d)
-    require(labels.shape[d] == f.shape[d == 0 ? 0 : d + 1],
-            "labels: shape does not match features [B, C, *spatial] at dimension " + std::to_string(d));
+  check_masked_args(f, labels, K);
   for (auto d : f.shape) require(d >= 1, "features: every dimension must be >= 1");
-  require(K >= 1, "num_classes: expected >= 1");
   require(K <= (int64_t)1 << 30, "num_classes: too large");
   require(G && counts && flags && label_error, "G, counts, flags, label_error: output pointers must not be null");
   const int64_t B = f.shape[0], C = f.shape[1], nsd = labels.dim() - 1;

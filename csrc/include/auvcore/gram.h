@@ -1,6 +1,7 @@
 // Fused centering + Gram matrices, the first half of the semantic perception scale (SPEC §2, §5).
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "auvcore/array.h"
@@ -32,6 +33,18 @@ void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, 
 // G has room for B*K matrices of p x p, p = min(m, n). in_double: see gram_cpu (the official preset).
 void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
                   bool in_double);
+
+// The argument checks of the masked layout, shared by the CPU and CUDA ops.
+inline void check_masked_args(const ArrayView& f, const ArrayView& labels, int64_t K) {
+  require(is_floating(f.dtype), "features: expected a floating dtype");
+  require(!is_floating(labels.dtype), "labels: expected an integer dtype");
+  require(f.dim() >= 3, "features: expected [B, C, *spatial]");
+  require(labels.dim() == f.dim() - 1, "labels: expected [B, *spatial] matching features [B, C, *spatial]");
+  for (int64_t d = 0; d < labels.dim(); ++d)
+    require(labels.shape[d] == f.shape[d == 0 ? 0 : d + 1],
+            "labels: shape does not match features [B, C, *spatial] at dimension " + std::to_string(d));
+  require(K >= 1, "num_classes: expected >= 1");
+}
 
 // Masked embeddings f [B, C, *spatial] and labels [B, *spatial] in 0..K-1: G [B, K, C, C] (column side,
 // centred over the voxels of each class) and counts [B, K] (voxels per class).
