@@ -91,6 +91,18 @@ def _decoded_pm(z: torch.Tensor, mode: str) -> tuple[int, int]:
     return {"D_HW": (D, H * W), "H_DW": (H, D * W), "W_DH": (W, D * H)}[mode]
 
 
+def _decoded_gram(z: torch.Tensor, mode: str, center: bool, nan_to_num: bool, stream: int):
+    """The Gram matrices [B·K, p, p] of decoded maps on z's device and stream, with their non-finite flags."""
+    Bn, K = int(z.shape[0]), int(z.shape[1])
+    m, n = _decoded_pm(z, mode)
+    p = min(m, n)
+    G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=z.device)
+    flags = torch.zeros(Bn * K, dtype=torch.int32, device=z.device)
+    B._C.cuda_decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), flags.data_ptr(),
+                           stream, z.device.index)
+    return G, flags, p
+
+
 def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
                    nan_to_num: bool = False) -> torch.Tensor:
     """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array)."""
@@ -105,15 +117,10 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
         center, nan_to_num = False, True
     z = z.detach()
     Bn, K = int(z.shape[0]), int(z.shape[1])
-    m, n = _decoded_pm(z, mode)
-    p = min(m, n)
     dev = z.device
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
-        G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=dev)
-        flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
+        G, flags, p = _decoded_gram(z, mode, center, nan_to_num, s)
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
-        B._C.cuda_decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(),
-                               flags.data_ptr(), s, dev.index)
         B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, float(eps), T.VARIANTS[variant],
                                   flags.data_ptr(), S.data_ptr(), 0, s, dev.index)
         if not nan_to_num and not _capturing(dev) and bool(flags.any()):
@@ -161,14 +168,9 @@ def gram_and_eigenvalues(z, mode: str = "D_HW", center: bool = True, nan_to_num:
     z, stream = as_cuda_tensor(z, "z")
     z = z.detach()
     Bn, K = int(z.shape[0]), int(z.shape[1])
-    m, n = _decoded_pm(z, mode)
-    p = min(m, n)
     dev = z.device
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
-        G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=dev)
-        flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
-        B._C.cuda_decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(),
-                               flags.data_ptr(), s, dev.index)
+        G, _, p = _decoded_gram(z, mode, center, nan_to_num, s)
         Gout = G.clone()
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
         ev = torch.empty(Bn * K, p, dtype=torch.float64, device=dev)
