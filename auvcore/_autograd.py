@@ -18,22 +18,12 @@ from . import _torch_impl as T
 class _NativeScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, mode, center, eps, variant, nan_to_num, nt):
-        Bn, K = z.shape[:2]
-        m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
-        p = min(m, n)
-        G = torch.empty(Bn * K, p, p, dtype=torch.float64)
-        # The official preset is defined in float64, as in the forward without grad (scale.py).
-        B._C.decoded_gram(B.view(z), T.MODES[mode], center, nan_to_num, G.data_ptr(), nt, variant == "official")
-        r = torch.full((Bn * K,), p, dtype=torch.int64)
-        S = torch.empty(Bn * K, dtype=torch.float64)
-        evals = torch.empty(Bn * K, p, dtype=torch.float64)
-        evecs = torch.empty(Bn * K, p, p, dtype=torch.float64)
-        B._C.scale_from_gram(G.data_ptr(), Bn * K, p, r.data_ptr(), float(eps), T.VARIANTS[variant], S.data_ptr(),
-                             0, evals.data_ptr(), evecs.data_ptr(), nt)
-        del G
+        from .scale import _decoded_native
+
+        S, evals, evecs = _decoded_native(z, mode, center, eps, variant, nan_to_num, nt, eigenpairs=True)
         ctx.save_for_backward(z, evals, evecs)
         ctx.args = (mode, center, eps, variant, nan_to_num, nt)
-        return S.view(Bn, K).to(torch.float64 if z.dtype == torch.float64 else torch.float32)
+        return S.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

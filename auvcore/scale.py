@@ -53,8 +53,9 @@ def _check_decoded(z, mode, variant):
         raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
 
 
-def _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, spectrum):
-    """S [B, K] (float64) and optionally the energies, from the C++ kernels."""
+def _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, spectrum=False, eigenpairs=False):
+    """S [B, K] (float64) from the C++ kernels; with ``spectrum`` also the energies [B, K, p], with
+    ``eigenpairs`` instead the eigenvalues [B·K, p] and eigenvectors [B·K, p, p] (rows) for the backward."""
     if variant == "official":
         center, nan_to_num = False, True
     Bn, K = z.shape[:2]
@@ -68,9 +69,13 @@ def _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, spec
     r = torch.full((Bn * K,), p, dtype=torch.int64)
     S = torch.empty(Bn * K, dtype=torch.float64)
     sp = torch.empty(Bn * K, p, dtype=torch.float64) if spectrum else None
+    ev = torch.empty(Bn * K, p, dtype=torch.float64) if eigenpairs else None
+    vt = torch.empty(Bn * K, p, p, dtype=torch.float64) if eigenpairs else None
     B._C.scale_from_gram(G.data_ptr(), Bn * K, p, r.data_ptr(), float(eps), T.VARIANTS[variant], S.data_ptr(),
-                         B.ptr(sp), 0, 0, nt)
+                         B.ptr(sp), B.ptr(ev), B.ptr(vt), nt)
     S = S.view(Bn, K)
+    if eigenpairs:
+        return S, ev, vt
     return (S, sp.view(Bn, K, p)) if spectrum else S
 
 
