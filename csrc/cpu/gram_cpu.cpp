@@ -75,24 +75,6 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
   }
 }
 
-// Subtract from every sample (column t) its mean over the p rows, computed and subtracted in double so
-// that a large common offset does not cost float32 digits.
-template <typename T>
-__attribute__((always_inline)) inline void center_across_p_impl(T* panel, int64_t p, int64_t ld, int64_t nb,
-                                                                double* colmean) {
-  for (int64_t t = 0; t < nb; ++t) colmean[t] = 0.0;
-  for (int64_t a = 0; a < p; ++a) {
-    const T* row = panel + a * ld;
-    for (int64_t t = 0; t < nb; ++t) colmean[t] += (double)row[t];
-  }
-  const double inv_p = 1.0 / (double)p;
-  for (int64_t t = 0; t < nb; ++t) colmean[t] *= inv_p;
-  for (int64_t a = 0; a < p; ++a) {
-    T* row = panel + a * ld;
-    for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] - colmean[t]);
-  }
-}
-
 // One build per instruction set (isa.h).
 #define AUVCORE_SYRK(NAME, TARGET)                                                                     \
   TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {   \
@@ -219,7 +201,7 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
     }
   }
   if (centering == Centering::AcrossP) {
-    center_across_p_impl(panel, p, ld, nb, colmean);
+    center_across_p(panel, p, ld, nb, colmean);
   } else if (centering == Centering::AcrossSamples) {
     constexpr int L = 8;  // independent partial sums, so the reduction vectorises without reassociation
     for (int64_t a = 0; a < p; ++a) {

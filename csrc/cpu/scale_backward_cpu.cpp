@@ -192,11 +192,7 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_
         }
       }
       if (cen == Centering::AcrossP) {
-        std::fill(colmean.begin(), colmean.end(), 0.0);
-        for (int64_t a = 0; a < p; ++a)
-          for (int64_t t = 0; t < nb; ++t) colmean[t] += X[a * kChunk + t];
-        for (int64_t a = 0; a < p; ++a)
-          for (int64_t t = 0; t < nb; ++t) X[a * kChunk + t] -= colmean[t] / (double)p;
+        center_across_p(X.data(), p, kChunk, nb, colmean.data());
       } else if (cen == Centering::AcrossSamples) {
         for (int64_t a = 0; a < p; ++a) {
           const double m = mu[(size_t)i * p + a];
@@ -204,13 +200,7 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_
         }
       }
       apply_panel(A.data() + (size_t)i * p * p, p, X.data(), nb, Y.data());
-      if (cen == Centering::AcrossP) {
-        std::fill(colmean.begin(), colmean.end(), 0.0);
-        for (int64_t a = 0; a < p; ++a)
-          for (int64_t t = 0; t < nb; ++t) colmean[t] += Y[a * kChunk + t];
-        for (int64_t a = 0; a < p; ++a)
-          for (int64_t t = 0; t < nb; ++t) Y[a * kChunk + t] -= colmean[t] / (double)p;
-      }
+      if (cen == Centering::AcrossP) center_across_p(Y.data(), p, kChunk, nb, colmean.data());
       for (int64_t a = 0; a < p; ++a)
         for (int64_t t = 0; t < nb; ++t)
           store(dz, obase + Lo.p_off[a] + Lo.s_off[t0 + t], bad[a * kChunk + t] ? 0.0 : Y[a * kChunk + t]);

@@ -34,6 +34,25 @@ void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, 
 void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
                   bool in_double);
 
+// Subtract from every sample (column t) its mean over the p rows, computed and subtracted in double so
+// that a large common offset does not cost float32 digits. Used by the Gram panels and by the backward's
+// centering projection.
+template <typename T>
+__attribute__((always_inline)) inline void center_across_p(T* panel, int64_t p, int64_t ld, int64_t nb,
+                                                                double* colmean) {
+  for (int64_t t = 0; t < nb; ++t) colmean[t] = 0.0;
+  for (int64_t a = 0; a < p; ++a) {
+    const T* row = panel + a * ld;
+    for (int64_t t = 0; t < nb; ++t) colmean[t] += (double)row[t];
+  }
+  const double inv_p = 1.0 / (double)p;
+  for (int64_t t = 0; t < nb; ++t) colmean[t] *= inv_p;
+  for (int64_t a = 0; a < p; ++a) {
+    T* row = panel + a * ld;
+    for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] - colmean[t]);
+  }
+}
+
 // The argument checks of the masked layout, shared by the CPU and CUDA ops.
 inline void check_masked_args(const ArrayView& f, const ArrayView& labels, int64_t K) {
   require(is_floating(f.dtype), "features: expected a floating dtype");
