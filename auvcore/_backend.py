@@ -20,6 +20,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 
 BACKENDS = ("auto", "cpp", "cuda", "torch")
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 _DTYPES = {
     torch.float16: "f16",
     torch.bfloat16: "bf16",

@@ -24,8 +24,6 @@ from .scale import semantic_scale
 PRESETS = {"paper": 0, "official": 1}
 REDUCTIONS = ("mean", "none")
 _HALF = (torch.float16, torch.bfloat16)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _BCE, _SIGY, _SIG, _Y, _G, _G2 = range(6)
 
 
@@ -134,7 +132,7 @@ class DUOLoss(nn.Module):
         if z.numel() == 0:
             raise ValueError(f"seg_logits: empty tensor of shape {tuple(z.shape)}")
         for name, t in (("seg_logits", z), ("noise_logits", n)):
-            if t.dtype not in _FLOATS:
+            if t.dtype not in B.FLOATS:
                 raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
         if n.shape != z.shape:
             raise ValueError(f"noise_logits: expected shape {tuple(z.shape)} (that of seg_logits), "
@@ -152,15 +150,15 @@ class DUOLoss(nn.Module):
             if tuple(y.shape) not in ((Bn, 1) + spatial, (Bn,) + spatial):
                 raise ValueError(f"target: expected class indices of shape {(Bn, 1) + spatial} or "
                                  f"{(Bn,) + spatial}, got {tuple(y.shape)}")
-            if y.dtype not in _INTS + _FLOATS:
+            if y.dtype not in B.INTS + B.FLOATS:
                 raise TypeError(f"target: expected integer (or integral float) class indices, got {y.dtype}")
-            if y.dtype in _FLOATS and not bool((y == torch.round(y)).all()):
+            if y.dtype in B.FLOATS and not bool((y == torch.round(y)).all()):
                 raise ValueError("target: to_onehot_y=True needs integral class indices, found a fractional value")
         else:
             if tuple(y.shape) != tuple(z.shape):
                 raise ValueError(f"target: expected one-hot of shape {tuple(z.shape)}, got {tuple(y.shape)} "
                                  "(pass to_onehot_y=True for class indices)")
-            if y.dtype not in _INTS + _FLOATS + (torch.bool,):
+            if y.dtype not in B.INTS + B.FLOATS + (torch.bool,):
                 raise TypeError(f"target: expected a numeric dtype, got {y.dtype}")
 
     # -- the loss ---------------------------------------------------------------------------------------
@@ -200,7 +198,7 @@ class DUOLoss(nn.Module):
         Bn, K = z.shape[:2]
         if self.to_onehot_y:
             y3 = y.reshape(Bn, -1)
-            if y3.dtype in _FLOATS:
+            if y3.dtype in B.FLOATS:
                 y3 = y3.long()
         else:
             y3 = y.reshape(Bn, K, -1)

@@ -13,8 +13,6 @@ import torch
 from . import _backend as B
 from . import _torch_impl as T
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _check_common(center, eps, nan_to_num, num_threads):
@@ -28,7 +26,7 @@ def _check_common(center, eps, nan_to_num, num_threads):
 
 
 def _check_float(t: torch.Tensor, name: str):
-    if t.dtype not in _FLOATS:
+    if t.dtype not in B.FLOATS:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name}: empty tensor of shape {tuple(t.shape)}")
@@ -130,7 +128,7 @@ def _check_masked(features, labels, num_classes):
     if features.dim() < 3:
         raise ValueError(f"features: expected [B, C, *spatial], got shape {tuple(features.shape)}")
     _check_float(features, "features")
-    if labels.dtype not in _INTS:
+    if labels.dtype not in B.INTS:
         raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
     want = (features.shape[0],) + tuple(features.shape[2:])
     if tuple(labels.shape) != want:
