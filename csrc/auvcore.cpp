@@ -1,9 +1,11 @@
 // The Python module: one thin dispatch point. Each op takes ArrayViews of the caller's memory and raw
 // pointers to outputs that Python allocated; no tensor library is linked.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include "auvcore/array.h"
+#include "auvcore/eigh.h"
 #include "auvcore/gram.h"
 #include "auvcore/scale.h"
 
@@ -72,6 +74,38 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("G"), py::arg("count"), py::arg("p"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("S"),
       py::arg("spectrum"), py::arg("evals"), py::arg("evecs"), py::arg("threads"));
+
+  // The eigensolver on its own, for its tests and bench/stress_spectra.py: A [count, n, n] float64 (read,
+  // not changed) -> eigenvalues [count, n] descending and, with vectors, eigenvectors [count, n, n] as rows.
+  m.def(
+      "eigh",
+      [](py::array_t<double, py::array::c_style | py::array::forcecast> A, bool vectors, bool force_jacobi,
+         int threads) {
+        if (A.ndim() != 3 || A.shape(1) != A.shape(2)) throw ArgumentError("A: expected [count, n, n]");
+        const int64_t count = A.shape(0), n = A.shape(1);
+        py::array_t<double> w({count, n});
+        py::array_t<double> vt(vectors ? std::vector<py::ssize_t>{count, n, n} : std::vector<py::ssize_t>{0});
+        const double* a = A.data();
+        double* wp = w.mutable_data();
+        double* vp = vectors ? vt.mutable_data() : nullptr;
+        std::string failure;
+        {
+          py::gil_scoped_release nogil;
+#pragma omp parallel for num_threads(std::max(1, threads)) schedule(dynamic, 1)
+          for (int64_t i = 0; i < count; ++i) {
+            std::vector<double> work(a + i * n * n, a + (i + 1) * n * n);
+            try {
+              eigh_sym(work.data(), n, wp + i * n, vp ? vp + i * n * n : nullptr, force_jacobi);
+            } catch (const std::exception& e) {
+#pragma omp critical
+              failure = "A[" + std::to_string(i) + "]: " + e.what();
+            }
+          }
+        }
+        if (!failure.empty()) throw ArgumentError(failure);
+        return py::make_tuple(w, vt);
+      },
+      py::arg("A"), py::arg("vectors") = false, py::arg("force_jacobi") = false, py::arg("threads") = 1);
 
   register_duo(m);
   register_cuda(m);

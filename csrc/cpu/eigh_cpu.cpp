@@ -11,8 +11,23 @@
 namespace auvcore {
 namespace {
 
-__attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, double* w, double* vt) {
-  if (n <= 0) return;
+// Eigenvalues descending, eigenvectors as rows following them.
+inline void sort_descending(double* w, int64_t n, double* vt) {
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return w[a] > w[b]; });
+  std::vector<double> tmp(w, w + n);
+  for (int64_t j = 0; j < n; ++j) w[j] = tmp[order[j]];
+  if (vt) {
+    tmp.assign(vt, vt + n * n);
+    for (int64_t j = 0; j < n; ++j) std::copy(tmp.begin() + order[j] * n, tmp.begin() + (order[j] + 1) * n, vt + j * n);
+  }
+}
+
+// Householder + QL on A (scaled so that max |a_ij| is in [0.5, 1)). Returns false, leaving w and vt
+// undefined, if QL has not converged for some eigenvalue after kMaxQLIterations sweeps.
+constexpr int kMaxQLIterations = 30;
+__attribute__((always_inline)) inline bool tridiagonal_ql(double* A, int64_t n, double* w, double* vt) {
   std::vector<double> d(n), e(n, 0.0), v(n), pv(n);
   // Householder vectors, kept for the accumulation of Q: reflector k lives on indices k+1..n-1.
   std::vector<double> hv(vt ? n * n : 0), hbeta(vt ? n : 0, 0.0);
@@ -137,16 +152,24 @@ __attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, doubl
   }
 
   // 3. Implicit QL with Wilkinson-type shifts on (d, e); e[i] couples i and i+1.
+  //    An off-diagonal is negligible when it is small next to its two diagonal neighbours (relative test)
+  //    or next to the whole matrix (absolute test, eps·‖T‖). The relative test alone never deflates a
+  //    block of near-zero eigenvalues -- the rank-deficient Grams of small classes -- whose entries are all
+  //    rounding noise; the absolute one costs nothing in accuracy, since the Householder reduction already
+  //    perturbs every eigenvalue by about eps·‖T‖.
+  double tnorm = 0.0;
+  for (int64_t i = 0; i < n; ++i) tnorm = std::max(tnorm, std::fabs(d[i]) + std::fabs(e[i]) + (i ? std::fabs(e[i - 1]) : 0.0));
+  const double small = DBL_EPSILON * tnorm;
   for (int64_t l = 0; l < n; ++l) {
     int iter = 0;
     int64_t m;
     do {
       for (m = l; m + 1 < n; ++m) {
         const double dd = std::fabs(d[m]) + std::fabs(d[m + 1]);
-        if (std::fabs(e[m]) <= DBL_EPSILON * dd) break;
+        if (std::fabs(e[m]) <= DBL_EPSILON * dd || std::fabs(e[m]) <= small) break;
       }
       if (m == l) break;
-      if (++iter > 64) throw std::runtime_error("eigh: QL iteration did not converge");
+      if (++iter > kMaxQLIterations) return false;
       double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
       double r = std::hypot(g, 1.0);
       g = d[m] - d[l] + e[l] / (g + std::copysign(r, g));
@@ -187,28 +210,101 @@ __attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, doubl
     } while (m != l);
   }
 
-  // 4. Sort descending (vectors follow).
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return d[a] > d[b]; });
-  for (int64_t j = 0; j < n; ++j) w[j] = d[order[j]];
-  if (vt) {
-    std::vector<double> tmp(vt, vt + n * n);
-    for (int64_t j = 0; j < n; ++j) std::copy(tmp.begin() + order[j] * n, tmp.begin() + (order[j] + 1) * n, vt + j * n);
-  }
+  std::copy(d.begin(), d.end(), w);
+  sort_descending(w, n, vt);
+  return true;
 }
 
-AUVCORE_TARGET_AVX512 void eigh_avx512(double* A, int64_t n, double* w, double* vt) { eigh_impl(A, n, w, vt); }
-AUVCORE_TARGET_AVX2 void eigh_avx2(double* A, int64_t n, double* w, double* vt) { eigh_impl(A, n, w, vt); }
-void eigh_generic(double* A, int64_t n, double* w, double* vt) { eigh_impl(A, n, w, vt); }
+// Cyclic Jacobi on the full symmetric matrix A (overwritten): several sweeps of O(n³), but it converges
+// for every finite matrix, which is why it is the fallback where QL stalls. Eigenvalues unsorted into w.
+__attribute__((always_inline)) inline void jacobi(double* A, int64_t n, double* w, double* vt) {
+  if (vt) {
+    std::fill(vt, vt + n * n, 0.0);
+    for (int64_t i = 0; i < n; ++i) vt[i * n + i] = 1.0;
+  }
+  double fro = 0.0;
+  for (int64_t i = 0; i < n * n; ++i) fro += A[i] * A[i];
+  const double tiny = DBL_EPSILON * std::sqrt(fro) / (double)n;
+  for (int sweep = 0; sweep < 100; ++sweep) {
+    bool rotated = false;
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t q = p + 1; q < n; ++q) {
+        const double apq = A[p * n + q], app = A[p * n + p], aqq = A[q * n + q];
+        if (std::fabs(apq) <= tiny || std::fabs(apq) <= 0.5 * DBL_EPSILON * std::sqrt(std::fabs(app * aqq))) {
+          A[p * n + q] = A[q * n + p] = 0.0;
+          continue;
+        }
+        rotated = true;
+        // The rotation J (J_pp = J_qq = c, J_pq = s, J_qp = -s) with (JᵀAJ)_pq = 0, the smaller angle.
+        const double theta = (aqq - app) / (2.0 * apq);
+        const double t = std::fabs(theta) > 1e150 ? 0.5 / theta
+                                                 : std::copysign(1.0, theta) / (std::fabs(theta) + std::hypot(theta, 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+        for (int64_t k = 0; k < n; ++k) {  // columns p, q
+          const double akp = A[k * n + p], akq = A[k * n + q];
+          A[k * n + p] = c * akp - s * akq;
+          A[k * n + q] = s * akp + c * akq;
+        }
+        for (int64_t k = 0; k < n; ++k) {  // rows p, q
+          const double apk = A[p * n + k], aqk = A[q * n + k];
+          A[p * n + k] = c * apk - s * aqk;
+          A[q * n + k] = s * apk + c * aqk;
+        }
+        A[p * n + q] = A[q * n + p] = 0.0;
+        if (vt) {
+          double* vp = vt + p * n;
+          double* vq = vt + q * n;
+          for (int64_t k = 0; k < n; ++k) {
+            const double a = vp[k], b = vq[k];
+            vp[k] = c * a - s * b;
+            vq[k] = s * a + c * b;
+          }
+        }
+      }
+    if (!rotated) break;
+  }
+  for (int64_t i = 0; i < n; ++i) w[i] = A[i * n + i];
+}
+
+// The whole solver: scaling by a power of two (exact) so that neither denormals nor huge entries lose
+// digits or overflow, then Householder + QL, and Jacobi on the untouched scaled copy if QL stalls.
+__attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, double* w, double* vt, bool force_jacobi) {
+  if (n <= 0) return;
+  double amax = 0.0;
+  for (int64_t i = 0; i < n * n; ++i) amax = std::max(amax, std::fabs(A[i]));
+  if (!std::isfinite(amax)) throw std::runtime_error("eigh: the matrix has a NaN or Inf entry");
+  if (amax == 0.0) {
+    std::fill(w, w + n, 0.0);
+    if (vt) {
+      std::fill(vt, vt + n * n, 0.0);
+      for (int64_t i = 0; i < n; ++i) vt[i * n + i] = 1.0;
+    }
+    return;
+  }
+  int ex;
+  std::frexp(amax, &ex);
+  if (ex != 0)
+    for (int64_t i = 0; i < n * n; ++i) A[i] = std::ldexp(A[i], -ex);
+  std::vector<double> copy(A, A + n * n);
+  if (force_jacobi || !tridiagonal_ql(A, n, w, vt)) {
+    jacobi(copy.data(), n, w, vt);
+    sort_descending(w, n, vt);
+  }
+  if (ex != 0)
+    for (int64_t i = 0; i < n; ++i) w[i] = std::ldexp(w[i], ex);
+}
+
+AUVCORE_TARGET_AVX512 void eigh_avx512(double* A, int64_t n, double* w, double* vt, bool fj) { eigh_impl(A, n, w, vt, fj); }
+AUVCORE_TARGET_AVX2 void eigh_avx2(double* A, int64_t n, double* w, double* vt, bool fj) { eigh_impl(A, n, w, vt, fj); }
+void eigh_generic(double* A, int64_t n, double* w, double* vt, bool fj) { eigh_impl(A, n, w, vt, fj); }
 
 }  // namespace
 
-void eigh_sym(double* A, int64_t n, double* w, double* vt) {
+void eigh_sym(double* A, int64_t n, double* w, double* vt, bool force_jacobi) {
   switch (isa_level()) {
-    case 2: return eigh_avx512(A, n, w, vt);
-    case 1: return eigh_avx2(A, n, w, vt);
-    default: return eigh_generic(A, n, w, vt);
+    case 2: return eigh_avx512(A, n, w, vt, force_jacobi);
+    case 1: return eigh_avx2(A, n, w, vt, force_jacobi);
+    default: return eigh_generic(A, n, w, vt, force_jacobi);
   }
 }
 
