@@ -272,7 +272,9 @@ __attribute__((always_inline)) inline void eigh_impl(double* A, int64_t n, doubl
   if (n <= 0) return;
   double amax = 0.0;
   for (int64_t i = 0; i < n * n; ++i) amax = std::max(amax, std::fabs(A[i]));
-  if (!std::isfinite(amax)) throw std::runtime_error("eigh: the matrix has a NaN or Inf entry");
+  bool finite = std::isfinite(amax);  // std::max drops a NaN: look for one separately
+  for (int64_t i = 0; i < n * n && finite; ++i) finite = !std::isnan(A[i]);
+  if (!finite) throw std::runtime_error("eigh: the matrix has a NaN or Inf entry");
   if (amax == 0.0) {
     std::fill(w, w + n, 0.0);
     if (vt) {

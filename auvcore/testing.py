@@ -1,0 +1,74 @@
+"""Adversarial symmetric matrices for the eigensolver's tests and ``bench/stress_spectra.py``.
+
+Each kind is a spectrum that has broken real eigensolvers: exact zeros (rank-deficient Grams), one
+non-zero eigenvalue, all equal, tight clusters, repeated values, a dynamic range of 1e-30..1e30, entries
+near the denormal range or near 1e30, and Grams of few samples with a large common offset, which is what
+masked mode hands the solver for a small class. The matrix is ``Q diag(λ) Qᵀ`` with a Haar-random
+orthogonal ``Q``, or a Gram ``X Xᵀ`` built the way the kernels build one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KINDS = ("random", "zeros", "rank1", "equal", "cluster", "repeated", "range", "tiny", "huge", "indefinite",
+         "gram", "diagonal", "wilkinson", "zero")
+
+
+def spectrum(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    """Eigenvalues (any order) of one adversarial matrix of size n."""
+    if kind == "random":
+        return rng.standard_normal(n) ** 2
+    if kind == "zeros":  # rank r < n: the rank-deficient Gram of a class with r voxels
+        lam = np.zeros(n)
+        r = int(rng.integers(0, n))
+        lam[:r] = rng.exponential(size=r)
+        return lam
+    if kind == "rank1":
+        lam = np.zeros(n)
+        lam[0] = rng.exponential() * 10.0 ** rng.uniform(-3, 3)
+        return lam
+    if kind == "equal":
+        return np.full(n, 10.0 ** rng.uniform(-5, 5))
+    if kind == "cluster":  # a few centres, each eigenvalue within a relative 1e-14..1e-6 of its centre
+        centres = 10.0 ** rng.uniform(-4, 4, size=int(rng.integers(1, 4)))
+        c = centres[rng.integers(0, len(centres), size=n)]
+        return c * (1.0 + 10.0 ** rng.uniform(-14, -6) * rng.standard_normal(n))
+    if kind == "repeated":
+        return rng.choice(np.array([0.0, 1.0, 2.0, 1e-8]), size=n)
+    if kind == "range":
+        return 10.0 ** rng.uniform(-30, 30, size=n)
+    if kind == "tiny":  # entries in the denormal range
+        return rng.exponential(size=n) * 1e-310
+    if kind == "huge":
+        return rng.exponential(size=n) * 1e30
+    if kind == "indefinite":
+        return rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, size=n)
+    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+
+
+def haar_orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def matrix(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    """One symmetric n x n float64 matrix of the given kind (both triangles equal)."""
+    if kind == "zero":
+        return np.zeros((n, n))
+    if kind == "gram":  # few samples, a large offset, uncentred or centred: masked mode's small classes
+        k = int(rng.integers(1, 2 * n + 1))
+        x = rng.standard_normal((n, k)) * rng.uniform(0.1, 3) + rng.uniform(-50, 50)
+        if rng.random() < 0.5:
+            x = x - x.mean(axis=1, keepdims=True)
+        a = x @ x.T
+    elif kind == "diagonal":
+        a = np.diag(spectrum(rng, n, "repeated") * rng.standard_normal(n))
+    elif kind == "wilkinson":  # W_n^+: pairs of eigenvalues agreeing to many digits
+        h = (n - 1) / 2.0
+        a = np.diag(np.abs(np.arange(n) - h)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+    else:
+        lam = spectrum(rng, n, kind)
+        q = haar_orthogonal(rng, n)
+        a = (q * lam) @ q.T
+    return (a + a.T) / 2.0
+
