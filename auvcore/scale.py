@@ -144,14 +144,11 @@ def _masked_native(features, labels, num_classes, center, eps, nan_to_num, num_t
     Bn, C = features.shape[:2]
     K = int(num_classes)
     nt = B.threads(num_threads)
-    G = torch.empty(Bn * K, C, C, dtype=torch.float64)
     counts = torch.empty(Bn * K, dtype=torch.int64)
-    B._C.masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), G.data_ptr(),
-                     counts.data_ptr(), nt)
-    r = counts.clamp(max=C)
     S = torch.empty(Bn * K, dtype=torch.float64)
     sp = torch.empty(Bn * K, C, dtype=torch.float64) if spectrum else None
-    B._C.scale_from_gram(G.data_ptr(), Bn * K, C, r.data_ptr(), float(eps), 0, S.data_ptr(), B.ptr(sp), 0, 0, nt)
+    B._C.masked_scale(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), float(eps),
+                      S.data_ptr(), counts.data_ptr(), B.ptr(sp), nt)
     S = S.view(Bn, K)
     return (S, sp.view(Bn, K, C)) if spectrum else S
 
@@ -179,7 +176,8 @@ def masked_semantic_scale(features, labels, num_classes: int, center: bool = Tru
 
     Returns:
         S ``[B, K]``: for class k of sample b, M stacks the n = #(labels == k) embedding vectors (n x C);
-        NaN where n < 2. The Gram is taken on the C x C side; r = min(n, C).
+        NaN where n < 2. The Gram is taken on the smaller side (n x n for a class of at most C voxels, else
+        C x C); r = min(n, C).
     """
     features, was_numpy = B.as_tensor(features, "features")
     labels, _ = B.as_tensor(labels, "labels")

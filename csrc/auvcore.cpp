@@ -64,6 +64,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("G"), py::arg("counts"), py::arg("threads"));
 
   m.def(
+      "masked_scale",
+      [](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double eps,
+         std::uintptr_t S, std::uintptr_t counts, std::uintptr_t spectrum, int threads) {
+        py::gil_scoped_release nogil;
+        masked_scale(f, labels, K, center, nan_to_num, eps, out_ptr<double>(S), out_ptr<int64_t>(counts),
+                     out_ptr<double>(spectrum), threads);
+      },
+      py::arg("features"), py::arg("labels"), py::arg("num_classes"), py::arg("center"), py::arg("nan_to_num"),
+      py::arg("eps"), py::arg("S"), py::arg("counts"), py::arg("spectrum"), py::arg("threads"));
+
+  m.def(
       "scale_from_gram",
       [](std::uintptr_t G, int64_t count, int64_t p, std::uintptr_t r, double eps, int variant, std::uintptr_t S,
          std::uintptr_t spectrum, std::uintptr_t evals, std::uintptr_t evecs, int threads) {

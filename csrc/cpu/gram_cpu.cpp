@@ -436,9 +436,8 @@ DecodedLayout decoded_layout(const ArrayView& z, int mode) {
   for (int64_t i = 0; i < m; ++i) row_off[i] = i * rs;
   for (int64_t o = 0; o < no; ++o)
     for (int64_t i = 0; i < ni; ++i) col_off[o * ni + i] = o * os + i * is;
-  // The Gram is taken on the smaller side: rows are the p vectors when m <= n, else the columns are.
   DecodedLayout L;
-  L.row_side = m <= n;
+  L.row_side = gram_on_rows(m, n);
   L.p_off = L.row_side ? std::move(row_off) : std::move(col_off);
   L.s_off = L.row_side ? std::move(col_off) : std::move(row_off);
   return L;
@@ -457,23 +456,24 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
   gram_cpu(z.data(), z.dtype, L.p_off, jobs, L.centering(center), nan_to_num, G, num_threads, "z", in_double);
 }
 
-void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
-                 int64_t* counts, int num_threads) {
+ClassSort sort_by_class(const ArrayView& f, const ArrayView& labels, int64_t K, int64_t* counts) {
   check_masked_args(f, labels, K);
-  const int64_t B = f.shape[0], C = f.shape[1], nsd = labels.dim() - 1;
+  const int64_t B = f.shape[0], nsd = labels.dim() - 1;
   int64_t N = 1;
   for (int64_t d = 0; d < nsd; ++d) N *= labels.shape[d + 1];
 
   // Counting sort of the voxels by class, per sample: the feature offsets of each class become one
   // contiguous segment, and each class's Gram reads its own segment.
-  std::vector<int64_t> offsets(B * N), start(B * (K + 1), 0);
-  std::vector<int64_t> lab(N);
+  ClassSort cs;
+  cs.N = N;
+  cs.offsets.resize(B * N);
+  cs.start.assign(B * (K + 1), 0);
+  std::vector<int64_t> lab(N), foffs(N);
   for (int64_t b = 0; b < B; ++b) {
     int64_t* cnt = counts + b * K;
     std::fill(cnt, cnt + K, 0);
     std::vector<int64_t> idx(nsd, 0);
     int64_t loff = b * labels.strides[0], foff = 0;
-    std::vector<int64_t> foffs(N);
     for (int64_t v = 0; v < N; ++v) {
       int64_t l = load_as_int(labels.data(), labels.dtype, loff);
       if (l < 0 || l >= K)
@@ -494,21 +494,25 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
         idx[d] = 0;
       }
     }
-    int64_t* st = start.data() + b * (K + 1);
+    int64_t* st = cs.start.data() + b * (K + 1);
     for (int64_t k = 0; k < K; ++k) st[k + 1] = st[k] + cnt[k];
     std::vector<int64_t> pos(st, st + K);
-    int64_t* seg = offsets.data() + b * N;
+    int64_t* seg = cs.offsets.data() + b * N;
     for (int64_t v = 0; v < N; ++v) seg[pos[lab[v]]++] = foffs[v];
   }
+  return cs;
+}
+
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
+                 int64_t* counts, int num_threads) {
+  const ClassSort cs = sort_by_class(f, labels, K, counts);
+  const int64_t B = f.shape[0], C = f.shape[1];
   std::vector<int64_t> p_off(C);
   for (int64_t c = 0; c < C; ++c) p_off[c] = c * f.strides[1];
   std::vector<GramJob> jobs;
   jobs.reserve(B * K);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t* st = start.data() + b * (K + 1);
-      jobs.push_back({b * f.strides[0], offsets.data() + b * N + st[k], st[k + 1] - st[k]});
-    }
+    for (int64_t k = 0; k < K; ++k) jobs.push_back({b * f.strides[0], cs.segment(b, k, K), cs.count(b, k, K)});
   gram_cpu(f.data(), f.dtype, p_off, jobs, center ? Centering::AcrossSamples : Centering::None, nan_to_num, G,
            num_threads, "features", false);
 }

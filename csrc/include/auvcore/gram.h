@@ -65,8 +65,29 @@ inline void check_masked_args(const ArrayView& f, const ArrayView& labels, int64
   require(K >= 1, "num_classes: expected >= 1");
 }
 
+// The Gram of an m x n class matrix M (rows are vectors) is taken on its smaller side, which has the same
+// non-zero spectrum: M̄ M̄ᵀ (m x m, the rows are the p vectors) when m <= n, else M̄ᵀ M̄ (n x n). Centering
+// subtracts the mean row either way. One rule for the decoded maps (M = m x n of a class map) and masked
+// mode (M = the n_c x C embeddings of a class).
+inline bool gram_on_rows(int64_t m, int64_t n) { return m <= n; }
+inline Centering centering_for(bool row_side, bool center) {
+  return !center ? Centering::None : row_side ? Centering::AcrossP : Centering::AcrossSamples;
+}
+
+// The voxels of each (sample, class) as one segment of feature offsets (relative to the sample), from a
+// counting sort of the labels; counts [B, K] receives the voxels per class. Checks the labels' range.
+struct ClassSort {
+  int64_t N;                      // voxels per sample
+  std::vector<int64_t> offsets;   // [B, N]: sample b's feature offsets, class by class
+  std::vector<int64_t> start;     // [B, K + 1]: segment bounds
+  const int64_t* segment(int64_t b, int64_t k, int64_t K) const { return offsets.data() + b * N + start[b * (K + 1) + k]; }
+  int64_t count(int64_t b, int64_t k, int64_t K) const { return start[b * (K + 1) + k + 1] - start[b * (K + 1) + k]; }
+};
+ClassSort sort_by_class(const ArrayView& f, const ArrayView& labels, int64_t K, int64_t* counts);
+
 // Masked embeddings f [B, C, *spatial] and labels [B, *spatial] in 0..K-1: G [B, K, C, C] (column side,
-// centred over the voxels of each class) and counts [B, K] (voxels per class).
+// centred over the voxels of each class) and counts [B, K] (voxels per class). The scale itself takes the
+// smaller side (masked_scale in scale.h); this C x C form is for the Gram benchmark.
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t num_classes, bool center, bool nan_to_num,
                  double* G, int64_t* counts, int num_threads);
 
@@ -78,9 +99,7 @@ std::pair<int64_t, int64_t> decoded_shape(const ArrayView& z, int mode);
 struct DecodedLayout {
   std::vector<int64_t> p_off, s_off;
   bool row_side;
-  Centering centering(bool center) const {
-    return !center ? Centering::None : row_side ? Centering::AcrossP : Centering::AcrossSamples;
-  }
+  Centering centering(bool center) const { return centering_for(row_side, center); }
 };
 DecodedLayout decoded_layout(const ArrayView& z, int mode);
 

@@ -15,6 +15,12 @@ enum class Variant : int { Paper = 0, Official = 1 };
 void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* r, double eps, Variant variant, double* S,
                      double* spectrum, double* evals, double* evecs, int num_threads);
 
+// Masked mode end to end: for sample b and class k, M is the n_c x C matrix of the class's embeddings; its
+// Gram on the smaller side (gram_on_rows: n_c x n_c for a class of fewer voxels than channels) gives S with
+// r = min(n_c, C). S and counts [B, K]; spectrum [B, K, C] if not null (energies, 0 past r, NaN when r < 2).
+void masked_scale(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double eps,
+                  double* S, int64_t* counts, double* spectrum, int num_threads);
+
 // The entropy of one sorted spectrum (descending eigenvalues of length >= r): the single place where the
 // formula of S lives in C++. Writes the energies to p_out if not null.
 double scale_of_eigenvalues(const double* lambda, int64_t r, double eps, Variant variant, double* p_out);
