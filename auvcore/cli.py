@@ -89,6 +89,25 @@ def _score(args, dataset, out):
                          limit=getattr(args, "limit", None), progress=not getattr(args, "no_progress", False))
 
 
+# Exit codes: 0 all cases scored, 2 bad invocation (nothing scored), 3 some cases failed (the table holds the
+# others; the failed ones have their error in its `error` column and in RUN/run.log), 130 interrupted.
+EXIT_CASES_FAILED = 3
+
+
+def _failures(run) -> int:
+    """Print the failed cases of a run (if any) and return the exit code they call for."""
+    from .pipeline import failed_cases
+
+    failed = failed_cases(run)
+    if not failed:
+        return 0
+    print(f"auvcore: {len(failed)} case(s) could not be scored (details in {Path(run) / 'run.log'}; "
+          "run the same command again to retry them):", file=sys.stderr)
+    for c, err in failed.items():
+        print(f"  {c}: {err}", file=sys.stderr)
+    return EXIT_CASES_FAILED
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "score":
@@ -96,6 +115,7 @@ def run(argv=None) -> int:
             raise ValueError(f"--limit: expected a positive number, got {args.limit}")
         table = _score(args, args.dataset, args.out)
         print(f"scores: {table}")
+        return _failures(args.out)
     elif args.command == "filter":
         from .pipeline import filter_run
 
@@ -122,6 +142,7 @@ def run(argv=None) -> int:
         print("[4/4] report", flush=True)
         page = write_report(out / "run", args.quantile)
         print(f"done in {time.time() - t0:.0f} s. report: {page.resolve()}")
+        return _failures(out / "run")
     elif args.command == "bench":
         d = Path(args.dir)
         scripts = sorted(d.glob("bench_*.py")) if d.is_dir() else []

@@ -3,6 +3,8 @@
 A run folder holds:
   settings.json          what was scored and how (a restart with other settings is refused)
   cases/<case>.npz       one file per finished case, written atomically: the unit of resumption
+  cases/<case>.error.json  a case that could not be read, encoded or scored: its error (retried on restart)
+  run.log                one line per failed case; the traceback too where the error is a bug
   scores.parquet (.csv)  the table, rebuilt from the case files, so an interrupted and resumed run ends
                          with the same table as an uninterrupted one
   filter/                kept.txt, dropped.txt, splits_final.json, summary.json (``filter_run``)
@@ -13,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -156,11 +159,44 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
         enc = get_encoder(encoder, **kw)
         bar = _progress(len(cases), len(cases) - len(todo), progress)
         for case in todo:
-            vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
-            _save_case(run, case.case_id, score_case(enc, vol, ds.num_classes, mode, input))
+            # One bad case never stops the run: its error is recorded and the next case goes on.
+            try:
+                vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
+                result = score_case(enc, vol, ds.num_classes, mode, input)
+            except Exception as e:  # noqa: BLE001 - recorded per case, see _record_failure
+                msg = _record_failure(run, case.case_id, e)
+                bar.write(f"auvcore: case {case.case_id} failed: {msg}")
+            else:
+                _save_case(run, case.case_id, result)
+                _error_file(run, case.case_id).unlink(missing_ok=True)
             bar.update(1)
         bar.close()
     return write_table(run, [c.case_id for c in cases], ds, csv=csv)
+
+
+# Errors that bad input data raises (unreadable or inconsistent files, labels out of range, NaN in the
+# image): one line in the log. Anything else is a bug and keeps its traceback there.
+EXPECTED_ERRORS = (ValueError, OSError, EOFError, KeyError, ImportError, MemoryError)
+
+
+def _error_file(run: Path, case_id: str) -> Path:
+    return run / "cases" / f"{case_id}.error.json"
+
+
+def _record_failure(run: Path, case_id: str, e: Exception) -> str:
+    msg = f"{type(e).__name__}: {e}"
+    expected = isinstance(e, EXPECTED_ERRORS)
+    tb = "" if expected else traceback.format_exc()
+    atomic_text(_error_file(run, case_id), json.dumps({"error": msg, "bug": not expected}, indent=1))
+    with open(run / "run.log", "a", encoding="utf-8") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} case {case_id} failed: {msg}\n{tb}")
+    return msg if expected else f"{msg} (a bug: traceback in {run / 'run.log'})"
+
+
+def failed_cases(run) -> dict[str, str]:
+    """The cases of the table whose scoring failed, with their error message."""
+    df = read_table(Path(run))
+    return {c: e for c, e in zip(df["case"], df["error"]) if e}
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -187,6 +223,12 @@ def _rank01(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _row_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over the non-NaN entries of each row; NaN (without numpy's warning) for a row of NaN only."""
+    n = (~np.isnan(x)).sum(axis=1)
+    return np.where(n > 0, np.nansum(x, axis=1) / np.maximum(n, 1), np.nan)
+
+
 def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
     """Assemble the table from the case files: AUV normalised over the whole scored set."""
     import pandas as pd
@@ -194,19 +236,31 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
     from .baselines import MahalanobisScorer
 
     settings = _settings(run)
-    rows = [_load_case(run, c) for c in case_ids]
+    K = int(settings["num_classes"])
+    errors = {}
+    rows = []
+    for c in case_ids:
+        if _case_file(run, c).exists():
+            rows.append(_load_case(run, c))
+            continue
+        try:
+            errors[c] = json.loads(_error_file(run, c).read_text(encoding="utf-8"))["error"]
+        except (OSError, ValueError, KeyError):
+            errors[c] = "not scored"
+        rows.append(_failed_row(K))
     S = np.stack([r["S"] for r in rows])
-    K = S.shape[1]
     fg = list(range(1, K)) if K > 1 else [0]
     sample_S = A.sample_scale(S, fg, settings["reduction"])
     auv_sample = A.auv(sample_S)
     auv_class = A.auv(S)
     var = np.stack([r["variance"] for r in rows])
-    means = np.stack([r["means"] for r in rows]).astype(np.float64)
+    C = max((r["means"].shape[1] for r in rows if r["means"].size), default=0)
+    means = np.stack([r["means"] if r["means"].size else np.full((K, C), np.nan) for r in rows]).astype(np.float64)
     maha = MahalanobisScorer().fit(means).fit_score(means) if len(rows) >= 2 else np.full_like(S, np.nan)
-    table = {"case": case_ids, "sample_scale": sample_S, "auv": auv_sample,
-             "variance_score": np.nanmean(_rank01(var[:, fg]), axis=1) if len(rows) > 1 else np.nan,
-             "mahalanobis_score": np.nanmean(_rank01(np.asarray(maha)[:, fg]), axis=1) if len(rows) > 1 else np.nan}
+    table = {"case": case_ids, "error": [errors.get(c, "") for c in case_ids], "sample_scale": sample_S,
+             "auv": auv_sample,
+             "variance_score": _row_mean(_rank01(var[:, fg])) if len(rows) > 1 else np.nan,
+             "mahalanobis_score": _row_mean(_rank01(np.asarray(maha)[:, fg])) if len(rows) > 1 else np.nan}
     if ds.corruption:
         table["corrupted"] = [bool(ds.corruption.get(c, {}).get("corrupted", False)) for c in case_ids]
         table["corruption_kind"] = [ds.corruption.get(c, {}).get("kind") or "" for c in case_ids]
@@ -214,7 +268,7 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
         if k >= K:
             continue
         table[f"S[{name}]"] = S[:, k]
-        table[f"voxels[{name}]"] = np.stack([r["counts"] for r in rows])[:, k]
+        table[f"voxels[{name}]"] = pd.array(np.stack([r["counts"] for r in rows])[:, k], dtype="Int64")
         table[f"auv[{name}]"] = auv_class[:, k]
         table[f"variance[{name}]"] = var[:, k]
         table[f"mahalanobis[{name}]"] = np.asarray(maha)[:, k]
@@ -224,6 +278,12 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
     if csv:
         atomic_write(run / "scores.csv", lambda tmp: df.to_csv(tmp, index=False))
     return path
+
+
+def _failed_row(K: int) -> dict:
+    """The table's row of a case that was not scored: NaN everywhere, no voxel counts."""
+    nan = np.full(K, np.nan)
+    return {"S": nan, "counts": np.full(K, None, dtype=object), "variance": nan, "means": np.empty((K, 0))}
 
 
 def read_table(run: Path):

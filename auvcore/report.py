@@ -218,6 +218,11 @@ def _html(settings, df, figs, metrics, q, cut) -> str:
                     f"<th>precision at the Q({q:g}) cut</th></tr>{metric_rows}</table>") if metrics else ""
     imgs = "".join(f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(c)}</figcaption></figure>' for n, c in figs)
     dropped = int((df["auv"] > cut).sum())
+    failed = [(c, err) for c, err in zip(df["case"], df["error"]) if err] if "error" in df else []
+    failed_html = (f"<h2>Cases that could not be scored ({len(failed)})</h2><p>They have no AUV and are kept by the "
+                   "filter; <code>run.log</code> in the run folder has the details.</p><table><tr><th>case</th>"
+                   "<th>error</th></tr>" + "".join(f"<tr><td>{e(str(c))}</td><td>{e(str(m))}</td></tr>" for c, m in failed)
+                   + "</table>") if failed else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>auvcore report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
@@ -232,5 +237,6 @@ Filter at quantile {q:g}: AUV cut {cut:.4f}, {dropped} case(s) dropped.</p>
 {imgs}
 <h2>Most uncertain cases</h2>
 <table><tr><th>case</th><th>AUV</th><th>sample scale</th>{'<th>corrupted</th>' if 'corrupted' in df else ''}</tr>{rows}</table>
+{failed_html}
 </body></html>
 """

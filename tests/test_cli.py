@@ -42,7 +42,8 @@ def test_score_writes_the_table(run):
     assert s_cols and np.allclose(df[s_cols].mean(axis=1, skipna=True), df["sample_scale"])
     assert (df[[c for c in df.columns if c.startswith("voxels[")]].sum(axis=1) > 0).all()
     csv = pd.read_csv(run / "scores.csv")
-    csv["corruption_kind"] = csv["corruption_kind"].fillna("")  # CSV cannot tell "" from a missing value
+    for col in ("corruption_kind", "error"):  # CSV cannot tell "" from a missing value
+        csv[col] = csv[col].astype(object).fillna("")
     pd.testing.assert_frame_equal(csv, df, check_dtype=False)
     settings = json.loads((run / "settings.json").read_text())
     assert settings["encoder"] == "random3d" and settings["mode"] == "masked"
@@ -165,3 +166,65 @@ def test_help_reads_well():
     assert out.returncode == 0
     for word in ("score", "filter", "report", "demo", "bench", "examples:"):
         assert word in out.stdout
+
+
+def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch):
+    """An unreadable image, a label out of range and a bug in one case: the other cases are scored, each
+    failure is in the table's error column, the log and the summary, the exit code is 3, and a restart
+    after the data is mended retries exactly the failed cases."""
+    import nibabel as nib
+
+    import auvcore.pipeline as P
+
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (d / "labelsTr").glob("*.nii.gz"))
+    broken_img, bad_label, buggy = ids[1], ids[4], ids[7]
+    img_path = d / "imagesTr" / f"{broken_img}_0000.nii.gz"
+    good_img = img_path.read_bytes()
+    img_path.write_bytes(good_img[:200])  # truncated gzip
+    lab_path = d / "labelsTr" / f"{bad_label}.nii.gz"
+    good_lab = lab_path.read_bytes()
+    lab = nib.load(lab_path)
+    arr = np.asarray(lab.dataobj).copy()
+    arr[0, 0, 0] = 99
+    nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), lab_path)
+    real_score_case = P.score_case
+
+    def score_case(enc, vol, *a, **k):
+        if vol.case_id == buggy:
+            raise IndexError("a bug in the scoring code")
+        return real_score_case(enc, vol, *a, **k)
+
+    monkeypatch.setattr(P, "score_case", score_case)
+    out = tmp_path / "r"
+    assert main(["score", str(d), "--encoder", "random3d", "--out", str(out), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "3 case(s) could not be scored" in err and "Traceback" not in err
+    for c in (broken_img, bad_label, buggy):
+        assert f"  {c}: " in err
+    df = pd.read_parquet(out / "scores.parquet")
+    failed = df[df["error"] != ""]
+    assert sorted(failed["case"]) == sorted([broken_img, bad_label, buggy])
+    assert "99" in failed.set_index("case").loc[bad_label, "error"]
+    assert failed["auv"].isna().all() and failed["sample_scale"].isna().all()
+    ok = df[df["error"] == ""]
+    assert len(ok) == N_CASES - 3 and ok["auv"].max() == pytest.approx(1.0) and ok["auv"].notna().all()
+    log = (out / "run.log").read_text()
+    assert log.count("failed:") == 3
+    assert log.count("Traceback") == 1 and "IndexError: a bug in the scoring code" in log
+    # filter and report go on with the cases that scored
+    assert main(["filter", str(out)]) == 0
+    assert main(["report", str(out)]) == 0
+    assert buggy in (out / "report" / "index.html").read_text()
+
+    # mend the data, drop the bug: the restart scores the three failed cases and nothing else
+    img_path.write_bytes(good_img)
+    lab_path.write_bytes(good_lab)
+    monkeypatch.setattr(P, "score_case", real_score_case)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.npz")}
+    assert main(["score", str(d), "--encoder", "random3d", "--out", str(out), "--no-progress"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.npz") if p.name in stamps} == stamps
+    assert not list((out / "cases").glob("*.error.json"))
+    df = pd.read_parquet(out / "scores.parquet")
+    assert (df["error"] == "").all() and df["auv"].notna().all()
