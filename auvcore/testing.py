@@ -51,8 +51,21 @@ def haar_orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def matrix(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
-    """One symmetric n x n float64 matrix of the given kind (both triangles equal)."""
+def reflected(rng: np.random.Generator, lam: np.ndarray, reflectors: int = 4) -> np.ndarray:
+    """``Q diag(λ) Qᵀ`` with ``Q`` a product of random Householder reflectors: dense, O(n²) each, for sizes
+    where a Haar ``Q`` (a QR of n x n) costs more than the solve under test."""
+    a = np.diag(lam.astype(np.float64))
+    for _ in range(reflectors):
+        u = rng.standard_normal(len(lam))
+        u /= np.linalg.norm(u)
+        au = a @ u
+        a = a - 2.0 * np.outer(u, au) - 2.0 * np.outer(au, u) + 4.0 * (u @ au) * np.outer(u, u)
+    return a
+
+
+def matrix(rng: np.random.Generator, n: int, kind: str, haar: bool = True) -> np.ndarray:
+    """One symmetric n x n float64 matrix of the given kind (both triangles equal); ``haar=False`` mixes the
+    spectrum with a few reflectors instead of a Haar-random rotation (large n)."""
     if kind == "zero":
         return np.zeros((n, n))
     if kind == "gram":  # few samples, a large offset, uncentred or centred: masked mode's small classes
@@ -68,7 +81,10 @@ def matrix(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
         a = np.diag(np.abs(np.arange(n) - h)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
     else:
         lam = spectrum(rng, n, kind)
-        q = haar_orthogonal(rng, n)
-        a = (q * lam) @ q.T
+        if haar:
+            q = haar_orthogonal(rng, n)
+            a = (q * lam) @ q.T
+        else:
+            a = reflected(rng, lam)
     return (a + a.T) / 2.0
 
