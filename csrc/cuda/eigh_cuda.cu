@@ -102,10 +102,10 @@ __device__ void tridiagonalise(double* A, int n, double* d, double* e, double* u
   __syncthreads();
 }
 
-// All eigenvalues of the tridiagonal (d, e2) into out[0..n) (ascending, times `up`): groups of g lanes
+// All eigenvalues of the tridiagonal (d, e2) into out[0..n) (ascending, times 2^ex): groups of g lanes
 // share an eigenvalue (g = 1 for n >= blockDim / 2). Every thread runs the same rounds and steps, inactive
 // lanes included, so the full-warp ballots never diverge.
-__device__ void multisect_all(const double* d, const double* e2, int n, const Bracket& br, double up, double* out) {
+__device__ void multisect_all(const double* d, const double* e2, int n, const Bracket& br, int ex, double* out) {
   const int g = multisect_lanes(n, blockDim.x);
   const int lane = threadIdx.x & 31, sub = lane & (g - 1);
   const unsigned group = (g == 32 ? 0xffffffffu : ((1u << g) - 1u)) << (lane & ~(g - 1));
@@ -121,7 +121,7 @@ __device__ void multisect_all(const double* d, const double* e2, int n, const Br
       const int q = __popc(__ballot_sync(0xffffffffu, below) & group);
       multisect_update(lo, hi, q, g);
     }
-    if (active && sub == 0) out[k] = up * (0.5 * (lo + hi));
+    if (active && sub == 0) out[k] = ldexp(0.5 * (lo + hi), ex);
   }
 }
 
@@ -147,15 +147,15 @@ __global__ void __launch_bounds__(NT, 2) scale_kernel(const ScaleArgs a) {
     double* w = u + p;
     double* red = w + p;
 
-    // Scale by a power of two near 1/trace (exact, undone on the eigenvalues): entries of a PSD matrix are
-    // bounded by its trace, so no square in the reduction over- or underflows whatever the data's units.
-    double tr = 0.0;
-    for (int j = tid; j < p; j += blockDim.x) tr += Gi[(size_t)j * p + j];
-    tr = block_reduce<Red::Sum>(tr, red);
+    // Scale by a power of two near 1/max|a_ij| (exact, undone on the eigenvalues), so that no square in the
+    // reduction over- or underflows whatever the data's units, indefinite matrices included. ldexp per entry,
+    // not a multiplication by 2^-ex: for a matrix of denormals 2^-ex itself overflows.
+    double amax = 0.0;
+    for (size_t j = tid; j < (size_t)p * p; j += blockDim.x) amax = fmax(amax, fabs(Gi[j]));
+    amax = block_reduce<Red::Max>(amax, red);
     int ex = 0;
-    if (tr > 0.0 && isfinite(tr)) frexp(tr, &ex);
-    const double down = ldexp(1.0, -ex), up = ldexp(1.0, ex);
-    for (size_t j = tid; j < (size_t)p * p; j += blockDim.x) A[j] = Gi[j] * down;
+    if (amax > 0.0 && isfinite(amax)) frexp(amax, &ex);
+    for (size_t j = tid; j < (size_t)p * p; j += blockDim.x) A[j] = ldexp(Gi[j], -ex);
     __syncthreads();
 
     tridiagonalise(A, p, d, e, u, w, red);
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(NT, 2) scale_kernel(const ScaleArgs a) {
     gu = block_reduce<Red::Max>(gu, red);
     me2 = block_reduce<Red::Max>(me2, red);
     const Bracket br = bracket_from(gl, gu, me2, p);
-    multisect_all(d, w, p, br, up, u);  // ascending eigenvalues into u
+    multisect_all(d, w, p, br, ex, u);  // ascending eigenvalues into u
     __syncthreads();
 
     if (a.evals)
