@@ -40,6 +40,18 @@ def _add_score_args(p, dataset: bool = True):
                    help="feed the raw image or the annotation-normalized image x̂")
     p.add_argument("--reduction", default="mean", choices=["mean", "sum"], help="class scales -> sample scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the random3d encoder")
+    p.add_argument("--force", action="store_true",
+                   help="start the run folder over (delete its results) instead of resuming it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("auvcore")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="auvcore", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Aleatoric uncertainty (AUV) of a medical segmentation data set from foundation-model "
                     "features: find and filter the noisiest training cases.")
+    ap.add_argument("--version", action="version", version=f"auvcore {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("score", help="score every case (resumable) and write the AUV table",
@@ -56,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_args(p)
     p.add_argument("--csv", action="store_true", help="also write RUN/scores.csv")
     p.add_argument("--limit", type=int, default=None, help="score only the first N cases")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("filter", help="drop the most uncertain cases; write kept/dropped lists and nnU-Net splits",
                        description="Keep case i iff AUV_i <= Q(quantile) (inverted-CDF quantile of the run's AUVs), "
@@ -86,7 +98,7 @@ def _score(args, dataset, out):
 
     return score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
                          input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
-                         limit=getattr(args, "limit", None), progress=not getattr(args, "no_progress", False))
+                         limit=getattr(args, "limit", None), progress=not args.no_progress, force=args.force)
 
 
 # Exit codes: 0 all cases scored, 2 bad invocation (nothing scored), 3 some cases failed (the table holds the

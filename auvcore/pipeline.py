@@ -11,6 +11,7 @@ A run folder holds:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from . import scores as A
+from .data.io import umask_mode
 from .scale import energy_spectrum
 
 TABLE = "scores.parquet"
@@ -36,6 +38,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, umask_mode())
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -71,7 +74,52 @@ def _check_same_settings(run: Path, new: dict) -> None:
     diff = [k for k in SETTINGS_KEYS if old.get(k) != new.get(k)]
     if diff:
         what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-        raise ValueError(f"--out: {run} holds a run with other settings ({what}); use another --out folder")
+        raise ValueError(f"--out: {run} holds a run with other settings ({what}); use another --out folder, "
+                         "or --force to start this one over")
+
+
+RUN_ENTRIES = ("settings.json", "cases", TABLE, "scores.csv", "run.log", "filter", "report")
+
+
+def _clear_run(run: Path) -> None:
+    """Remove what a scoring run wrote into ``run`` (--force); refuse a folder that is not a run."""
+    import shutil
+
+    if not run.exists():
+        return
+    if not ((run / "settings.json").exists() or (run / "cases").is_dir()):
+        if any(run.iterdir()):
+            raise ValueError(f"--force: {run} is not an auvcore run folder; refusing to delete anything in it")
+        return
+    for name in RUN_ENTRIES:
+        p = run / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _fingerprint(case, settings: dict) -> str:
+    """What a case's result depends on: its image and label files (path, size, modification time) and the
+    settings that change its numbers. A stored result with another fingerprint is stale and is rescored."""
+    h = hashlib.sha256()
+    for p in (case.image, case.label):
+        try:
+            st = os.stat(p)
+            h.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns};".encode())
+        except (OSError, TypeError):
+            h.update(f"{p}|missing;".encode())
+    keys = (*SETTINGS_KEYS, "num_classes", "modality")
+    h.update(json.dumps({k: settings.get(k) for k in keys}, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def _stored_fingerprint(run: Path, case_id: str) -> str | None:
+    try:
+        with np.load(_case_file(run, case_id)) as z:
+            return str(z["fingerprint"]) if "fingerprint" in z.files else None
+    except (OSError, ValueError, EOFError):  # missing or unreadable: not done
+        return None
 
 
 # ---- scoring one case --------------------------------------------------------------------------------
@@ -126,8 +174,12 @@ def _load_case(run: Path, case_id: str) -> dict:
 
 def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", weights: str = "astra",
                   mode: str = "masked", input: str = "raw", reduction: str = "mean", seed: int = 0,
-                  csv: bool = False, limit: int | None = None, progress: bool = True) -> Path:
-    """Score every case of ``dataset`` into the run folder ``out`` (resumable); returns the table path."""
+                  csv: bool = False, limit: int | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Score every case of ``dataset`` into the run folder ``out`` (resumable); returns the table path.
+
+    A case is scored again when its stored result is missing, failed, or stale (its files or the settings
+    changed since). Nothing is written before the arguments, the data set and the encoder are checked.
+    ``force`` starts the run folder over."""
     from .data import discover, load_case
     from .encoders import get_encoder
 
@@ -144,21 +196,30 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
                 "weights": weights if encoder == "merlin" else None, "mode": mode, "input": input,
                 "reduction": reduction, "seed": seed, "num_classes": ds.num_classes,
                 "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality}
-    if (run / "settings.json").exists():
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out: {run} is a file, not a folder")
+    if (run / "settings.json").exists() and not force:
         _check_same_settings(run, settings)
-    elif run.exists() and run.is_dir() and any(run.iterdir()):
+    elif run.exists() and any(run.iterdir()) and not force:
         raise ValueError(f"--out: {run} exists and is not an auvcore run folder; use an empty or new folder")
-    else:
-        atomic_text(run / "settings.json", json.dumps(settings, indent=2))
-
-    todo = [c for c in cases if not _case_file(run, c.case_id).exists()]
-    if todo:
+    fingerprints = {c.case_id: _fingerprint(c, settings) for c in cases}
+    stale = force or not (run / "settings.json").exists()
+    todo = [c for c in cases if stale or _stored_fingerprint(run, c.case_id) != fingerprints[c.case_id]]
+    enc = None
+    if todo:  # built before anything is written: a bad --layer or --weights leaves the folder as it was
         kw = {"layer": layer, "seed": seed} if encoder == "random3d" else {"layer": layer}
         if encoder == "merlin":
             kw["weights"] = weights
         enc = get_encoder(encoder, **kw)
+    if force:
+        _clear_run(run)
+    # Rewritten each time: class names may have changed with the data set (its cases are then stale too).
+    atomic_text(run / "settings.json", json.dumps(settings, indent=2))
+
+    if todo:
         bar = _progress(len(cases), len(cases) - len(todo), progress)
         for case in todo:
+            _case_file(run, case.case_id).unlink(missing_ok=True)  # a stale result must not outlive a failure
             # One bad case never stops the run: its error is recorded and the next case goes on.
             try:
                 vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
@@ -167,7 +228,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
                 msg = _record_failure(run, case.case_id, e)
                 bar.write(f"auvcore: case {case.case_id} failed: {msg}")
             else:
-                _save_case(run, case.case_id, result)
+                _save_case(run, case.case_id, {**result, "fingerprint": np.array(fingerprints[case.case_id])})
                 _error_file(run, case.case_id).unlink(missing_ok=True)
             bar.update(1)
         bar.close()

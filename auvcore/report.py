@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scores as A
+from .data.io import umask_mode
 from .pipeline import _settings, case_spectrum, read_table
 
 SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"))
@@ -88,6 +89,7 @@ def write_report(run, quantile: float | None = None) -> Path:
     auv = df["auv"].to_numpy(dtype=np.float64)
     cut = A.inverted_cdf_quantile(auv, q)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run))
+    os.chmod(tmp, umask_mode(0o777))
     figs: list[tuple[str, str]] = []
 
     def save(fig, name, caption):

@@ -228,3 +228,76 @@ def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch)
     assert not list((out / "cases").glob("*.error.json"))
     df = pd.read_parquet(out / "scores.parquet")
     assert (df["error"] == "").all() and df["auv"].notna().all()
+
+
+def _score(d, out, *extra):
+    return main(["score", str(d), "--encoder", "random3d", "--out", str(out), "--no-progress", *extra])
+
+
+def test_resume_rescores_changed_inputs_only(data, tmp_path):
+    """A case whose label changed since it was scored is scored again; the others are not."""
+    import nibabel as nib
+
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    out = tmp_path / "r"
+    assert _score(d, out) == 0
+    before = pd.read_parquet(out / "scores.parquet").set_index("case")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.npz")}
+    cid = before.index[2]
+    lab_path = d / "labelsTr" / f"{cid}.nii.gz"
+    lab = nib.load(lab_path)
+    arr = np.asarray(lab.dataobj).copy()
+    vox = [c for c in before.columns if c.startswith("voxels[")]
+    gone = next(c for c in vox if before.loc[cid, c] > 0)  # delete one class that is present
+    name = gone[len("voxels["):-1]
+    value = int(json.loads((d / "dataset.json").read_text())["labels"][name])
+    arr[arr == value] = 0
+    nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), lab_path)
+    assert _score(d, out) == 0
+    after = pd.read_parquet(out / "scores.parquet").set_index("case")
+    assert after.loc[cid, gone] == 0 and before.loc[cid, gone] > 0
+    changed = {p.name for p in (out / "cases").glob("*.npz") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {f"{cid}.npz"}
+
+
+def test_a_bad_argument_leaves_the_folder_usable_and_force_starts_over(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _score(data, out, "--layer", "layer9") == 2
+    assert "layer" in capsys.readouterr().err
+    assert not (out / "settings.json").exists()  # nothing written: the corrected command is not refused
+    assert _score(data, out, "--limit", "3") == 0
+    # other settings: refused, and --force names itself as the way out
+    assert _score(data, out, "--limit", "3", "--mode", "decoded") == 2
+    assert "--force" in capsys.readouterr().err
+    assert _score(data, out, "--limit", "3", "--mode", "decoded", "--force") == 0
+    assert json.loads((out / "settings.json").read_text())["mode"] == "decoded"
+    # --force never deletes a folder that is not a run
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert _score(data, other, "--force") == 2
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_outputs_follow_the_umask(data, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "r"
+        assert _score(data, out, "--limit", "3") == 0
+        assert main(["filter", str(out)]) == 0
+        assert main(["report", str(out)]) == 0
+    finally:
+        os.umask(old)
+    for p in [out / "scores.parquet", out / "settings.json", out / "filter" / "kept.txt",
+              out / "report" / "index.html", *(out / "cases").glob("*.npz")]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
+    assert (out / "report").stat().st_mode & 0o777 == 0o755
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("auvcore ")

@@ -26,6 +26,14 @@ _NRRD_SPACE_TO_RAS = {
 }
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode a plain ``open`` would give. The temporary files and folders
+    of the atomic writes are created 0600/0700, which would leave a run unreadable to colleagues."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def image_format(path: str | os.PathLike) -> str:
     """``"nifti"`` or ``"nrrd"`` from the file name; ``ValueError`` for anything else."""
     name = Path(path).name.lower()
@@ -109,6 +117,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, umask_mode())
     try:
         if fmt == "nifti":
             import nibabel as nib
