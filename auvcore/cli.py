@@ -102,22 +102,31 @@ def _score(args, dataset, out):
 
 
 # Exit codes: 0 all cases scored, 2 bad invocation (nothing scored), 3 some cases failed (the table holds the
-# others; the failed ones have their error in its `error` column and in RUN/run.log), 130 interrupted.
+# others; the failed ones have their error in its `error` column and in RUN/run.log), 4 no case has an AUV
+# (nothing useful was scored), 130 interrupted.
 EXIT_CASES_FAILED = 3
+EXIT_NO_AUV = 4
 
 
 def _failures(run) -> int:
-    """Print the failed cases of a run (if any) and return the exit code they call for."""
-    from .pipeline import failed_cases
+    """Print the failed and the unscorable cases of a run (if any) and return the exit code they call for."""
+    from .pipeline import failed_cases, read_table, unscored_notes
 
-    failed = failed_cases(run)
-    if not failed:
-        return 0
-    print(f"auvcore: {len(failed)} case(s) could not be scored (details in {Path(run) / 'run.log'}; "
-          "run the same command again to retry them):", file=sys.stderr)
-    for c, err in failed.items():
-        print(f"  {c}: {err}", file=sys.stderr)
-    return EXIT_CASES_FAILED
+    failed, notes = failed_cases(run), unscored_notes(run)
+    if notes:
+        print(f"auvcore: {len(notes)} case(s) have no AUV or classes without a scale (the table's `reason` "
+              "column):", file=sys.stderr)
+        for c, why in notes.items():
+            print(f"  {c}: {why}", file=sys.stderr)
+    if failed:
+        print(f"auvcore: {len(failed)} case(s) could not be scored (details in {Path(run) / 'run.log'}; "
+              "run the same command again to retry them):", file=sys.stderr)
+        for c, err in failed.items():
+            print(f"  {c}: {err}", file=sys.stderr)
+    if read_table(Path(run))["auv"].isna().all():
+        print("auvcore: no case has an AUV: nothing useful was scored", file=sys.stderr)
+        return EXIT_NO_AUV
+    return EXIT_CASES_FAILED if failed else 0
 
 
 def run(argv=None) -> int:

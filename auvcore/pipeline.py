@@ -133,6 +133,7 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
 
     feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
     counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
+    label_counts = np.bincount(np.asarray(volume.label).reshape(-1), minlength=num_classes)[:num_classes]
     if mode == "masked":
         S = masked_semantic_scale(feats, lab, num_classes)[0].double().numpy()
         spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
@@ -147,6 +148,7 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
     return {
         "S": S,
         "counts": counts.astype(np.int64),
+        "label_counts": label_counts.astype(np.int64),
         "spectrum": spec.astype(np.float32),
         "means": class_means(feats, lab, num_classes).numpy().astype(np.float32),
         "variance": intensity_variance(volume.image, volume.label, num_classes),
@@ -223,6 +225,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
             # One bad case never stops the run: its error is recorded and the next case goes on.
             try:
                 vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
+                _check_label_values(case, vol.label, ds.class_names)
                 result = score_case(enc, vol, ds.num_classes, mode, input)
             except Exception as e:  # noqa: BLE001 - recorded per case, see _record_failure
                 msg = _record_failure(run, case.case_id, e)
@@ -233,6 +236,14 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
             bar.update(1)
         bar.close()
     return write_table(run, [c.case_id for c in cases], ds, csv=csv)
+
+
+def _check_label_values(case, label: np.ndarray, class_names: dict) -> None:
+    """Every label value must be a class of dataset.json: an undeclared one would be scored silently."""
+    bad = sorted(int(v) for v in np.unique(label) if int(v) not in class_names)
+    if bad:
+        declared = ", ".join(f"{k}={v}" for k, v in sorted(class_names.items()))
+        raise ValueError(f"label {case.label}: values {bad} are not among the classes of dataset.json ({declared})")
 
 
 # Errors that bad input data raises (unreadable or inconsistent files, labels out of range, NaN in the
@@ -258,6 +269,12 @@ def failed_cases(run) -> dict[str, str]:
     """The cases of the table whose scoring failed, with their error message."""
     df = read_table(Path(run))
     return {c: e for c, e in zip(df["case"], df["error"]) if e}
+
+
+def unscored_notes(run) -> dict[str, str]:
+    """The scored cases with no AUV or with classes that could not be scored, with the reason."""
+    df = read_table(Path(run))
+    return {c: r for c, r in zip(df["case"], df["reason"]) if r}
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -318,8 +335,10 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
     C = max((r["means"].shape[1] for r in rows if r["means"].size), default=0)
     means = np.stack([r["means"] if r["means"].size else np.full((K, C), np.nan) for r in rows]).astype(np.float64)
     maha = MahalanobisScorer().fit(means).fit_score(means) if len(rows) >= 2 else np.full_like(S, np.nan)
-    table = {"case": case_ids, "error": [errors.get(c, "") for c in case_ids], "sample_scale": sample_S,
-             "auv": auv_sample,
+    names = dict(_class_columns(settings["class_names"]))
+    table = {"case": case_ids, "error": [errors.get(c, "") for c in case_ids],
+             "reason": [_why_nan(r, names, fg, c in errors) for c, r in zip(case_ids, rows)],
+             "sample_scale": sample_S, "auv": auv_sample,
              "variance_score": _row_mean(_rank01(var[:, fg])) if len(rows) > 1 else np.nan,
              "mahalanobis_score": _row_mean(_rank01(np.asarray(maha)[:, fg])) if len(rows) > 1 else np.nan}
     if ds.corruption:
@@ -339,6 +358,22 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
     if csv:
         atomic_write(run / "scores.csv", lambda tmp: df.to_csv(tmp, index=False))
     return path
+
+
+def _why_nan(row: dict, names: dict, fg: list[int], failed: bool) -> str:
+    """Why a scored case has no AUV, or which of its classes could not be scored: a class with fewer than 2
+    voxels at the encoder's grid has no S (small structures vanish on coarse feature grids)."""
+    if failed:
+        return ""
+    counts, label = row["counts"], row.get("label_counts")
+    vanished = [f"{names.get(k, k)} ({int(label[k])} voxels -> {int(counts[k])} at the encoder's grid)"
+                for k in fg if label is not None and label[k] > 0 and counts[k] < 2]
+    if np.isnan(row["S"][fg]).all():
+        if label is not None and not label[fg].any():
+            return "no AUV: the label has no foreground class"
+        return "no AUV: no foreground class has 2 voxels at the encoder's grid" + (
+            f"; vanished: {', '.join(vanished)}" if vanished else "")
+    return f"not scored: {', '.join(vanished)}" if vanished else ""
 
 
 def _failed_row(K: int) -> dict:

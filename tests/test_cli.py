@@ -42,7 +42,7 @@ def test_score_writes_the_table(run):
     assert s_cols and np.allclose(df[s_cols].mean(axis=1, skipna=True), df["sample_scale"])
     assert (df[[c for c in df.columns if c.startswith("voxels[")]].sum(axis=1) > 0).all()
     csv = pd.read_csv(run / "scores.csv")
-    for col in ("corruption_kind", "error"):  # CSV cannot tell "" from a missing value
+    for col in ("corruption_kind", "error", "reason"):  # CSV cannot tell "" from a missing value
         csv[col] = csv[col].astype(object).fillna("")
     pd.testing.assert_frame_equal(csv, df, check_dtype=False)
     settings = json.loads((run / "settings.json").read_text())
@@ -301,3 +301,41 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("auvcore ")
+
+
+def test_labels_checked_against_dataset_json_and_nan_explained(data, tmp_path, capsys):
+    """A label value that dataset.json does not declare fails its case (naming file and values) instead of
+    being scored silently; an all-background case says why it has no AUV; no AUV at all exits 4."""
+    import nibabel as nib
+
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (d / "labelsTr").glob("*.nii.gz"))
+    present = {cid: set(np.unique(np.asarray(nib.load(d / "labelsTr" / f"{cid}.nii.gz").dataobj)).tolist())
+               for cid in ids}
+    meta = json.loads((d / "dataset.json").read_text())
+    top = max(int(v) for v in meta["labels"].values())
+    value = next(v for v in range(1, top) if any(v in present[c] for c in ids[1:]))
+    name = next(k for k, v in meta["labels"].items() if int(v) == value)
+    del meta["labels"][name]  # the value stays inside 0..max but is no longer a class
+    (d / "dataset.json").write_text(json.dumps(meta))
+    has_v = {c for c in ids[1:] if value in present[c]}
+    lab = nib.load(d / "labelsTr" / f"{ids[0]}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), d / "labelsTr" / f"{ids[0]}.nii.gz")
+    out = tmp_path / "r"
+    assert _score(d, out) == 3
+    err = capsys.readouterr().err
+    df = pd.read_parquet(out / "scores.parquet").set_index("case")
+    for cid in has_v:
+        assert f"values [{value}] are not among the classes of dataset.json" in df.loc[cid, "error"]
+        assert f"labelsTr/{cid}.nii.gz" in df.loc[cid, "error"]
+    assert df.loc[ids[0], "reason"] == "no AUV: the label has no foreground class"
+    assert np.isnan(df.loc[ids[0], "auv"]) and f"{ids[0]}: no AUV" in err
+
+    empty = tmp_path / "empty"
+    shutil.copytree(data, empty)
+    for p in (empty / "labelsTr").glob("*.nii.gz"):
+        lab = nib.load(p)
+        nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), p)
+    assert _score(empty, tmp_path / "r_empty", "--limit", "2") == 4
+    assert "nothing useful was scored" in capsys.readouterr().err
