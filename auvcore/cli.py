@@ -32,14 +32,16 @@ def _add_score_args(p, dataset: bool = True):
         p.add_argument("--out", required=True, help="run folder (created; an interrupted run resumes from it)")
     p.add_argument("--encoder", default="merlin", choices=["merlin", "random3d", "sam2"],
                    help="feature encoder (default: merlin, the embedded Merlin/Astra 3-D CT encoder)")
-    p.add_argument("--layer", default="layer2", help="encoder layer whose features are scored (default: layer2)")
-    p.add_argument("--weights", default="astra", help="merlin weights: astra (default), random, or a file")
+    p.add_argument("--layer", help="merlin, random3d: layer whose features are scored (default: layer2)")
+    p.add_argument("--weights", help="merlin: astra (default), random, or a file")
+    p.add_argument("--checkpoint", help="sam2: local checkpoint file (required; nothing is downloaded)")
+    p.add_argument("--config", help="sam2: the sam2 config name (default: configs/sam2.1/sam2.1_hiera_t.yaml)")
     p.add_argument("--mode", default="masked", choices=["masked", "decoded"],
                    help="masked: within-class embedding covariance; decoded: prototype-similarity maps")
     p.add_argument("--input", default="raw", choices=["raw", "normalized"],
                    help="feed the raw image or the annotation-normalized image x̂")
     p.add_argument("--reduction", default="mean", choices=["mean", "sum"], help="class scales -> sample scale")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random3d encoder")
+    p.add_argument("--seed", type=int, help="merlin (random weights), random3d: weight seed (default 0)")
     p.add_argument("--force", action="store_true",
                    help="start the run folder over (delete its results) instead of resuming it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,7 +100,8 @@ def _score(args, dataset, out):
 
     return score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
                          input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
-                         limit=getattr(args, "limit", None), progress=not args.no_progress, force=args.force)
+                         limit=getattr(args, "limit", None), progress=not args.no_progress, force=args.force,
+                         checkpoint=args.checkpoint, config=args.config)
 
 
 # Exit codes: 0 all cases scored, 2 bad invocation (nothing scored), 3 some cases failed (the table holds the

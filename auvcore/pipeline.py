@@ -27,7 +27,31 @@ from .data.io import umask_mode
 from .scale import energy_spectrum
 
 TABLE = "scores.parquet"
-SETTINGS_KEYS = ("dataset", "encoder", "layer", "weights", "mode", "input", "reduction", "seed")
+SETTINGS_KEYS = ("dataset", "encoder", "layer", "weights", "mode", "input", "reduction", "seed", "checkpoint", "config")
+
+# The options each encoder takes, with their defaults; any other option given to it is an error.
+ENCODER_OPTIONS = {
+    "merlin": {"layer": "layer2", "weights": "astra", "seed": 0},
+    "random3d": {"layer": "layer2", "seed": 0},
+    "sam2": {"checkpoint": None, "config": "configs/sam2.1/sam2.1_hiera_t.yaml"},
+}
+
+
+def encoder_options(encoder: str, **given) -> dict:
+    """The keyword arguments of ``encoder``: its defaults, overridden by the options given (not None).
+    An option the encoder does not take, or a missing required one, is a ValueError naming it."""
+    if encoder not in ENCODER_OPTIONS:
+        raise ValueError(f"--encoder: expected one of {tuple(ENCODER_OPTIONS)}, got {encoder!r}")
+    opts = ENCODER_OPTIONS[encoder]
+    for k, v in given.items():
+        if v is not None and k not in opts:
+            takes = ", ".join(f"--{o}" for o in opts)
+            raise ValueError(f"--{k}: the {encoder} encoder does not take it (it takes {takes})")
+    kw = {k: given.get(k) if given.get(k) is not None else d for k, d in opts.items()}
+    missing = [k for k, v in kw.items() if v is None]
+    if missing:
+        raise ValueError(f"--{missing[0]}: the {encoder} encoder needs it (a local file; nothing is downloaded)")
+    return kw
 
 
 # ---- atomic files ------------------------------------------------------------------------------------
@@ -174,14 +198,16 @@ def _load_case(run: Path, case_id: str) -> dict:
 
 # ---- the scoring run ---------------------------------------------------------------------------------
 
-def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", weights: str = "astra",
-                  mode: str = "masked", input: str = "raw", reduction: str = "mean", seed: int = 0,
-                  csv: bool = False, limit: int | None = None, progress: bool = True, force: bool = False) -> Path:
+def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = None, weights: str | None = None,
+                  mode: str = "masked", input: str = "raw", reduction: str = "mean", seed: int | None = None,
+                  csv: bool = False, limit: int | None = None, progress: bool = True, force: bool = False,
+                  checkpoint: str | None = None, config: str | None = None) -> Path:
     """Score every case of ``dataset`` into the run folder ``out`` (resumable); returns the table path.
 
     A case is scored again when its stored result is missing, failed, or stale (its files or the settings
     changed since). Nothing is written before the arguments, the data set and the encoder are checked.
-    ``force`` starts the run folder over."""
+    ``force`` starts the run folder over. ``layer``, ``weights``, ``seed`` (merlin, random3d) and
+    ``checkpoint``, ``config`` (sam2) go to the encoders that take them (:data:`ENCODER_OPTIONS`)."""
     from .data import discover, load_case
     from .encoders import get_encoder
 
@@ -194,9 +220,11 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
     ds = discover(dataset)
     cases = ds.cases[:limit] if limit else ds.cases
     run = Path(out)
-    settings = {"dataset": str(ds.root.resolve()), "encoder": encoder, "layer": layer,
-                "weights": weights if encoder == "merlin" else None, "mode": mode, "input": input,
-                "reduction": reduction, "seed": seed, "num_classes": ds.num_classes,
+    if checkpoint is not None:
+        checkpoint = str(Path(checkpoint).resolve())
+    kw = encoder_options(encoder, layer=layer, weights=weights, seed=seed, checkpoint=checkpoint, config=config)
+    settings = {**{k: None for k in SETTINGS_KEYS}, "dataset": str(ds.root.resolve()), "encoder": encoder,
+                **kw, "mode": mode, "input": input, "reduction": reduction, "num_classes": ds.num_classes,
                 "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality}
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out: {run} is a file, not a folder")
@@ -209,10 +237,10 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str = "layer2", 
     todo = [c for c in cases if stale or _stored_fingerprint(run, c.case_id) != fingerprints[c.case_id]]
     enc = None
     if todo:  # built before anything is written: a bad --layer or --weights leaves the folder as it was
-        kw = {"layer": layer, "seed": seed} if encoder == "random3d" else {"layer": layer}
-        if encoder == "merlin":
-            kw["weights"] = weights
-        enc = get_encoder(encoder, **kw)
+        try:
+            enc = get_encoder(encoder, **kw)
+        except ImportError as e:  # an optional encoder's package is missing: say which extra brings it
+            raise ValueError(f"--encoder {encoder}: {e}") from e
     if force:
         _clear_run(run)
     # Rewritten each time: class names may have changed with the data set (its cases are then stale too).

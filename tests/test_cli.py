@@ -339,3 +339,18 @@ def test_labels_checked_against_dataset_json_and_nan_explained(data, tmp_path, c
         nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), p)
     assert _score(empty, tmp_path / "r_empty", "--limit", "2") == 4
     assert "nothing useful was scored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--encoder", "sam2"], "--checkpoint: the sam2 encoder needs it"),
+    (["--encoder", "sam2", "--checkpoint", "/nonexistent.pt"], "/nonexistent.pt"),
+    (["--encoder", "sam2", "--checkpoint", "x.pt", "--layer", "layer2"], "--layer: the sam2 encoder does not take it"),
+    (["--encoder", "random3d", "--checkpoint", "x.pt"], "--checkpoint: the random3d encoder does not take it"),
+    (["--encoder", "random3d", "--weights", "astra"], "--weights: the random3d encoder does not take it"),
+])
+def test_encoder_options_go_only_to_the_encoders_that_take_them(argv, msg, data, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["score", str(data), "--out", str(out), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not out.exists()
