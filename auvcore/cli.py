@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
     p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
+    from .data.demo import SOURCES
+
+    p.add_argument("--source", default="chest", choices=SOURCES,
+                   help="real volume the cases are varied from: chest CT (default), lumbar spine CT, cervical "
+                        "spine T2w MR, MNI152 brain T1 MR (the last three need pip install 'auvcore[cohorts]')")
     p.add_argument("--quantile", type=_quantile, default=0.95)
     _add_score_args(p, dataset=False)
 
@@ -157,9 +162,14 @@ def run(argv=None) -> int:
 
         t0 = time.time()
         out = Path(args.out)
-        print(f"[1/4] building {args.cases} demo cases from real chest CT in {out / 'data'}", flush=True)
-        data = build_demo(out / "data", n_cases=args.cases)
-        print(f"[2/4] scoring with {args.encoder} ({args.layer}, {args.mode}, {args.input})", flush=True)
+        what = {"chest": "real chest CT", "spine-ct": "real lumbar spine CT", "spine-mr": "real cervical spine MR",
+                "brain-mni": "the MNI152 brain MR"}.get(args.source, args.source)
+        print(f"[1/4] building {args.cases} demo cases from {what} in {out / 'data'}", flush=True)
+        try:
+            data = build_demo(out / "data", n_cases=args.cases, source=args.source)
+        except ImportError as e:  # the source's package is not installed: say which extra brings it
+            raise ValueError(str(e)) from e
+        print(f"[2/4] scoring with {args.encoder} ({args.layer or 'default layer'}, {args.mode}, {args.input})", flush=True)
         _score(args, data, out / "run")
         print("[3/4] filtering", flush=True)
         filter_run(out / "run", args.quantile)

