@@ -71,30 +71,59 @@ def _mid_slice(label: np.ndarray) -> int:
     return int(zs[len(zs) // 2]) if len(zs) else label.shape[2] // 2
 
 
+def _filter_summary(run: Path) -> dict:
+    try:
+        return json.loads((run / "filter" / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _decision(run: Path, df, q: float) -> tuple[np.ndarray, str]:
+    """Which cases are dropped, and a sentence saying whose decision that is. The filter's own lists when
+    it ran at this quantile over exactly the table's cases (global or per-class alike); otherwise the
+    global cut at ``q``, said to be such."""
+    summary = _filter_summary(run)
+    ids = df["case"].tolist()
+    try:
+        kept = (run / "filter" / "kept.txt").read_text().split()
+        dropped = (run / "filter" / "dropped.txt").read_text().split()
+    except OSError:
+        kept = dropped = None
+    if summary and kept is not None and summary.get("quantile") == q and sorted(kept + dropped) == sorted(ids):
+        how = (f"per-class filter on {', '.join(summary['per_class'])}" if summary.get("per_class")
+               else f"global filter, AUV cut {summary.get('cut'):.4f}")
+        return np.isin(ids, dropped), f"The filter's decision (<code>auvcore filter</code>: {html.escape(how)}, quantile {q:g})"
+    why = ("no filter has been run" if not summary else
+           "the filter ran at another quantile or before the table changed; run <code>auvcore filter</code> again")
+    auv = df["auv"].to_numpy(dtype=np.float64)
+    return ~A.keep_mask(auv, q) & ~np.isnan(auv), (f"The global cut at quantile {q:g} (AUV &gt; "
+                                                   f"{A.inverted_cdf_quantile(auv, q):.4f}); {why}")
+
+
 def write_report(run, quantile: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     run = Path(run)
     settings = _settings(run)
     df = read_table(run)
     if quantile is None:
-        try:
-            quantile = json.loads((run / "filter" / "summary.json").read_text())["quantile"]
-        except (OSError, ValueError, KeyError):
-            quantile = 0.95
+        quantile = _filter_summary(run).get("quantile", 0.95)
     q = A._check_quantile(quantile)
     auv = df["auv"].to_numpy(dtype=np.float64)
     cut = A.inverted_cdf_quantile(auv, q)
+    dropped, decision = _decision(run, df, q)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run))
     os.chmod(tmp, umask_mode(0o777))
     figs: list[tuple[str, str]] = []
 
     def save(fig, name, caption):
-        fig.tight_layout()
-        fig.savefig(tmp / name, dpi=110)
+        if not fig.legends:  # a figure legend is placed against the laid-out axes already
+            fig.tight_layout()
+        fig.savefig(tmp / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         figs.append((name, caption))
 
@@ -108,11 +137,15 @@ def write_report(run, quantile: float | None = None) -> Path:
         ax.legend()
     else:
         ax.hist(auv[ok], bins=20, range=(0, 1), color="#4c72b0")
-    ax.axvline(cut, color="k", ls="--")
-    ax.text(cut, ax.get_ylim()[1] * 0.92, f" Q({q:g}) = {cut:.3f}", va="top")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if np.isfinite(cut):
+        ax.axvline(cut, color="k", ls="--")
+        right = cut > 0.6  # keep the label inside the axes
+        label = f"Q({q:g}) = {cut:.3f} " if right else f" Q({q:g}) = {cut:.3f}"
+        ax.text(cut, ax.get_ylim()[1] * 0.95, label, va="top", ha="right" if right else "left")
     ax.set_xlabel("AUV (1 = most uncertain)")
     ax.set_ylabel("cases")
-    save(fig, "auv_hist.png", f"AUV of {ok.sum()} cases; cases right of the dashed line are dropped by the filter.")
+    save(fig, "auv_hist.png", f"AUV of {ok.sum()} cases; the dashed line is the global cut at quantile {q:g}.")
 
     # 2. cumulative energy (paper Fig. 2)
     order = np.argsort(np.where(ok, auv, -1))
@@ -167,7 +200,9 @@ def write_report(run, quantile: float | None = None) -> Path:
         ax.legend(loc="lower right", fontsize=8)
         save(fig, "roc.png", "How well each score ranks the cases whose labels were corrupted (corruption record).")
 
-    (tmp / "index.html").write_text(_html(settings, df, figs, metrics, q, cut), encoding="utf-8")
+    links = [n for n in ("scores.parquet", "scores.csv", "filter/kept.txt", "filter/dropped.txt",
+                         "filter/splits_final.json", "run.log") if (run / n).exists()]
+    (tmp / "index.html").write_text(_html(settings, df, figs, metrics, q, dropped, decision, links), encoding="utf-8")
     (tmp / "metrics.json").write_text(json.dumps(
         {"quantile": q, "cut": cut, "cases": int(len(df)),
          "scorers": {m[0]: {"auroc": _num(m[1]), "precision_at_cut": _num(m[2])} for m in metrics}}, indent=2))
@@ -189,56 +224,93 @@ def _gallery(settings, df, rows, plt):
         return None  # the data set moved away: the rest of the report still stands
     if not rows:
         return None
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    names = {int(k): v for k, v in settings["class_names"].items() if int(k) > 0}
+    K = max(names, default=1) + 1
+    cmap = ListedColormap([_COLOURS[k % len(_COLOURS)] for k in range(K)])
     n = len(rows)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 3.0))
-    axes = np.atleast_1d(axes)
-    for ax, i in zip(axes, rows):
+    cols = min(n, 3)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 4.6 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, rows):
         cid = df["case"].iloc[i]
         vol = load_case(ds.case(cid), spacing=None)
         z = _mid_slice(vol.label)
-        img = np.clip(vol.image[:, :, z].T, -1000, 1000) if (settings.get("modality") or "CT") == "CT" else vol.image[:, :, z].T
+        # Radiological convention, the patient's right on the viewer's left: arrays are RAS (x grows towards
+        # the patient's right), so x is flipped; anterior is up.
+        img = vol.image[::-1, :, z].T
+        if (settings.get("modality") or "CT") == "CT":
+            img = np.clip(img, -1000, 1000)
         ax.imshow(img, cmap="gray", origin="lower")
-        lab = np.ma.masked_equal(vol.label[:, :, z].T, 0)
-        ax.imshow(lab, cmap="tab10", alpha=0.45, origin="lower", interpolation="nearest", vmin=0, vmax=10)
-        tag = " (corrupted)" if "corrupted" in df and bool(df["corrupted"].iloc[i]) else ""
-        ax.set_title(f"{cid}\nAUV {df['auv'].iloc[i]:.3f}{tag}", fontsize=8)
-        ax.axis("off")
+        lab = np.ma.masked_equal(vol.label[::-1, :, z].T, 0)
+        ax.imshow(lab, cmap=cmap, alpha=0.5, origin="lower", interpolation="nearest", vmin=-0.5, vmax=K - 0.5)
+        ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="w", fontsize=11, va="center")
+        ax.text(0.98, 0.5, "L", transform=ax.transAxes, color="w", fontsize=11, va="center", ha="right")
+        tag = f" · corrupted: {df['corruption_kind'].iloc[i]}" if "corrupted" in df and bool(df["corrupted"].iloc[i]) else ""
+        ax.set_title(f"{cid}  AUV {df['auv'].iloc[i]:.3f}{tag}\naxial slice {z}", fontsize=11)
+    fig.tight_layout()
+    # Below the panels, outside the axes (savefig's tight bounding box takes it in).
+    fig.legend(handles=[Patch(color=_COLOURS[k % len(_COLOURS)], label=v) for k, v in sorted(names.items())],
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(names)), fontsize=11, frameon=False)
     return fig
 
 
-def _html(settings, df, figs, metrics, q, cut) -> str:
+# Distinct, saturated class colours (none grey or near-white, which vanish on CT), index = class value.
+_COLOURS = ("#000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+            "#bcf60c", "#008080", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075")
+
+
+def _html(settings, df, figs, metrics, q, dropped, decision, links) -> str:
     e = html.escape
-    top = df.sort_values("auv", ascending=False).head(15)
-    rows = "".join(
-        f"<tr><td>{e(str(r.case))}</td><td>{r.auv:.4f}</td><td>{r.sample_scale:.4f}</td>"
-        + (f"<td>{'yes: ' + e(str(r.corruption_kind)) if r.corrupted else 'no'}</td>" if "corrupted" in df else "")
-        + "</tr>"
-        for r in top.itertuples())
+
+    def num(x):
+        return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+
+    s_cols = [c for c in df.columns if c.startswith("S[")]
+    order = np.argsort(-np.nan_to_num(df["auv"].to_numpy(dtype=np.float64), nan=-1.0), kind="stable")
+    has_err = "error" in df
+    rows = []
+    for i in order:
+        r = df.iloc[i]
+        status = ("not scored" if has_err and r["error"] else "no AUV" if np.isnan(r["auv"])
+                  else "dropped" if dropped[i] else "kept")
+        note = (r["error"] if has_err and r["error"] else r.get("reason", "")) or ""
+        rows.append(
+            f'<tr class="{status.replace(" ", "-")}"><td>{e(str(r["case"]))}</td><td>{status}</td><td>{num(r["auv"])}</td>'
+            f'<td>{num(r["sample_scale"])}</td>' + "".join(f"<td>{num(r[c])}</td>" for c in s_cols)
+            + (f"<td>{e(r['corruption_kind']) if r['corrupted'] else 'no'}</td>" if "corrupted" in df else "")
+            + f"<td>{e(str(note))}</td></tr>")
+    case_table = (
+        "<table id=\"cases\"><tr><th>case</th><th>filter</th><th>AUV</th><th>sample scale</th>"
+        + "".join(f"<th>S {e(c[2:-1])}</th>" for c in s_cols)
+        + ("<th>corrupted (record)</th>" if "corrupted" in df else "") + "<th>note</th></tr>" + "".join(rows) + "</table>")
     metric_rows = "".join(f"<tr><td>{e(n)}</td><td>{a:.3f}</td><td>{'n/a (nothing dropped)' if np.isnan(p) else f'{p:.3f}'}</td></tr>"
                           for n, a, p in metrics)
     metric_table = (f"<h2>Against the corruption record</h2><table><tr><th>score</th><th>AUROC</th>"
                     f"<th>precision at the Q({q:g}) cut</th></tr>{metric_rows}</table>") if metrics else ""
     imgs = "".join(f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(c)}</figcaption></figure>' for n, c in figs)
-    dropped = int((df["auv"] > cut).sum())
-    failed = [(c, err) for c, err in zip(df["case"], df["error"]) if err] if "error" in df else []
-    failed_html = (f"<h2>Cases that could not be scored ({len(failed)})</h2><p>They have no AUV and are kept by the "
-                   "filter; <code>run.log</code> in the run folder has the details.</p><table><tr><th>case</th>"
-                   "<th>error</th></tr>" + "".join(f"<tr><td>{e(str(c))}</td><td>{e(str(m))}</td></tr>" for c, m in failed)
-                   + "</table>") if failed else ""
+    link_html = " · ".join(f'<a href="../{e(n)}">{e(n)}</a>' for n in links)
+    n_failed = int((df["error"] != "").sum()) if has_err else 0
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>auvcore report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 figure{{margin:1.5em 0}} img{{max-width:100%}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} code{{background:#f3f3f3}}</style></head>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} code{{background:#f3f3f3}}
+tr.dropped td{{background:#fde2d4}} tr.not-scored td,tr.no-AUV td{{color:#777}}</style></head>
 <body><h1>Aleatoric uncertainty of <code>{e(settings['dataset'])}</code></h1>
-<p>{len(df)} cases scored with encoder <code>{e(str(settings['encoder']))}</code>
+<p>{len(df)} cases ({n_failed} could not be scored) with encoder <code>{e(str(settings['encoder']))}</code>
 (layer <code>{e(str(settings['layer']))}</code>, weights <code>{e(str(settings.get('weights')))}</code>),
-mode <code>{e(settings['mode'])}</code>, input <code>{e(settings['input'])}</code>.
-Filter at quantile {q:g}: AUV cut {cut:.4f}, {dropped} case(s) dropped.</p>
+mode <code>{e(settings['mode'])}</code>, input <code>{e(settings['input'])}</code>.</p>
+<p id="decision">{decision}: <b>{int(dropped.sum())} case(s) dropped</b>, {len(df) - int(dropped.sum())} kept
+(cases that could not be scored or have no AUV are kept).</p>
+<p>Files: {link_html}</p>
 {metric_table}
 {imgs}
-<h2>Most uncertain cases</h2>
-<table><tr><th>case</th><th>AUV</th><th>sample scale</th>{'<th>corrupted</th>' if 'corrupted' in df else ''}</tr>{rows}</table>
-{failed_html}
+<h2>Every case, most uncertain first</h2>
+{case_table}
 </body></html>
 """

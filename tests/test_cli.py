@@ -354,3 +354,24 @@ def test_encoder_options_go_only_to_the_encoders_that_take_them(argv, msg, data,
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_report_shows_the_filters_own_decision_for_every_case(run, tmp_path):
+    import re
+
+    r = tmp_path / "r"
+    shutil.copytree(run, r)
+    name = "right lung"
+    assert main(["filter", str(r), "--quantile", "0.5", "--per-class", name]) == 0
+    dropped = set((r / "filter" / "dropped.txt").read_text().split())
+    assert main(["report", str(r)]) == 0
+    page = (r / "report" / "index.html").read_text()
+    assert f"per-class filter on {name}" in page and f"{len(dropped)} case(s) dropped" in page
+    status = dict(re.findall(r'<tr class="[^"]+"><td>([^<]+)</td><td>([^<]+)</td>', page))
+    assert set(status) == set(pd.read_parquet(r / "scores.parquet")["case"])  # every case listed
+    assert {c for c, s in status.items() if s == "dropped"} == dropped
+    for link in ("scores.parquet", "filter/kept.txt", "filter/dropped.txt", "filter/splits_final.json"):
+        assert f'href="../{link}"' in page
+    # a report at another quantile than the filter's says it is not the filter's decision
+    assert main(["report", str(r), "--quantile", "0.9"]) == 0
+    assert "the filter ran at another quantile" in (r / "report" / "index.html").read_text()
