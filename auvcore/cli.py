@@ -9,6 +9,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   auvcore demo                                   build the demo data set, score, filter, report
+  auvcore check DATA/                            every problem of the data set, before scoring
   auvcore score DATA/ --encoder merlin --layer layer2 --mode masked --out runs/r1
   auvcore filter runs/r1 --quantile 0.95         kept/dropped lists + nnU-Net splits_final.json
   auvcore filter runs/r1 --per-class liver       per-class filter (SPEC eq. 9)
@@ -71,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_args(p)
     p.add_argument("--csv", action="store_true", help="also write RUN/scores.csv")
     p.add_argument("--limit", type=int, default=None, help="score only the first N cases")
+
+    p.add_argument("--check", action="store_true",
+                   help="run `auvcore check` first and refuse to start if it finds an error (default: score every "
+                        "case and record the bad ones as failed)")
+
+    p = sub.add_parser("check", help="list every problem of a data set before scoring it",
+                       description="Read every case as `score` would and list all problems at once: unreadable files, "
+                                   "image/label grids that differ, label values not declared in dataset.json, NaN/Inf "
+                                   "in images (errors); empty labels and classes that vanish at the encoder's feature "
+                                   "grid (warnings). Exit 0 without errors, 3 with.")
+    p.add_argument("dataset", help="data set folder (MSD or nnU-Net raw layout) or a CSV of case,image,label")
+    p.add_argument("--encoder", default="merlin", choices=["merlin", "random3d", "sam2"],
+                   help="whose feature grid the vanishing-class warnings are for (default merlin)")
+    p.add_argument("--layer", help="merlin, random3d: the layer (default layer2)")
+    p.add_argument("--limit", type=int, default=None, help="check only the first N cases")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("filter", help="drop the most uncertain cases; write kept/dropped lists and nnU-Net splits",
                        description="Keep case i iff AUV_i <= Q(quantile) (inverted-CDF quantile of the run's AUVs), "
@@ -137,14 +154,30 @@ def _failures(run) -> int:
     return EXIT_CASES_FAILED if failed else 0
 
 
+def _check(args) -> int:
+    from .check import check_dataset, format_problems
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: expected a positive number, got {args.limit}")
+    cases, problems = check_dataset(args.dataset, args.encoder, args.layer, args.limit, not args.no_progress)
+    print(format_problems(cases, problems), file=sys.stderr if any(p.error for p in problems) else sys.stdout)
+    return EXIT_CASES_FAILED if any(p.error for p in problems) else 0
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "score":
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit: expected a positive number, got {args.limit}")
+        if args.check and _check(args) != 0:
+            print("auvcore: not scoring: mend the errors above or drop --check to score the other cases",
+                  file=sys.stderr)
+            return EXIT_CASES_FAILED
         table = _score(args, args.dataset, args.out)
         print(f"scores: {table}")
         return _failures(args.out)
+    elif args.command == "check":
+        return _check(args)
     elif args.command == "filter":
         from .pipeline import filter_run
 

@@ -23,36 +23,12 @@ import numpy as np
 import torch
 
 from . import scores as A
+from .check import case_errors
 from .data.io import umask_mode
 from .scale import energy_spectrum
 
 TABLE = "scores.parquet"
 SETTINGS_KEYS = ("dataset", "encoder", "layer", "weights", "mode", "input", "reduction", "seed", "checkpoint", "config")
-
-# The options each encoder takes, with their defaults; any other option given to it is an error.
-ENCODER_OPTIONS = {
-    "merlin": {"layer": "layer2", "weights": "astra", "seed": 0},
-    "random3d": {"layer": "layer2", "seed": 0},
-    "sam2": {"checkpoint": None, "config": "configs/sam2.1/sam2.1_hiera_t.yaml"},
-}
-
-
-def encoder_options(encoder: str, **given) -> dict:
-    """The keyword arguments of ``encoder``: its defaults, overridden by the options given (not None).
-    An option the encoder does not take, or a missing required one, is a ValueError naming it."""
-    if encoder not in ENCODER_OPTIONS:
-        raise ValueError(f"--encoder: expected one of {tuple(ENCODER_OPTIONS)}, got {encoder!r}")
-    opts = ENCODER_OPTIONS[encoder]
-    for k, v in given.items():
-        if v is not None and k not in opts:
-            takes = ", ".join(f"--{o}" for o in opts)
-            raise ValueError(f"--{k}: the {encoder} encoder does not take it (it takes {takes})")
-    kw = {k: given.get(k) if given.get(k) is not None else d for k, d in opts.items()}
-    missing = [k for k, v in kw.items() if v is None]
-    if missing:
-        raise ValueError(f"--{missing[0]}: the {encoder} encoder needs it (a local file; nothing is downloaded)")
-    return kw
-
 
 # ---- atomic files ------------------------------------------------------------------------------------
 
@@ -209,7 +185,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
     ``force`` starts the run folder over. ``layer``, ``weights``, ``seed`` (merlin, random3d) and
     ``checkpoint``, ``config`` (sam2) go to the encoders that take them (:data:`ENCODER_OPTIONS`)."""
     from .data import discover, load_case
-    from .encoders import get_encoder
+    from .encoders import encoder_options, get_encoder
 
     if mode not in ("masked", "decoded"):
         raise ValueError(f"--mode: expected 'masked' or 'decoded', got {mode!r}")
@@ -253,7 +229,9 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
             # One bad case never stops the run: its error is recorded and the next case goes on.
             try:
                 vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
-                _check_label_values(case, vol.label, ds.class_names)
+                errors = case_errors(case, vol.label, ds.class_names)
+                if errors:
+                    raise ValueError("; ".join(errors))
                 result = score_case(enc, vol, ds.num_classes, mode, input)
             except Exception as e:  # noqa: BLE001 - recorded per case, see _record_failure
                 msg = _record_failure(run, case.case_id, e)
@@ -264,14 +242,6 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
             bar.update(1)
         bar.close()
     return write_table(run, [c.case_id for c in cases], ds, csv=csv)
-
-
-def _check_label_values(case, label: np.ndarray, class_names: dict) -> None:
-    """Every label value must be a class of dataset.json: an undeclared one would be scored silently."""
-    bad = sorted(int(v) for v in np.unique(label) if int(v) not in class_names)
-    if bad:
-        declared = ", ".join(f"{k}={v}" for k, v in sorted(class_names.items()))
-        raise ValueError(f"label {case.label}: values {bad} are not among the classes of dataset.json ({declared})")
 
 
 # Errors that bad input data raises (unreadable or inconsistent files, labels out of range, NaN in the

@@ -387,3 +387,43 @@ def test_report_shows_the_filters_own_decision_for_every_case(run, tmp_path):
     # a report at another quantile than the filter's says it is not the filter's decision
     assert main(["report", str(r), "--quantile", "0.9"]) == 0
     assert "the filter ran at another quantile" in (r / "report" / "index.html").read_text()
+
+
+def test_check_lists_every_problem_at_once(data, tmp_path, capsys):
+    import nibabel as nib
+
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (d / "labelsTr").glob("*.nii.gz"))
+    (d / "imagesTr" / f"{ids[0]}_0000.nii.gz").write_bytes(b"not a nifti")
+    lab = nib.load(d / "labelsTr" / f"{ids[1]}.nii.gz")
+    arr = np.asarray(lab.dataobj).copy()
+    arr[0, 0, 0] = 42
+    nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), d / "labelsTr" / f"{ids[1]}.nii.gz")
+    img = nib.load(d / "imagesTr" / f"{ids[2]}_0000.nii.gz")
+    x = np.asarray(img.dataobj).astype(np.float32)
+    x[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(x, img.affine), d / "imagesTr" / f"{ids[2]}_0000.nii.gz")
+    lab = nib.load(d / "labelsTr" / f"{ids[3]}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), d / "labelsTr" / f"{ids[3]}.nii.gz")
+    lab = nib.load(d / "labelsTr" / f"{ids[4]}.nii.gz")
+    arr = np.asarray(lab.dataobj).copy()
+    k = int(np.bincount(arr.reshape(-1))[1:].nonzero()[0][0]) + 1  # a class present in the case
+    arr[arr == k] = 0
+    arr[tuple(s // 2 for s in arr.shape)] = k  # one voxel of it left: gone at the encoder's grid
+    nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), d / "labelsTr" / f"{ids[4]}.nii.gz")
+
+    assert main(["check", str(d), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert f"{N_CASES} case(s) checked: 3 with errors," in err  # warnings: these two and the data's own
+    assert f"  {ids[0]}: " in err and f"values [42] are not among the classes" in err
+    assert f"  {ids[2]}: case '{ids[2]}': image contains NaN or Inf" in err
+    assert f"  {ids[3]}: the label has no foreground class" in err
+    assert f"  {ids[4]}: class " in err and "vanishes at the merlin feature grid" in err
+    # score --check refuses before anything is written; plain score records the same errors per case
+    out = tmp_path / "r"
+    assert _score(d, out, "--check") == 3 and not out.exists()
+    assert _score(d, out) == 3
+    df = pd.read_parquet(out / "scores.parquet").set_index("case")
+    assert (df.loc[ids[:3], "error"] != "").all() and "NaN or Inf" in df.loc[ids[2], "error"]
+    assert main(["check", str(data), "--no-progress", "--encoder", "random3d"]) == 0

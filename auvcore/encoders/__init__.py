@@ -14,7 +14,6 @@ from .hooks import HookEncoder
 from .merlin import MerlinEncoder
 from .random3d import Random3DEncoder
 
-ENCODERS = ("merlin", "random3d", "sam2")
 
 
 def __getattr__(name):
@@ -24,6 +23,34 @@ def __getattr__(name):
 
         return SAM2Encoder
     raise AttributeError(f"module 'auvcore.encoders' has no attribute {name!r}")
+
+
+# The options each encoder takes, with their defaults; any other option given to it is an error.
+ENCODER_OPTIONS = {
+    "merlin": {"layer": "layer2", "weights": "astra", "seed": 0},
+    "random3d": {"layer": "layer2", "seed": 0},
+    "sam2": {"checkpoint": None, "config": "configs/sam2.1/sam2.1_hiera_t.yaml"},
+}
+
+
+ENCODERS = tuple(ENCODER_OPTIONS)
+
+
+def encoder_options(encoder: str, **given) -> dict:
+    """The keyword arguments of ``encoder``: its defaults, overridden by the options given (not None).
+    An option the encoder does not take, or a missing required one, is a ValueError naming it."""
+    if encoder not in ENCODER_OPTIONS:
+        raise ValueError(f"--encoder: expected one of {tuple(ENCODER_OPTIONS)}, got {encoder!r}")
+    opts = ENCODER_OPTIONS[encoder]
+    for k, v in given.items():
+        if v is not None and k not in opts:
+            takes = ", ".join(f"--{o}" for o in opts)
+            raise ValueError(f"--{k}: the {encoder} encoder does not take it (it takes {takes})")
+    kw = {k: given.get(k) if given.get(k) is not None else d for k, d in opts.items()}
+    missing = [k for k, v in kw.items() if v is None]
+    if missing:
+        raise ValueError(f"--{missing[0]}: the {encoder} encoder needs it (a local file; nothing is downloaded)")
+    return kw
 
 
 def get_encoder(name: str, **kw):
@@ -43,5 +70,6 @@ def get_encoder(name: str, **kw):
 
 __all__ = [
     "MerlinEncoder", "Random3DEncoder", "HookEncoder", "SAM2Encoder", "get_encoder", "encode_case",
-    "prototype_maps", "labels_to_grid", "class_means", "tiled_forward", "ENCODERS",
+    "prototype_maps", "labels_to_grid", "class_means", "tiled_forward", "ENCODERS", "ENCODER_OPTIONS",
+    "encoder_options",
 ]
