@@ -39,12 +39,29 @@ _DTYPES = {
 _warned = False
 
 
+def why_no_native() -> str:
+    """Why ``_C`` is missing, in words a user can act on. The usual cause is a source checkout on
+    ``sys.path`` (the current directory of ``python -m`` or ``-c``) shadowing the installed package, whose
+    ImportError reads like a circular import."""
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for entry in sys.path:
+        pkg = Path(entry or ".").resolve() / "auvcore"
+        if pkg != here and pkg.is_dir() and any(pkg.glob("_C.*")):
+            return (f"auvcore was imported from {here}, a source tree without the built module, which shadows "
+                    f"the installed package at {pkg}; run from another directory (or `pip install -e .` for a "
+                    "developer build)")
+    return f"the native module is not built ({_IMPORT_ERROR}); `pip install .` builds it"
+
+
 def _warn_no_native() -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"auvcore: the native module is not built ({_IMPORT_ERROR}); using the pure-PyTorch path "
-                      "(slower, float32 results differ in the last digits)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"auvcore: {why_no_native()}; using the pure-PyTorch path (slower, float32 results differ "
+                      "in the last digits)", RuntimeWarning, stacklevel=3)
 
 
 def has_native() -> bool:
@@ -100,7 +117,7 @@ def resolve(backend: str, t: torch.Tensor) -> str:
         return "torch"
     if backend == "cpp":
         if not has_native():
-            raise RuntimeError(f"backend='cpp': the native module is not built ({_IMPORT_ERROR})")
+            raise RuntimeError(f"backend='cpp': {why_no_native()}")
         if t.device.type != "cpu":
             raise ValueError(f"backend='cpp' needs CPU tensors, got device {t.device}")
     if backend == "cuda":

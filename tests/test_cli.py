@@ -427,3 +427,27 @@ def test_check_lists_every_problem_at_once(data, tmp_path, capsys):
     df = pd.read_parquet(out / "scores.parquet").set_index("case")
     assert (df.loc[ids[:3], "error"] != "").all() and "NaN or Inf" in df.loc[ids[2], "error"]
     assert main(["check", str(data), "--no-progress", "--encoder", "random3d"]) == 0
+
+
+def test_a_source_tree_shadowing_the_installed_package_is_named(tmp_path):
+    """Run from a source checkout (no built module) with the built package further down sys.path: the
+    message names both folders instead of blaming a circular import."""
+    import sysconfig
+
+    import auvcore
+    import auvcore._C as built
+
+    src, site = tmp_path / "src", tmp_path / "site"
+    shutil.copytree(Path(auvcore.__file__).parent, src / "auvcore",
+                    ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    shutil.copytree(Path(auvcore.__file__).parent, site / "auvcore", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(built.__file__, site / "auvcore")
+    code = ("import warnings, torch, auvcore\nwarnings.simplefilter('error')\n"
+            "try:\n    auvcore.semantic_scale(torch.ones(1, 1, 3, 3))\nexcept RuntimeWarning as w:\n    print(w)")
+    # -S: no site hooks (an editable install's finder would bypass the shadowing); torch from PYTHONPATH
+    env = {"PYTHONPATH": f"{site}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=src, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert f"imported from {src / 'auvcore'}" in out.stdout, out.stdout + out.stderr
+    assert f"shadows the installed package at {site / 'auvcore'}" in out.stdout
+    assert "circular" not in out.stdout
