@@ -1,4 +1,4 @@
-"""Differentiable semantic scale of decoded maps (SPEC §5).
+"""Differentiable semantic scale of decoded maps (docs/method.md §1).
 
 The native path keeps only the eigenpairs of the B·K Gram matrices (p and p² doubles each) and z itself
 (an input, not a copy); the backward is analytic in C++: dS/dM̄ = 2 U diag(∂S/∂λ) Uᵀ M̄ on the smaller side

@@ -1,4 +1,4 @@
-"""The CUDA kernels of the semantic scale (SPEC §5), called from ``auvcore.scale`` when ``backend="cuda"``
+"""The CUDA kernels of the semantic scale (docs/method.md §1), called from ``auvcore.scale`` when ``backend="cuda"``
 (or ``"auto"`` with CUDA tensors).
 
 Tensors cross into the extension as pointer + shape + strides, read in place on the caller's current stream.

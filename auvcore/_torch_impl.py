@@ -1,5 +1,5 @@
 """Pure-PyTorch semantic perception scale: the ``backend="torch"`` fallback, the baseline the kernels must
-beat, and (``svd_reference``) the float64 SVD oracle the tests hold everything to. SPEC §2."""
+beat, and (``svd_reference``) the float64 SVD oracle the tests hold everything to. docs/method.md §1."""
 from __future__ import annotations
 
 import math
@@ -53,7 +53,7 @@ def _gram_small_side(M: torch.Tensor) -> torch.Tensor:
 
 def semantic_scale(z, mode="D_HW", center=True, eps=1e-8, variant="paper", nan_to_num=False, spectrum=False):
     """Batched Gram + ``torch.linalg.eigvalsh``. Returns S [B, K] (and p [B, K, r] if ``spectrum``)."""
-    # The official preset is defined in float64 (SPEC §2): its energy on σ, not σ², magnifies the error of
+    # The official preset is defined in float64 (docs/method.md §1): its energy on σ, not σ², magnifies the error of
     # small float32 eigenvalues.
     M = class_matrices(z, mode).to(torch.float64 if variant == "official" else _compute_dtype(z))
     if nan_to_num:
@@ -91,7 +91,7 @@ def masked_semantic_scale(features, labels, num_classes, center=True, eps=1e-8, 
 
 
 def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
-    """The oracle: S of one class matrix M (m x n) from float64 singular values, straight from SPEC §2."""
+    """The oracle: S of one class matrix M (m x n) from float64 singular values, straight from docs/method.md §1."""
     M = np.asarray(M, dtype=np.float64)
     m, n = M.shape
     r = min(m, n)
@@ -113,7 +113,7 @@ def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
 
 def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth=1e-5,
                    mode="D_HW", detach_scale=False, preset="paper", eps=1e-8):
-    """The DUO loss by plain composition of torch ops (SPEC §4): ``backend="torch"`` and the test oracle.
+    """The DUO loss by plain composition of torch ops (docs/method.md §3): ``backend="torch"`` and the test oracle.
 
     ``z``, ``n``: ``[B, K, *spatial]`` logits; ``y``: one-hot ``[B, K, *spatial]`` in [0, 1]; classes ``c0..K-1``
     are included. Returns the per-(b, c) losses ``[B, K - c0]``, whose mean is the loss.

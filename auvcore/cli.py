@@ -12,7 +12,7 @@ EPILOG = """examples:
   auvcore check DATA/                            every problem of the data set, before scoring
   auvcore score DATA/ --encoder merlin --layer layer2 --mode masked --out runs/r1
   auvcore filter runs/r1 --quantile 0.95         kept/dropped lists + nnU-Net splits_final.json
-  auvcore filter runs/r1 --per-class liver       per-class filter (SPEC eq. 9)
+  auvcore filter runs/r1 --per-class liver       per-class filter (docs/method.md §2)
   auvcore report runs/r1                         runs/r1/report/index.html
 """
 

@@ -1,4 +1,4 @@
-"""DUO loss (dynamic uncertainty-aware optimization, SPEC §4) and its label-noise head.
+"""DUO loss (dynamic uncertainty-aware optimization, docs/method.md §3) and its label-noise head.
 
 The native path (``backend="cpp"``, the default on CPU) runs the full-size part in C++: one pass over the
 logits, noise logits and targets gives six sums per (sample, class); the backward is one elementwise pass
@@ -64,7 +64,7 @@ class DUOLoss(nn.Module):
 
     ``L = mean_{b, c} w_{b,c} (λ·BCE(z, ỹ) + Dice(σ(z), ỹ)) + β·R`` with ``ĝ = tanh(n)``,
     ``ỹ = clamp(y − τ ĝ, 0, 1)``, ``w = 1 / (1 + α S(z[b, c]))`` and
-    ``R = Σ_c (mean ĝ)² + (mean ĝ² − σ0²)²`` (SPEC §4).
+    ``R = Σ_c (mean ĝ)² + (mean ĝ² − σ0²)²`` (docs/method.md §3).
 
     Args:
         num_classes: K; checked against ``seg_logits.shape[1]`` if given.
@@ -74,7 +74,7 @@ class DUOLoss(nn.Module):
         alpha, lambda_bce, tau, sigma0, beta, smooth: α, λ, τ, σ0, β and the Dice smoothing s.
         mode: how S reads a 3-D class map (``"D_HW"``, ``"H_DW"``, ``"W_DH"``); 2-D maps use m = H, n = W.
         detach_scale: stop the gradient through S (by default S is differentiable, a regulariser).
-        preset: ``"paper"`` (SPEC §4) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
+        preset: ``"paper"`` (docs/method.md §3) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
             ``ỹ = stopgrad(y − σ(n)·y)``, no R, and S of the snippet (``variant="official"``: no centering,
             energy on σ + 1e-6), not detached. Its noise head receives no gradient by construction.
         reduction: ``"mean"`` (a scalar) or ``"none"``: the per-(b, c) losses ``[B, K']`` over the included

@@ -1,4 +1,4 @@
-"""The semantic perception scale S of class matrices (SPEC §2): public entry points.
+"""The semantic perception scale S of class matrices (docs/method.md §1): public entry points.
 
 Validation happens here (cheap, names the argument); the work happens in ``csrc`` (or in
 ``_torch_impl`` for ``backend="torch"``).
@@ -95,7 +95,7 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
             Ignored for 2-D maps (m = H, n = W).
         center: subtract the mean row of M before the spectrum.
         eps: added to the total energy.
-        variant: ``"paper"`` (SPEC §2) or ``"official"`` (the authors' snippet: no centering, NaN→0, energy
+        variant: ``"paper"`` (docs/method.md §1) or ``"official"`` (the authors' snippet: no centering, NaN→0, energy
             on σ + 1e-6).
         nan_to_num: read NaN/±Inf as 0 instead of raising.
         backend: ``"auto"``, ``"cpp"``, ``"cuda"`` or ``"torch"``.

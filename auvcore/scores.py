@@ -1,4 +1,4 @@
-"""From scales to the Aleatoric Uncertainty Value and the filter (SPEC §3).
+"""From scales to the Aleatoric Uncertainty Value and the filter (docs/method.md §2).
 
 These work on small per-case tables ([N] or [N, K]) and run in float64 numpy; torch in, torch out.
 """
@@ -69,7 +69,7 @@ def _normalised_log(x: np.ndarray) -> np.ndarray:
 
 
 def auv(sample_scales):
-    """AUV_i of every case from the sample scales [N] of the **whole** scored set (SPEC §3). 1 = most
+    """AUV_i of every case from the sample scales [N] of the **whole** scored set (docs/method.md §2). 1 = most
     uncertain. Cases with a NaN scale get NaN. Given [N, K], the per-class AUV over the cases holding
     each class."""
     a, was_torch = _to_numpy(sample_scales, "sample_scales", (1, 2))

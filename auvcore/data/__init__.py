@@ -1,5 +1,5 @@
 """Medical volumes in: data set layouts, NIfTI/NRRD reading, RAS reorientation, resampling,
-intensity windowing and the annotation-normalized image x̂ (SPEC §3).
+intensity windowing and the annotation-normalized image x̂ (docs/method.md §2).
 
 Needs ``nibabel`` (NIfTI), ``pynrrd`` (NRRD) and ``scipy`` (resampling); install them with the
 ``data`` extra. ``auvcore.data.demo`` (``build_demo``) builds small labelled CT and MR data sets with

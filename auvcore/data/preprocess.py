@@ -1,4 +1,4 @@
-"""Intensity windowing, foreground crop/pad and the annotation-normalized image x̂ (SPEC §3)."""
+"""Intensity windowing, foreground crop/pad and the annotation-normalized image x̂ (docs/method.md §2)."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +46,7 @@ def scale_percentile(image: np.ndarray, lower: float = 0.5, upper: float = 99.5,
 
 
 def normalized_image(image: np.ndarray, label: np.ndarray, clip: float = 5.0) -> np.ndarray:
-    """The annotation-normalized image x̂ of SPEC §3.
+    """The annotation-normalized image x̂ of docs/method.md §2.
 
     Intensities are z-scored with the mean and standard deviation of the voxels inside the union of
     the annotated foreground (``label > 0``) and clipped to ``[-clip, clip]`` (default ±5).

@@ -117,7 +117,7 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
     volume : :class:`auvcore.data.Volume` at the encoder's spacing (``load_case(case,
         spacing=encoder.spacing)``).
     input : ``"raw"`` feeds the windowed raw image; ``"normalized"`` the annotation-normalized
-        image x̂ (SPEC §3). For an MR volume (``volume.modality == "MR"``) "raw" means percentile
+        image x̂ (docs/method.md §2). For an MR volume (``volume.modality == "MR"``) "raw" means percentile
         scaling (0.5–99.5 % of the non-zero voxels → 0..1), handed to the encoder as pseudo-HU
         −1000..1000 so the CT window of :meth:`preprocess` maps it back to 0..1.
     label_mode : ``"majority"`` (default) or ``"nearest"``, see :func:`labels_to_grid`.
@@ -207,7 +207,7 @@ def prototype_maps(features: torch.Tensor, labels: torch.Tensor, num_classes: in
     For each class c present in ``labels``, its prototype is the mean embedding of the case's
     voxels labelled c; the map is the cosine similarity of every voxel's embedding with it.
     ``[1, C, *grid]``, ``[1, *grid]`` → ``[1, K, *grid]`` float32 in [−1, 1]. Classes absent from
-    the case get all-NaN maps: their semantic scale is undefined (skip them, as SPEC §2 does for
+    the case get all-NaN maps: their semantic scale is undefined (skip them, as docs/method.md §1 does for
     absent classes in masked mode).
     """
     f, lab = _check_fl(features, labels, num_classes)

@@ -10,7 +10,7 @@ The volume's axial slices (Z) are the 2-D frames. Two outputs:
 * ``mode="decoded"`` (default): for every class c and every slice that contains c, a box prompt
   (the bounding box of c in that slice, padded by ``box_margin`` pixels) gives SAM2's mask logits
   for that slice; slices without c get ``fill`` (a confidently-negative logit). The result is the
-  class-wise decoded map ``Z [K, D, H, W]`` of SPEC §2 (D = slices, H×W = the slice), returned
+  class-wise decoded map ``Z [K, D, H, W]`` of docs/method.md §1 (D = slices, H×W = the slice), returned
   as ``[1, K, D, H, W]``; background (class 0) is ``−max`` over the foreground maps.
 * ``mode="embedding"``: the image encoder's embedding of each slice, ``[1, 256, D, h, w]`` with
   h = w = 64 (the 1024-pixel input / 16), for masked mode.
