@@ -21,13 +21,16 @@ class Problem:
     error: bool  # False: a warning
 
 
-def case_errors(case, label: np.ndarray, class_names: dict) -> list[str]:
+def case_errors(case, label: np.ndarray, ds) -> list[str]:
     """The errors of one loaded case that ``load_case`` does not raise itself (it checks readability, grids,
     integer and non-negative labels, NaN/Inf images) but that would make its scale wrong; each names the file."""
     out = []
-    bad = sorted(int(v) for v in np.unique(label) if int(v) not in class_names)
-    if bad:
-        declared = ", ".join(f"{k}={v}" for k, v in sorted(class_names.items()))
+    bad = sorted(int(v) for v in np.unique(label) if int(v) not in ds.class_names)
+    if bad and not ds.meta:
+        out.append(f"label {case.label}: values {bad}, but the data set has no dataset.json to name its classes "
+                   f"(put one beside the {ds.layout.upper()} with \"labels\": {{\"background\": 0, ...}})")
+    elif bad:
+        declared = ", ".join(f"{k}={v}" for k, v in sorted(ds.class_names.items()))
         out.append(f"label {case.label}: values {bad} are not among the classes of dataset.json ({declared})")
     return out
 
@@ -73,7 +76,7 @@ def check_dataset(dataset, encoder: str = "merlin", layer: str | None = None, li
         except (ValueError, OSError, EOFError) as e:
             problems.append(Problem(cid, str(case.label if "label" in str(e) else case.image), str(e), True))
             continue
-        errors = case_errors(case, vol.label, names)
+        errors = case_errors(case, vol.label, ds)
         problems += [Problem(cid, str(case.label if m.startswith("label") else case.image), m, True) for m in errors]
         if errors:
             continue

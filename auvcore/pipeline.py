@@ -229,7 +229,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
             # One bad case never stops the run: its error is recorded and the next case goes on.
             try:
                 vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
-                errors = case_errors(case, vol.label, ds.class_names)
+                errors = case_errors(case, vol.label, ds)
                 if errors:
                     raise ValueError("; ".join(errors))
                 result = score_case(enc, vol, ds.num_classes, mode, input)

@@ -451,3 +451,21 @@ def test_a_source_tree_shadowing_the_installed_package_is_named(tmp_path):
     assert f"imported from {src / 'auvcore'}" in out.stdout, out.stdout + out.stderr
     assert f"shadows the installed package at {site / 'auvcore'}" in out.stdout
     assert "circular" not in out.stdout
+
+
+def test_csv_without_dataset_json_says_what_is_needed_then_picks_up_the_names(data, tmp_path, capsys):
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (data / "labelsTr").glob("*.nii.gz"))[:3]
+    csv = tmp_path / "cases.csv"
+    csv.write_text("case,image,label\n" + "".join(
+        f"{c},{data / 'imagesTr' / (c + '_0000.nii.gz')},{data / 'labelsTr' / (c + '.nii.gz')}\n" for c in ids))
+    out = tmp_path / "r"
+    assert _score(csv, out) == 4  # every case failed: no AUV at all
+    assert "the data set has no dataset.json to name its classes" in capsys.readouterr().err
+    (tmp_path / "dataset.json").write_text((data / "dataset.json").read_text())
+    assert _score(csv, out) == 0  # same folder: the classes now have names and every case is scored
+    df = pd.read_parquet(out / "scores.parquet")
+    assert "S[right lung]" in df and (df["error"] == "").all() and df["auv"].notna().all()
+    # a case removed from the data set leaves the table
+    csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")
+    assert _score(csv, out) == 0
+    assert sorted(pd.read_parquet(out / "scores.parquet")["case"]) == ids[:2]
