@@ -27,11 +27,17 @@ def _quantile(s: str) -> float:
     return q
 
 
+def _encoders() -> tuple:
+    from .encoders import ENCODERS
+
+    return ENCODERS
+
+
 def _add_score_args(p, dataset: bool = True):
     if dataset:
         p.add_argument("dataset", help="data set folder (MSD or nnU-Net raw layout) or a CSV of case,image,label")
         p.add_argument("--out", required=True, help="run folder (created; an interrupted run resumes from it)")
-    p.add_argument("--encoder", default="merlin", choices=["merlin", "random3d", "sam2"],
+    p.add_argument("--encoder", default="merlin", choices=_encoders(),
                    help="feature encoder (default: merlin, the embedded Merlin/Astra 3-D CT encoder)")
     p.add_argument("--layer", help="merlin, random3d: layer whose features are scored (default: layer2)")
     p.add_argument("--weights", help="merlin: astra (default), random, or a file")
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in images (errors); empty labels and classes that vanish at the encoder's feature "
                                    "grid (warnings). Exit 0 without errors, 3 with.")
     p.add_argument("dataset", help="data set folder (MSD or nnU-Net raw layout) or a CSV of case,image,label")
-    p.add_argument("--encoder", default="merlin", choices=["merlin", "random3d", "sam2"],
+    p.add_argument("--encoder", default="merlin", choices=_encoders(),
                    help="whose feature grid the vanishing-class warnings are for (default merlin)")
     p.add_argument("--layer", help="merlin, random3d: the layer (default layer2)")
     p.add_argument("--limit", type=int, default=None, help="check only the first N cases")
