@@ -5,6 +5,7 @@ and ``backend="auto"`` falls back to it; asking for ``backend="cpp"`` then says 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -93,10 +94,43 @@ def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
         except (ValueError, TypeError):  # negative strides or a non-native byte order
             return torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))), True
     if hasattr(x, "__cuda_array_interface__"):  # CuPy and friends: a zero-copy torch view on the same device
-        from ._cuda import as_cuda_tensor
-
         return as_cuda_tensor(x, name)[0], False
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def device_supported(index: int) -> bool:
+    """Whether the compiled kernels run on CUDA device ``index`` (sm_80 and newer in the default build)."""
+    return has_cuda_kernels() and bool(_C.cuda_device_supported(int(index)))
+
+
+def as_cuda_tensor(x, name: str) -> tuple[torch.Tensor, int | None]:
+    """A torch view of a CUDA array without a copy, and the stream to run on when it is not torch's
+    (CuPy's current stream for CuPy input, else None)."""
+    if isinstance(x, torch.Tensor):
+        t, stream = x, None
+    else:
+        stream = None
+        mod = type(x).__module__.split(".")[0]
+        if mod == "cupy":
+            import cupy  # noqa: PLC0415 - optional dependency, present when x is a CuPy array
+
+            stream = cupy.cuda.get_current_stream().ptr or None  # 0: the legacy default stream, torch's too
+        if hasattr(x, "__dlpack__"):
+            t = torch.from_dlpack(x)
+        elif hasattr(x, "__cuda_array_interface__"):
+            t = torch.as_tensor(x, device="cuda")
+        else:
+            raise TypeError(f"{name}: expected a CUDA torch.Tensor or a CUDA array (CuPy, DLPack), "
+                            f"got {type(x).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: backend='cuda' needs CUDA tensors, got device {t.device}")
+    return t, stream
+
+
+def non_finite(name: str) -> ValueError:
+    """The error for NaN/Inf in an input, the same from every backend (the C++ kernels raise its twin)."""
+    return ValueError(f"{name} contains NaN or Inf; pass nan_to_num=True to read them as 0")
 
 
 def resolve(backend: str, t: torch.Tensor) -> str:
@@ -110,8 +144,6 @@ def resolve(backend: str, t: torch.Tensor) -> str:
             _warn_no_native()
             return "torch"
         if t.device.type == "cuda" and has_cuda_kernels():
-            from ._cuda import device_supported
-
             if device_supported(t.device.index):  # else a GPU older than the build's architectures
                 return "cuda"
         return "torch"

@@ -12,12 +12,12 @@ flag on the host. While a CUDA graph is being captured the check is skipped (the
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
 from . import _backend as B
 from . import _torch_impl as T
+from ._backend import as_cuda_tensor, device_supported
 
 
 def _require_kernels():
@@ -28,42 +28,12 @@ def _require_kernels():
                            "(no GPU or no driver); use backend='cpp' or 'torch'")
 
 
-@functools.lru_cache(maxsize=None)
-def device_supported(index: int) -> bool:
-    """Whether the compiled kernels run on CUDA device ``index`` (sm_80 and newer in the default build)."""
-    return B.has_cuda_kernels() and bool(B._C.cuda_device_supported(int(index)))
-
-
 def _require_device_supported(t: torch.Tensor):
     if not device_supported(t.device.index):
         cc = ".".join(map(str, torch.cuda.get_device_capability(t.device)))
         raise RuntimeError(f"backend='cuda': auvcore's CUDA kernels were not built for {t.device} "
                            f"(compute capability {cc}; the default build covers 8.0 and newer); "
                            "use backend='torch', or rebuild with -DCMAKE_CUDA_ARCHITECTURES=<yours>")
-
-
-def as_cuda_tensor(x, name: str) -> tuple[torch.Tensor, int | None]:
-    """A torch view of a CUDA array without a copy, and the stream to run on when it is not torch's
-    (CuPy's current stream for CuPy input, else None)."""
-    if isinstance(x, torch.Tensor):
-        t, stream = x, None
-    else:
-        stream = None
-        mod = type(x).__module__.split(".")[0]
-        if mod == "cupy":
-            import cupy  # noqa: PLC0415 - optional dependency, present when x is a CuPy array
-
-            stream = cupy.cuda.get_current_stream().ptr or None  # 0: the legacy default stream, torch's too
-        if hasattr(x, "__dlpack__"):
-            t = torch.from_dlpack(x)
-        elif hasattr(x, "__cuda_array_interface__"):
-            t = torch.as_tensor(x, device="cuda")
-        else:
-            raise TypeError(f"{name}: expected a CUDA torch.Tensor or a CUDA array (CuPy, DLPack), "
-                            f"got {type(x).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(f"{name}: backend='cuda' needs CUDA tensors, got device {t.device}")
-    return t, stream
 
 
 @contextlib.contextmanager
@@ -105,7 +75,9 @@ def _decoded_gram(z: torch.Tensor, mode: str, center: bool, nan_to_num: bool, st
 
 def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
                    nan_to_num: bool = False) -> torch.Tensor:
-    """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array)."""
+    """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array).
+    ``center`` and ``nan_to_num`` are taken as given (``auvcore.scale.preset_args`` resolves the official
+    preset)."""
     _require_kernels()
     z, stream = as_cuda_tensor(z, "z")
     _require_device_supported(z)
@@ -113,8 +85,6 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
         raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
     if variant not in T.VARIANTS:
         raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
-    if variant == "official":
-        center, nan_to_num = False, True
     z = z.detach()
     Bn, K = int(z.shape[0]), int(z.shape[1])
     dev = z.device
@@ -124,7 +94,7 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
         B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, float(eps), T.VARIANTS[variant],
                                   flags.data_ptr(), S.data_ptr(), 0, s, dev.index)
         if not nan_to_num and not _capturing(dev) and bool(flags.any()):
-            raise ValueError("z contains NaN or Inf; pass nan_to_num=True to read them as 0")
+            raise B.non_finite("z")
     return S.view(Bn, K)
 
 
@@ -157,7 +127,7 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
             if status[1]:
                 raise ValueError(f"labels: value {status[2]} is outside 0..{K - 1} (num_classes={K})")
             if status[0] and not nan_to_num:
-                raise ValueError("features contains NaN or Inf; pass nan_to_num=True to read them as 0")
+                raise B.non_finite("features")
     return S.view(Bn, K)
 
 

@@ -112,11 +112,12 @@ def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
 
 
 def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth=1e-5,
-                   mode="D_HW", detach_scale=False, preset="paper", eps=1e-8):
+                   mode="D_HW", detach_scale=False, preset="paper", eps=1e-8, S=None):
     """The DUO loss by plain composition of torch ops (docs/method.md §3): ``backend="torch"`` and the test oracle.
 
     ``z``, ``n``: ``[B, K, *spatial]`` logits; ``y``: one-hot ``[B, K, *spatial]`` in [0, 1]; classes ``c0..K-1``
-    are included. Returns the per-(b, c) losses ``[B, K - c0]``, whose mean is the loss.
+    are included. ``S``: the scales ``[B, K - c0]`` of the included classes (NaN read as 0) when the caller
+    has them already, else computed here. Returns the per-(b, c) losses ``[B, K - c0]``, whose mean is the loss.
     """
     import torch.nn.functional as F
 
@@ -126,17 +127,19 @@ def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1
     if preset == "official":
         # The authors' snippet: detached soft target, BCE only, w from the snippet's S.
         yt = (yf - torch.sigmoid(nf) * yf).detach()
-        S = semantic_scale(zc, mode, False, eps, "official", True).to(z.dtype)
-        S = S.detach() if detach_scale else S
+        if S is None:
+            S = semantic_scale(zc, mode, False, eps, "official", True).to(z.dtype)
+            S = S.detach() if detach_scale else S
         return F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1) / (1 + alpha * S)
     g = torch.tanh(nf)
     yt = torch.clamp(yf - tau * g, 0, 1)
     bce = F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1)
     s = torch.sigmoid(zf)
     dice = 1 - (2 * (s * yt).sum(-1) + smooth) / (s.sum(-1) + yt.sum(-1) + smooth)
-    S = semantic_scale(zc, mode, True, eps, "paper", False)
-    S = torch.where(torch.isnan(S), torch.zeros_like(S), S)
-    if detach_scale:
-        S = S.detach()
+    if S is None:
+        S = semantic_scale(zc, mode, True, eps, "paper", False)
+        S = torch.where(torch.isnan(S), torch.zeros_like(S), S)
+        if detach_scale:
+            S = S.detach()
     R = (g.mean(dim=(0, 2)) ** 2 + ((g * g).mean(dim=(0, 2)) - sigma0**2) ** 2).sum()
     return (lambda_bce * bce + dice) / (1 + alpha * S) + beta * R

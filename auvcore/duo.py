@@ -188,10 +188,9 @@ class DUOLoss(nn.Module):
         """
         if self.detach_scale:
             z = z.detach()
-        official = self.preset == "official"
-        S = semantic_scale(z, mode=self.mode, variant="official" if official else "paper",
-                           backend="cpp" if z.device.type == "cpu" and B.has_native() else "torch",
-                           num_threads=self.num_threads)[:, self._c0:]
+        S = semantic_scale(z, mode=self.mode, variant=self.preset,
+                           backend="torch" if self.backend == "torch" else "auto", num_threads=self.num_threads)
+        S = S[:, self._c0:]
         return torch.where(torch.isnan(S), torch.zeros_like(S), S)
 
     def _native(self, z, n, y):
@@ -240,10 +239,10 @@ class DUOLoss(nn.Module):
             yf = y.to(z.dtype)
             if not bool(((yf >= 0) & (yf <= 1)).all()):
                 raise ValueError("target: values must lie in [0, 1]")
+        S = self._scale(z).to(z.dtype)  # once: the loss's weights and the logged scales
         per = T.duo_loss_torch(z, n, y, self._c0, self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta,
-                               self.smooth, self.mode, self.detach_scale, self.preset)
-        S = self._scale(z.detach())
-        return per, S, 1.0 / (1.0 + self.alpha * S)
+                               self.smooth, self.mode, self.detach_scale, self.preset, S=S)
+        return per, S.detach(), 1.0 / (1.0 + self.alpha * S.detach())
 
 
 class NoiseHead(nn.Module):

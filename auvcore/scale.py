@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 
+from . import _autograd, _cpu
 from . import _backend as B
 from . import _torch_impl as T
 
@@ -51,37 +52,15 @@ def _check_decoded(z, mode, variant):
         raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
 
 
-def _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, spectrum=False, eigenpairs=False):
-    """S [B, K] (float64) from the C++ kernels; with ``spectrum`` also the energies [B, K, p], with
-    ``eigenpairs`` instead the eigenvalues [B·K, p] and eigenvectors [B·K, p, p] (rows) for the backward."""
-    if variant == "official":
-        center, nan_to_num = False, True
-    Bn, K = z.shape[:2]
-    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
-    p = min(m, n)
-    nt = B.threads(num_threads)
-    G = torch.empty(Bn * K, p, p, dtype=torch.float64)
-    # The official preset is defined in float64: its energy on σ magnifies float32 error in small σ.
-    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), nt,
-                      variant == "official")
-    r = torch.full((Bn * K,), p, dtype=torch.int64)
-    S = torch.empty(Bn * K, dtype=torch.float64)
-    sp = torch.empty(Bn * K, p, dtype=torch.float64) if spectrum else None
-    ev = torch.empty(Bn * K, p, dtype=torch.float64) if eigenpairs else None
-    vt = torch.empty(Bn * K, p, p, dtype=torch.float64) if eigenpairs else None
-    B._C.scale_from_gram(G.data_ptr(), Bn * K, p, r.data_ptr(), float(eps), T.VARIANTS[variant], S.data_ptr(),
-                         B.ptr(sp), B.ptr(ev), B.ptr(vt), nt)
-    S = S.view(Bn, K)
-    if eigenpairs:
-        return S, ev, vt
-    return (S, sp.view(Bn, K, p)) if spectrum else S
+def preset_args(variant, center, nan_to_num):
+    """``center`` and ``nan_to_num`` as the variant has them: the official preset is the authors' snippet,
+    which neither centres nor rejects NaN. The one place every backend's arguments pass through."""
+    return (False, True) if variant == "official" else (bool(center), bool(nan_to_num))
 
 
 def _decoded_torch(z, mode, center, eps, variant, nan_to_num, spectrum):
-    if variant == "official":
-        center, nan_to_num = False, True
-    elif not nan_to_num and not bool(torch.isfinite(z).all()):
-        raise ValueError("z contains NaN or Inf; pass nan_to_num=True to read them as 0")
+    if not nan_to_num and not bool(torch.isfinite(z).all()):
+        raise B.non_finite("z")
     return T.semantic_scale(z, mode, center, eps, variant, nan_to_num, spectrum=spectrum)
 
 
@@ -109,12 +88,12 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
     _check_decoded(z, mode, variant)
     _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, z)
+    center, nan_to_num = preset_args(variant, center, nan_to_num)
     if z.requires_grad and torch.is_grad_enabled():
-        from . import _autograd
-
-        return _autograd.semantic_scale_fn(z, mode, center, eps, variant, nan_to_num, be, num_threads)
+        return _finish(_autograd.semantic_scale(z, mode, center, eps, variant, nan_to_num, be, num_threads), z,
+                       was_numpy)
     if be == "cpp":
-        S = _decoded_native(z, mode, center, eps, variant, nan_to_num, num_threads, False)
+        S = _cpu.semantic_scale(z, mode, center, eps, variant, nan_to_num, num_threads)
     elif be == "cuda":
         from . import _cuda
 
@@ -140,19 +119,6 @@ def _check_masked(features, labels, num_classes):
         raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
 
 
-def _masked_native(features, labels, num_classes, center, eps, nan_to_num, num_threads, spectrum):
-    Bn, C = features.shape[:2]
-    K = int(num_classes)
-    nt = B.threads(num_threads)
-    counts = torch.empty(Bn * K, dtype=torch.int64)
-    S = torch.empty(Bn * K, dtype=torch.float64)
-    sp = torch.empty(Bn * K, C, dtype=torch.float64) if spectrum else None
-    B._C.masked_scale(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), float(eps),
-                      S.data_ptr(), counts.data_ptr(), B.ptr(sp), nt)
-    S = S.view(Bn, K)
-    return (S, sp.view(Bn, K, C)) if spectrum else S
-
-
 def _masked_torch(features, labels, num_classes, center, eps, nan_to_num, spectrum):
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
@@ -161,7 +127,7 @@ def _masked_torch(features, labels, num_classes, center, eps, nan_to_num, spectr
     if nan_to_num:
         features = torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
     elif not bool(torch.isfinite(features).all()):
-        raise ValueError("features contains NaN or Inf; pass nan_to_num=True to read them as 0")
+        raise B.non_finite("features")
     return T.masked_semantic_scale(features, labels, int(num_classes), center, eps, spectrum=spectrum)
 
 
@@ -185,7 +151,7 @@ def masked_semantic_scale(features, labels, num_classes: int, center: bool = Tru
     _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, features)
     if be == "cpp":
-        S = _masked_native(features, labels, num_classes, center, eps, nan_to_num, num_threads, False)
+        S = _cpu.masked_semantic_scale(features, labels, int(num_classes), center, eps, nan_to_num, num_threads)
     elif be == "cuda":
         from . import _cuda
 
@@ -208,9 +174,10 @@ def energy_spectrum(x, labels=None, num_classes: int | None = None, mode: str = 
         _check_decoded(x, mode, variant)
         _check_common(center, eps, nan_to_num, num_threads)
         be = B.resolve(backend, x)
+        center, nan_to_num = preset_args(variant, center, nan_to_num)
         x = x.detach()
         if be == "cpp":
-            _, p = _decoded_native(x, mode, center, eps, variant, nan_to_num, num_threads, True)
+            _, p = _cpu.semantic_scale(x, mode, center, eps, variant, nan_to_num, num_threads, spectrum=True)
         else:
             _, p = _decoded_torch(x.cpu() if be == "cuda" else x, mode, center, eps, variant, nan_to_num, True)
     else:
@@ -220,7 +187,8 @@ def energy_spectrum(x, labels=None, num_classes: int | None = None, mode: str = 
         be = B.resolve(backend, x)
         x = x.detach()
         if be == "cpp":
-            _, p = _masked_native(x, labels, num_classes, center, eps, nan_to_num, num_threads, True)
+            _, p = _cpu.masked_semantic_scale(x, labels, int(num_classes), center, eps, nan_to_num, num_threads,
+                                              spectrum=True)
         else:
             if be == "cuda":
                 x, labels = x.cpu(), labels.cpu()
