@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "auvcore/entropy.h"
 #include "auvcore/gram.h"
 #include "auvcore/isa.h"
 #include "auvcore/scale.h"
@@ -81,7 +82,7 @@ void scale_grad_of_eigenvalues(const double* lambda, int64_t r, double eps, Vari
   double total = 0.0;
   if (variant == Variant::Official) {
     // S of q_j = σ_j + 1e-6, p = q / Σq:  ∂S/∂q_k = (−log p_k − H) / (Σq · log r),  ∂q_k/∂λ_k = 1 / (2σ_k).
-    for (int64_t j = 0; j < r; ++j) total += (q[j] = std::sqrt(std::max(lambda[j], 0.0)) + 1e-6);
+    for (int64_t j = 0; j < r; ++j) total += (q[j] = energy_of(lambda[j], 1));
     double H = 0.0;
     for (int64_t j = 0; j < r; ++j) {
       const double pj = q[j] / total;
@@ -95,8 +96,8 @@ void scale_grad_of_eigenvalues(const double* lambda, int64_t r, double eps, Vari
     return;
   }
   // Paper: p_j = λ_j / D, D = Σλ + ε.  ∂H/∂λ_k = (−log p_k − H − ε/D) / D, the −ε/D from Σp = 1 − ε/D.
-  for (int64_t j = 0; j < r; ++j) total += (q[j] = std::max(lambda[j], 0.0));
-  const double D = total + eps;
+  for (int64_t j = 0; j < r; ++j) total += (q[j] = energy_of(lambda[j], 0));
+  const double D = energy_total(total, eps, 0);
   if (!(D > 0.0)) return;  // all-zero M̄ with ε = 0: S is the constant 0 around it
   double H = 0.0;
   for (int64_t j = 0; j < r; ++j) {

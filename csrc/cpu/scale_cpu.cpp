@@ -10,35 +10,14 @@
 #include <vector>
 
 #include "auvcore/eigh.h"
+#include "auvcore/entropy.h"
 #include "auvcore/gram.h"
 
 namespace auvcore {
 
 double scale_of_eigenvalues(const double* lambda, int64_t r, double eps, Variant variant, double* p_out) {
   if (r < 2) return std::numeric_limits<double>::quiet_NaN();
-  std::vector<double> q(r);
-  double total = 0.0;
-  if (variant == Variant::Official) {
-    // The authors' snippet: energy on singular values, each shifted by 1e-6, normalised by their sum.
-    for (int64_t j = 0; j < r; ++j) {
-      q[j] = std::sqrt(std::max(lambda[j], 0.0)) + 1e-6;
-      total += q[j];
-    }
-  } else {
-    // p_j = σ_j² / (Σ σ_k² + ε); rounding can leave tiny negative eigenvalues, which are energy 0.
-    for (int64_t j = 0; j < r; ++j) {
-      q[j] = std::max(lambda[j], 0.0);
-      total += q[j];
-    }
-    total += eps;
-  }
-  double h = 0.0;
-  for (int64_t j = 0; j < r; ++j) {
-    const double pj = q[j] / total;
-    if (p_out) p_out[j] = pj;
-    if (pj > 0.0) h -= pj * std::log(pj);
-  }
-  return h / std::log((double)r);
+  return entropy_scale(lambda, r, eps, static_cast<int>(variant), p_out);
 }
 
 void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* r, double eps, Variant variant, double* S,

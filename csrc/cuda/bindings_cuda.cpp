@@ -94,15 +94,10 @@ void register_cuda(py::module_& m) {
       "_cuda_host_entropy",
       [](const std::vector<double>& lam_desc, int64_t r, double eps, int variant) {
         if (r < 2 || r > (int64_t)lam_desc.size()) return std::nan("");
-        double tot = 0.0;
-        for (int64_t j = 0; j < r; ++j) tot += cuda::energy_of(lam_desc[j], variant);
-        if (variant != 1) tot += eps;
-        double h = 0.0;
-        for (int64_t j = 0; j < r; ++j) h += cuda::neg_plogp(cuda::energy_of(lam_desc[j], variant) / tot);
-        return h / std::log((double)r);
+        return entropy_scale(lam_desc.data(), r, eps, variant, nullptr);
       },
       py::arg("lam_desc"), py::arg("r"), py::arg("eps"), py::arg("variant"),
-      "S from descending eigenvalues with the CUDA kernel's per-element formula (serial sum).");
+      "S from descending eigenvalues with the formula the CUDA kernel shares (entropy.h), summed serially.");
 }
 
 }  // namespace auvcore

@@ -186,8 +186,7 @@ __global__ void __launch_bounds__(NT, 2) scale_kernel(const ScaleArgs a) {
     // Entropy of the top r energies (descending order: u[p-1-j]).
     double tot = 0.0;
     for (int j = tid; j < r; j += blockDim.x) tot += energy_of(u[p - 1 - j], a.variant);
-    tot = block_reduce<Red::Sum>(tot, red);
-    if (a.variant != 1) tot += a.eps;
+    tot = energy_total(block_reduce<Red::Sum>(tot, red), a.eps, a.variant);
     double h = 0.0;
     for (int j = tid; j < r; j += blockDim.x) h += neg_plogp(energy_of(u[p - 1 - j], a.variant) / tot);
     h = block_reduce<Red::Sum>(h, red);

@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime.h>  // __host__ __device__
 
+#include "auvcore/entropy.h"  // energy_of, energy_total, neg_plogp
+
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -85,16 +87,6 @@ __host__ __device__ inline Bracket bracket_from(double gl, double gu, double max
   if (!(b.abstol > 0)) b.abstol = DBL_MIN;
   return b;
 }
-
-// Energy of one eigenvalue before normalisation (scale_of_eigenvalues in csrc/cpu/scale_cpu.cpp):
-// paper: σ² = max(λ, 0); official: σ + 1e-6.
-__host__ __device__ inline double energy_of(double lambda, int variant) {
-  const double l = lambda > 0.0 ? lambda : 0.0;
-  return variant == 1 ? sqrt(l) + 1e-6 : l;
-}
-
-// -p log p with 0 log 0 = 0.
-__host__ __device__ inline double neg_plogp(double p) { return p > 0.0 ? -p * log(p) : 0.0; }
 
 }  // namespace cuda
 }  // namespace auvcore
