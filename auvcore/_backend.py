@@ -73,13 +73,12 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(getattr(_C, "with_cuda", False))
 
 
-def view(t: torch.Tensor):
-    """The native ArrayView of a tensor: pointer, dtype, shape and strides, no copy."""
+def view(t: torch.Tensor | None):
+    """The native ArrayView of a tensor: pointer, dtype, shape and strides, no copy. ``None`` gives the empty
+    view (pointer 0) that an op reads as "this optional output is not wanted"."""
+    if t is None:
+        return _C.ArrayView(0, _C.DType.f64, [], [])
     return _C.ArrayView(t.data_ptr(), getattr(_C.DType, _DTYPES[t.dtype]), list(t.shape), list(t.stride()))
-
-
-def ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:

@@ -18,15 +18,15 @@ def semantic_scale(z, mode, center, eps, variant, nan_to_num, num_threads, spect
     nt = B.threads(num_threads)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64)
     # The official preset is defined in float64: its energy on σ magnifies float32 error in small σ.
-    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), nt,
+    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), B.view(G), nt,
                       variant == "official")
     r = torch.full((Bn * K,), p, dtype=torch.int64)
     S = torch.empty(Bn * K, dtype=torch.float64)
     sp = torch.empty(Bn * K, p, dtype=torch.float64) if spectrum else None
     ev = torch.empty(Bn * K, p, dtype=torch.float64) if eigenpairs else None
     vt = torch.empty(Bn * K, p, p, dtype=torch.float64) if eigenpairs else None
-    B._C.scale_from_gram(G.data_ptr(), Bn * K, p, r.data_ptr(), float(eps), T.VARIANTS[variant], S.data_ptr(),
-                         B.ptr(sp), B.ptr(ev), B.ptr(vt), nt)
+    B._C.scale_from_gram(B.view(G), B.view(r), float(eps), T.VARIANTS[variant], B.view(S), B.view(sp),
+                         B.view(ev), B.view(vt), nt)
     S = S.view(Bn, K)
     if eigenpairs:
         return S, ev, vt
@@ -35,10 +35,10 @@ def semantic_scale(z, mode, center, eps, variant, nan_to_num, num_threads, spect
 
 def scale_backward(z, mode, center, eps, variant, nan_to_num, num_threads, evals, evecs, grad_S):
     """dS/dz · grad_S from the eigenpairs the forward kept; float64 for float64 z, else float32."""
-    gS = grad_S.to(torch.float64).contiguous()
+    gS = grad_S.to(torch.float64).contiguous().reshape(-1)
     dz = torch.empty(z.shape, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
     B._C.scale_backward(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), float(eps), T.VARIANTS[variant],
-                        evals.data_ptr(), evecs.data_ptr(), gS.data_ptr(), B.view(dz), B.threads(num_threads))
+                        B.view(evals), B.view(evecs), B.view(gS), B.view(dz), B.threads(num_threads))
     return dz
 
 
@@ -50,6 +50,6 @@ def masked_semantic_scale(features, labels, K, center, eps, nan_to_num, num_thre
     S = torch.empty(Bn * K, dtype=torch.float64)
     sp = torch.empty(Bn * K, C, dtype=torch.float64) if spectrum else None
     B._C.masked_scale(B.view(features), B.view(labels), int(K), bool(center), bool(nan_to_num), float(eps),
-                      S.data_ptr(), counts.data_ptr(), B.ptr(sp), B.threads(num_threads))
+                      B.view(S), B.view(counts), B.view(sp), B.threads(num_threads))
     S = S.view(Bn, K)
     return (S, sp.view(Bn, K, C)) if spectrum else S

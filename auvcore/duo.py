@@ -33,7 +33,7 @@ class _FusedSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, n, y, labels, c0, preset, tau, nt):
         sums = torch.empty(z.shape[0], z.shape[1] - c0, B._C.duo_num_sums, dtype=torch.float64)
-        B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, sums.data_ptr(), nt)
+        B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, B.view(sums), nt)
         ctx.save_for_backward(z, n, y)  # the inputs themselves: references, not copies
         ctx.args = (labels, c0, preset, tau, nt)
         return sums
@@ -47,9 +47,8 @@ class _FusedSums(torch.autograd.Function):
         dz = torch.empty(z.shape, dtype=z.dtype)
         want_dn = ctx.needs_input_grad[1] and preset == PRESETS["paper"]
         dn = torch.empty(z.shape, dtype=z.dtype) if want_dn else None
-        null = B._C.ArrayView(0, B._C.DType.f32, [], [])
-        B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, g.data_ptr(), B.view(dz),
-                          B.view(dn) if want_dn else null, nt)
+        B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, B.view(g), B.view(dz),
+                          B.view(dn), nt)
         return dz, dn, None, None, None, None, None, None
 
 

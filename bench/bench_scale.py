@@ -101,7 +101,7 @@ def main():
     t_torch = timeit(lambda: auvcore.semantic_scale(z, backend="torch"), args.repeat)
     t_svd = timeit(lambda: authors_svd_loop(z), max(1, args.repeat // 2))
     G = torch.empty(28, s, s, dtype=torch.float64)
-    t_gram = timeit(lambda: B._C.decoded_gram(B.view(z), 0, True, False, G.data_ptr(), nt, False), args.repeat)
+    t_gram = timeit(lambda: B._C.decoded_gram(B.view(z), 0, True, False, B.view(G), nt, False), args.repeat)
     gram_flops = 28 * s * s * s * s  # m² n multiply-adds x 2 flops / 2 (symmetric half) per map
     rows.append(("decoded 2x14x%d³ f32" % s, t_ours, t_torch, t_svd, gram_flops / t_gram / 1e9, t_gram))
 
@@ -114,8 +114,8 @@ def main():
         t_svd_m = timeit(lambda: authors_svd_loop_masked(f, lab, 8), max(1, args.repeat // 2))
         Gm = torch.empty(8, C, C, dtype=torch.float64)
         cnt = torch.empty(8, dtype=torch.int64)
-        t_gram_m = timeit(lambda: B._C.masked_gram(B.view(f), B.view(lab), 8, True, False, Gm.data_ptr(),
-                                                   cnt.data_ptr(), nt), args.repeat)
+        t_gram_m = timeit(lambda: B._C.masked_gram(B.view(f), B.view(lab), 8, True, False, B.view(Gm),
+                                                   B.view(cnt), nt), args.repeat)
         flops_m = C * C * sm**3
         rows.append((f"masked C={C} {sm}³ K=8 f32, {name}", t_ours_m, t_torch_m, t_svd_m, flops_m / t_gram_m / 1e9,
                      t_gram_m))
@@ -131,9 +131,10 @@ def main():
         S = torch.empty(8, dtype=torch.float64)
 
         def cxc():
-            B._C.masked_gram(B.view(f), B.view(lab), 8, True, False, Gc.data_ptr(), cnt.data_ptr(), nt)
+            B._C.masked_gram(B.view(f), B.view(lab), 8, True, False, B.view(Gc), B.view(cnt), nt)
             r = cnt.clamp(max=Cs)
-            B._C.scale_from_gram(Gc.data_ptr(), 8, Cs, r.data_ptr(), 1e-8, 0, S.data_ptr(), 0, 0, 0, nt)
+            B._C.scale_from_gram(B.view(Gc), B.view(r), 1e-8, 0, B.view(S), B.view(None), B.view(None), B.view(None),
+                                 nt)
 
         t_small = timeit(lambda: auvcore.masked_semantic_scale(f, lab, 8, backend="cpp"), args.repeat)
         t_cxc = timeit(cxc, args.repeat)

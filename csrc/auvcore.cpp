@@ -1,5 +1,5 @@
-// The Python module: one thin dispatch point. Each op takes ArrayViews of the caller's memory and raw
-// pointers to outputs that Python allocated; no tensor library is linked.
+// The Python module: one thin dispatch point. Each op takes ArrayViews of the caller's memory, its inputs and
+// the outputs Python allocated alike; no tensor library is linked.
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -17,11 +17,6 @@ namespace auvcore {
 void register_duo(py::module_& m);
 void register_cuda(py::module_& m);
 }  // namespace auvcore
-
-template <typename T>
-static T* out_ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "auvcore native kernels (CPU always, CUDA when built with it)";
@@ -44,21 +39,30 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("ptr"), py::arg("dtype"), py::arg("shape"), py::arg("strides"));
 
+  // Outputs are ArrayViews of buffers Python allocated; `buffer` checks each one's dtype, layout and shape
+  // against what the op will write before the op runs.
   m.def(
       "decoded_gram",
-      [](const ArrayView& z, int mode, bool center, bool nan_to_num, std::uintptr_t G, int threads, bool in_double) {
+      [](const ArrayView& z, int mode, bool center, bool nan_to_num, const ArrayView& G, int threads, bool in_double) {
+        auto [m, n] = decoded_shape(z, mode);
+        const int64_t p = std::min(m, n);
+        double* g = buffer<double>(G, DType::F64, {z.shape[0] * z.shape[1], p, p}, "G");
         py::gil_scoped_release nogil;
-        decoded_gram(z, mode, center, nan_to_num, out_ptr<double>(G), threads, in_double);
+        decoded_gram(z, mode, center, nan_to_num, g, threads, in_double);
       },
       py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("G"), py::arg("threads"),
       py::arg("in_double") = false);
 
   m.def(
       "masked_gram",
-      [](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, std::uintptr_t G,
-         std::uintptr_t counts, int threads) {
+      [](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, const ArrayView& G,
+         const ArrayView& counts, int threads) {
+        check_masked_args(f, labels, K);
+        const int64_t BK = f.shape[0] * K, C = f.shape[1];
+        double* g = buffer<double>(G, DType::F64, {BK, C, C}, "G");
+        int64_t* cnt = buffer<int64_t>(counts, DType::I64, {BK}, "counts");
         py::gil_scoped_release nogil;
-        masked_gram(f, labels, K, center, nan_to_num, out_ptr<double>(G), out_ptr<int64_t>(counts), threads);
+        masked_gram(f, labels, K, center, nan_to_num, g, cnt, threads);
       },
       py::arg("features"), py::arg("labels"), py::arg("num_classes"), py::arg("center"), py::arg("nan_to_num"),
       py::arg("G"), py::arg("counts"), py::arg("threads"));
@@ -66,25 +70,37 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "masked_scale",
       [](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double eps,
-         std::uintptr_t S, std::uintptr_t counts, std::uintptr_t spectrum, int threads) {
+         const ArrayView& S, const ArrayView& counts, const ArrayView& spectrum, int threads) {
+        check_masked_args(f, labels, K);
+        const int64_t BK = f.shape[0] * K, C = f.shape[1];
+        double* s = buffer<double>(S, DType::F64, {BK}, "S");
+        int64_t* cnt = buffer<int64_t>(counts, DType::I64, {BK}, "counts");
+        double* sp = buffer<double>(spectrum, DType::F64, {BK, C}, "spectrum", true);
         py::gil_scoped_release nogil;
-        masked_scale(f, labels, K, center, nan_to_num, eps, out_ptr<double>(S), out_ptr<int64_t>(counts),
-                     out_ptr<double>(spectrum), threads);
+        masked_scale(f, labels, K, center, nan_to_num, eps, s, cnt, sp, threads);
       },
       py::arg("features"), py::arg("labels"), py::arg("num_classes"), py::arg("center"), py::arg("nan_to_num"),
       py::arg("eps"), py::arg("S"), py::arg("counts"), py::arg("spectrum"), py::arg("threads"));
 
+  // G [count, p, p] (overwritten) gives count and p; r [count] the ranks.
   m.def(
       "scale_from_gram",
-      [](std::uintptr_t G, int64_t count, int64_t p, std::uintptr_t r, double eps, int variant, std::uintptr_t S,
-         std::uintptr_t spectrum, std::uintptr_t evals, std::uintptr_t evecs, int threads) {
+      [](const ArrayView& G, const ArrayView& r, double eps, int variant, const ArrayView& S,
+         const ArrayView& spectrum, const ArrayView& evals, const ArrayView& evecs, int threads) {
+        require(G.dim() == 3 && G.shape[1] == G.shape[2], "G: expected [count, p, p]");
+        const int64_t count = G.shape[0], p = G.shape[1];
+        require(variant == 0 || variant == 1, "variant: expected 0 (paper) or 1 (official)");
+        double* g = buffer<double>(G, DType::F64, {count, p, p}, "G");
+        const int64_t* rr = buffer<int64_t>(r, DType::I64, {count}, "r");
+        double* s = buffer<double>(S, DType::F64, {count}, "S");
+        double* sp = buffer<double>(spectrum, DType::F64, {count, p}, "spectrum", true);
+        double* ev = buffer<double>(evals, DType::F64, {count, p}, "evals", true);
+        double* vt = buffer<double>(evecs, DType::F64, {count, p, p}, "evecs", true);
         py::gil_scoped_release nogil;
-        scale_from_gram(out_ptr<double>(G), count, p, out_ptr<const int64_t>(r), eps, static_cast<Variant>(variant),
-                        out_ptr<double>(S), out_ptr<double>(spectrum), out_ptr<double>(evals), out_ptr<double>(evecs),
-                        threads);
+        scale_from_gram(g, count, p, rr, eps, static_cast<Variant>(variant), s, sp, ev, vt, threads);
       },
-      py::arg("G"), py::arg("count"), py::arg("p"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("S"),
-      py::arg("spectrum"), py::arg("evals"), py::arg("evecs"), py::arg("threads"));
+      py::arg("G"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("S"), py::arg("spectrum"),
+      py::arg("evals"), py::arg("evecs"), py::arg("threads"));
 
   // The eigensolver on its own, for its tests and bench/stress_spectra.py: A [count, n, n] float64 (read,
   // not changed) -> eigenvalues [count, n] descending and, with vectors, eigenvectors [count, n, n] as rows.

@@ -241,3 +241,26 @@ def test_bad_input_names_the_argument(call, err, msg, backend, monkeypatch):
     monkeypatch.setattr(B, "resolve", lambda be, t: real(backend if be == "auto" else be, t))
     with pytest.raises(err, match=msg):
         call()
+
+
+def test_native_ops_check_every_buffer_before_writing():
+    """The boundary cannot corrupt memory: a buffer of the wrong size, dtype or layout is an error naming it."""
+    from auvcore import _backend as B
+
+    z = torch.randn(2, 3, 4, 5, 6)
+    good = torch.empty(6, 4, 4, dtype=torch.float64)
+    B._C.decoded_gram(B.view(z), 0, True, False, B.view(good), 1, False)
+    for bad, msg in ((torch.empty(5, 4, 4, dtype=torch.float64), r"G: expected shape \[6, 4, 4\], got \[5, 4, 4\]"),
+                     (torch.empty(6, 4, 4, dtype=torch.float32), "G: wrong dtype"),
+                     (torch.empty(6, 4, 8, dtype=torch.float64)[..., ::2], "G: expected a contiguous buffer"),
+                     (None, "G: this buffer is required")):
+        with pytest.raises(ValueError, match=msg):
+            B._C.decoded_gram(B.view(z), 0, True, False, B.view(bad), 1, False)
+    f, lab = torch.randn(1, 5, 3, 3), torch.zeros(1, 3, 3, dtype=torch.int64)
+    S, cnt = torch.empty(2, dtype=torch.float64), torch.empty(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"spectrum: expected shape \[2, 5\]"):
+        B._C.masked_scale(B.view(f), B.view(lab), 2, True, False, 1e-8, B.view(S), B.view(cnt),
+                          B.view(torch.empty(2, 4, dtype=torch.float64)), 1)
+    with pytest.raises(ValueError, match=r"r: expected shape \[6\]"):
+        B._C.scale_from_gram(B.view(good), B.view(torch.full((5,), 4)), 1e-8, 0, B.view(torch.empty(6, dtype=torch.float64)),
+                             B.view(None), B.view(None), B.view(None), 1)

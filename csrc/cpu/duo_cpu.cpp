@@ -1,5 +1,6 @@
-// Fused DUO loss kernels (SPEC §4, §5) and the Python bindings of the DUO work (the S backward included).
+// Fused DUO loss kernels (docs/method.md §3) and the Python bindings of the DUO work (the S backward included).
 #include "auvcore/duo.h"
+#include "auvcore/gram.h"  // decoded_shape
 
 // The per-voxel loops select between both sides of a ternary; with trapping math GCC keeps them as branches
 // and does not vectorise. No FP exception state is read anywhere in the library.
@@ -432,37 +433,48 @@ void register_duo(py::module_& m) {
     a.c0 = c0;
     a.preset = static_cast<DuoPreset>(preset);
     a.tau = tau;
+    check_args(a);  // before the buffers' shapes are derived from z
     return a;
   };
   m.attr("duo_num_sums") = (int)kDuoSums;
+  auto sums_shape = [](const ArrayView& z, int64_t c0) {
+    return std::vector<int64_t>{z.shape[0], z.shape[1] - c0, (int64_t)kDuoSums};
+  };
   m.def(
       "duo_forward",
-      [args](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
-             double tau, std::uintptr_t sums, int threads) {
+      [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,
+                         int preset, double tau, const ArrayView& sums, int threads) {
         DuoArgs a = args(z, n, y, labels, c0, preset, tau);
+        double* s = buffer<double>(sums, DType::F64, sums_shape(z, c0), "sums");
         py::gil_scoped_release nogil;
-        duo_forward_cpu(a, reinterpret_cast<double*>(sums), threads);
+        duo_forward_cpu(a, s, threads);
       },
       py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
       py::arg("sums"), py::arg("threads"));
   m.def(
       "duo_backward",
-      [args](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
-             double tau, std::uintptr_t grad_sums, const ArrayView& dz, const ArrayView& dn, int threads) {
+      [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,
+                         int preset, double tau, const ArrayView& grad_sums, const ArrayView& dz,
+                         const ArrayView& dn, int threads) {
         DuoArgs a = args(z, n, y, labels, c0, preset, tau);
+        const double* g = buffer<double>(grad_sums, DType::F64, sums_shape(z, c0), "grad_sums");
         py::gil_scoped_release nogil;
-        duo_backward_cpu(a, reinterpret_cast<const double*>(grad_sums), dz, dn, threads);
+        duo_backward_cpu(a, g, dz, dn, threads);
       },
       py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
       py::arg("grad_sums"), py::arg("dz"), py::arg("dn"), py::arg("threads"));
   m.def(
       "scale_backward",
-      [](const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, int variant, std::uintptr_t evals,
-         std::uintptr_t evecs, std::uintptr_t grad_S, const ArrayView& dz, int threads) {
+      [](const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, int variant, const ArrayView& evals,
+         const ArrayView& evecs, const ArrayView& grad_S, const ArrayView& dz, int threads) {
+        auto [m_, n_] = decoded_shape(z, mode);
+        const int64_t BK = z.shape[0] * z.shape[1], p = std::min(m_, n_);
+        const double* ev = buffer<double>(evals, DType::F64, {BK, p}, "evals");
+        const double* vt = buffer<double>(evecs, DType::F64, {BK, p, p}, "evecs");
+        const double* gS = buffer<double>(grad_S, DType::F64, {BK}, "grad_S");
         py::gil_scoped_release nogil;
-        scale_backward_decoded(z, mode, center, nan_to_num, eps, static_cast<Variant>(variant),
-                               reinterpret_cast<const double*>(evals), reinterpret_cast<const double*>(evecs),
-                               reinterpret_cast<const double*>(grad_S), dz, threads);
+        scale_backward_decoded(z, mode, center, nan_to_num, eps, static_cast<Variant>(variant), ev, vt, gS, dz,
+                               threads);
       },
       py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("eps"), py::arg("variant"),
       py::arg("evals"), py::arg("evecs"), py::arg("grad_S"), py::arg("dz"), py::arg("threads"));

@@ -38,6 +38,31 @@ inline void require(bool ok, const std::string& msg) {
   if (!ok) throw ArgumentError(msg);
 }
 
+// A buffer the caller allocated for an op (an output, or what an earlier op wrote), checked before anything
+// is read or written: its dtype, a contiguous row-major layout and the exact shape the op needs. A wrong
+// size is an ArgumentError naming the buffer, never a write past its end. An empty view (pointer 0) means
+// "not wanted" where `optional`, and gives nullptr.
+template <typename T>
+T* buffer(const ArrayView& v, DType dtype, const std::vector<int64_t>& shape, const char* name, bool optional = false) {
+  if (v.ptr == 0) {
+    require(optional, std::string(name) + ": this buffer is required");
+    return nullptr;
+  }
+  auto str = [](const std::vector<int64_t>& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+  };
+  require(v.dtype == dtype, std::string(name) + ": wrong dtype for this buffer");
+  require(v.shape == shape, std::string(name) + ": expected shape " + str(shape) + ", got " + str(v.shape));
+  int64_t stride = 1;
+  for (int64_t d = (int64_t)shape.size() - 1; d >= 0; --d) {
+    require(shape[d] <= 1 || v.strides[d] == stride, std::string(name) + ": expected a contiguous buffer");
+    stride *= shape[d];
+  }
+  return reinterpret_cast<T*>(v.ptr);
+}
+
 // IEEE half and bfloat16 to float, without depending on compiler extensions.
 inline float half_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
