@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "auvcore/array.h"
+#include "auvcore/duo.h"
 #include "auvcore/eigh.h"
 #include "auvcore/gram.h"
 #include "auvcore/scale.h"
@@ -13,8 +14,7 @@ namespace py = pybind11;
 using namespace auvcore;
 
 namespace auvcore {
-// Ops of other files register themselves here (DUO loss, CUDA kernels).
-void register_duo(py::module_& m);
+// The CUDA ops register themselves (csrc/cuda/bindings_cuda.cpp, or a stub in a CPU-only build).
 void register_cuda(py::module_& m);
 }  // namespace auvcore
 
@@ -134,6 +134,63 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("A"), py::arg("vectors") = false, py::arg("force_jacobi") = false, py::arg("threads") = 1);
 
-  register_duo(m);
+  // DUO loss and the backward of S.
+
+  auto args = [](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
+                 double tau) {
+    require(preset == 0 || preset == 1, "preset: expected 0 (paper) or 1 (official)");
+    DuoArgs a;
+    a.z = z;
+    a.n = n;
+    a.y = y;
+    a.labels = labels;
+    a.c0 = c0;
+    a.preset = static_cast<DuoPreset>(preset);
+    a.tau = tau;
+    check_duo_args(a);  // before the buffers' shapes are derived from z
+    return a;
+  };
+  m.attr("duo_num_sums") = (int)kDuoSums;
+  auto sums_shape = [](const ArrayView& z, int64_t c0) {
+    return std::vector<int64_t>{z.shape[0], z.shape[1] - c0, (int64_t)kDuoSums};
+  };
+  m.def(
+      "duo_forward",
+      [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,
+                         int preset, double tau, const ArrayView& sums, int threads) {
+        DuoArgs a = args(z, n, y, labels, c0, preset, tau);
+        double* s = buffer<double>(sums, DType::F64, sums_shape(z, c0), "sums");
+        py::gil_scoped_release nogil;
+        duo_forward_cpu(a, s, threads);
+      },
+      py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
+      py::arg("sums"), py::arg("threads"));
+  m.def(
+      "duo_backward",
+      [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,
+                         int preset, double tau, const ArrayView& grad_sums, const ArrayView& dz,
+                         const ArrayView& dn, int threads) {
+        DuoArgs a = args(z, n, y, labels, c0, preset, tau);
+        const double* g = buffer<double>(grad_sums, DType::F64, sums_shape(z, c0), "grad_sums");
+        py::gil_scoped_release nogil;
+        duo_backward_cpu(a, g, dz, dn, threads);
+      },
+      py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
+      py::arg("grad_sums"), py::arg("dz"), py::arg("dn"), py::arg("threads"));
+  m.def(
+      "scale_backward",
+      [](const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, int variant, const ArrayView& evals,
+         const ArrayView& evecs, const ArrayView& grad_S, const ArrayView& dz, int threads) {
+        auto [m_, n_] = decoded_shape(z, mode);
+        const int64_t BK = z.shape[0] * z.shape[1], p = std::min(m_, n_);
+        const double* ev = buffer<double>(evals, DType::F64, {BK, p}, "evals");
+        const double* vt = buffer<double>(evecs, DType::F64, {BK, p, p}, "evecs");
+        const double* gS = buffer<double>(grad_S, DType::F64, {BK}, "grad_S");
+        py::gil_scoped_release nogil;
+        scale_backward_decoded(z, mode, center, nan_to_num, eps, static_cast<Variant>(variant), ev, vt, gS, dz,
+                               threads);
+      },
+      py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("eps"), py::arg("variant"),
+      py::arg("evals"), py::arg("evecs"), py::arg("grad_S"), py::arg("dz"), py::arg("threads"));
   register_cuda(m);
 }

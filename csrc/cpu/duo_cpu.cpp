@@ -1,13 +1,10 @@
-// Fused DUO loss kernels (docs/method.md §3) and the Python bindings of the DUO work (the S backward included).
+// Fused DUO loss kernels (docs/method.md §3).
 #include "auvcore/duo.h"
-#include "auvcore/gram.h"  // decoded_shape
 
 // The per-voxel loops select between both sides of a ternary; with trapping math GCC keeps them as branches
 // and does not vectorise. No FP exception state is read anywhere in the library.
 #pragma GCC optimize("no-trapping-math")
 
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -55,18 +52,6 @@ void dispatch(const DuoArgs& a, Fn&& fn) {
   else with_y(float{});
 }
 
-void check_args(const DuoArgs& a) {
-  require(a.z.dim() == 3, "seg_logits: expected [B, K, N] view");
-  require(a.z.dtype == DType::F32 || a.z.dtype == DType::F64, "seg_logits: expected float32 or float64");
-  require(a.n.shape == a.z.shape, "noise_logits: shape differs from seg_logits");
-  require(a.n.dtype == a.z.dtype, "noise_logits: dtype differs from seg_logits");
-  if (a.labels)
-    require(a.y.dim() == 2 && a.y.shape[0] == a.z.shape[0] && a.y.shape[1] == a.z.shape[2],
-            "target: expected [B, N] class indices");
-  else
-    require(a.y.shape == a.z.shape, "target: shape differs from seg_logits");
-  require(a.c0 >= 0 && a.c0 < a.z.shape[1], "include_background: no class left to include");
-}
 
 // Per-voxel math. Double inputs use libm (the float64 oracle tests hold them to 1e-10). Float inputs use
 // branch-free versions that the compiler vectorises: exp on x <= 0 (Cody-Waite reduction and the Cephes
@@ -404,80 +389,32 @@ void backward_impl(const DuoArgs& a, const double* gsums, const ArrayView& dz, c
 
 }  // namespace
 
+void check_duo_args(const DuoArgs& a) {
+  require(a.z.dim() == 3, "seg_logits: expected [B, K, N] view");
+  require(a.z.dtype == DType::F32 || a.z.dtype == DType::F64, "seg_logits: expected float32 or float64");
+  require(a.n.shape == a.z.shape, "noise_logits: shape differs from seg_logits");
+  require(a.n.dtype == a.z.dtype, "noise_logits: dtype differs from seg_logits");
+  if (a.labels)
+    require(a.y.dim() == 2 && a.y.shape[0] == a.z.shape[0] && a.y.shape[1] == a.z.shape[2],
+            "target: expected [B, N] class indices");
+  else
+    require(a.y.shape == a.z.shape, "target: shape differs from seg_logits");
+  require(a.c0 >= 0 && a.c0 < a.z.shape[1], "include_background: no class left to include");
+}
+
 void duo_forward_cpu(const DuoArgs& a, double* sums, int num_threads) {
-  check_args(a);
+  check_duo_args(a);
   dispatch(a, [&](auto tz, auto ty) { forward_impl<decltype(tz), decltype(ty)>(a, sums, num_threads); });
 }
 
 void duo_backward_cpu(const DuoArgs& a, const double* grad_sums, const ArrayView& dz, const ArrayView& dn,
                       int num_threads) {
-  check_args(a);
+  check_duo_args(a);
   require(dz.shape == a.z.shape && dz.dtype == a.z.dtype, "grad: dz must match seg_logits");
   require(dn.ptr == 0 || (dn.shape == a.z.shape && dn.dtype == a.z.dtype), "grad: dn must match noise_logits");
   dispatch(a, [&](auto tz, auto ty) {
     backward_impl<decltype(tz), decltype(ty)>(a, grad_sums, dz, dn, num_threads);
   });
-}
-
-namespace py = pybind11;
-
-void register_duo(py::module_& m) {
-  auto args = [](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
-                 double tau) {
-    require(preset == 0 || preset == 1, "preset: expected 0 (paper) or 1 (official)");
-    DuoArgs a;
-    a.z = z;
-    a.n = n;
-    a.y = y;
-    a.labels = labels;
-    a.c0 = c0;
-    a.preset = static_cast<DuoPreset>(preset);
-    a.tau = tau;
-    check_args(a);  // before the buffers' shapes are derived from z
-    return a;
-  };
-  m.attr("duo_num_sums") = (int)kDuoSums;
-  auto sums_shape = [](const ArrayView& z, int64_t c0) {
-    return std::vector<int64_t>{z.shape[0], z.shape[1] - c0, (int64_t)kDuoSums};
-  };
-  m.def(
-      "duo_forward",
-      [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,
-                         int preset, double tau, const ArrayView& sums, int threads) {
-        DuoArgs a = args(z, n, y, labels, c0, preset, tau);
-        double* s = buffer<double>(sums, DType::F64, sums_shape(z, c0), "sums");
-        py::gil_scoped_release nogil;
-        duo_forward_cpu(a, s, threads);
-      },
-      py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
-      py::arg("sums"), py::arg("threads"));
-  m.def(
-      "duo_backward",
-      [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,
-                         int preset, double tau, const ArrayView& grad_sums, const ArrayView& dz,
-                         const ArrayView& dn, int threads) {
-        DuoArgs a = args(z, n, y, labels, c0, preset, tau);
-        const double* g = buffer<double>(grad_sums, DType::F64, sums_shape(z, c0), "grad_sums");
-        py::gil_scoped_release nogil;
-        duo_backward_cpu(a, g, dz, dn, threads);
-      },
-      py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
-      py::arg("grad_sums"), py::arg("dz"), py::arg("dn"), py::arg("threads"));
-  m.def(
-      "scale_backward",
-      [](const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, int variant, const ArrayView& evals,
-         const ArrayView& evecs, const ArrayView& grad_S, const ArrayView& dz, int threads) {
-        auto [m_, n_] = decoded_shape(z, mode);
-        const int64_t BK = z.shape[0] * z.shape[1], p = std::min(m_, n_);
-        const double* ev = buffer<double>(evals, DType::F64, {BK, p}, "evals");
-        const double* vt = buffer<double>(evecs, DType::F64, {BK, p, p}, "evecs");
-        const double* gS = buffer<double>(grad_S, DType::F64, {BK}, "grad_S");
-        py::gil_scoped_release nogil;
-        scale_backward_decoded(z, mode, center, nan_to_num, eps, static_cast<Variant>(variant), ev, vt, gS, dz,
-                               threads);
-      },
-      py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("eps"), py::arg("variant"),
-      py::arg("evals"), py::arg("evecs"), py::arg("grad_S"), py::arg("dz"), py::arg("threads"));
 }
 
 }  // namespace auvcore

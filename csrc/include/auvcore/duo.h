@@ -1,4 +1,4 @@
-// Fused DUO loss (SPEC §4, §5): the full-size part of the loss in one pass forward and one pass backward.
+// Fused DUO loss (docs/method.md §3): the full-size part of the loss in one pass forward and one pass backward.
 //
 // Everything that touches every voxel reduces to six sums per (sample b, included class c); the rest of the
 // loss (Dice ratio, weights from S, the noise constraint R, the mean) is arithmetic on those B x K' numbers
@@ -29,6 +29,9 @@ struct DuoArgs {
   DuoPreset preset = DuoPreset::Paper;
   double tau = 0.5;
 };
+
+// The shapes and dtypes of a, each error naming the argument (seg_logits, noise_logits, target, ...).
+void check_duo_args(const DuoArgs& a);
 
 // sums: [B, K - c0, kDuoSums]. Throws ArgumentError naming seg_logits / noise_logits / target for NaN/Inf
 // or out-of-range targets.
