@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from _util import cpu_name
 from auvcore import DUOLoss
 
 
@@ -72,15 +73,6 @@ def peak_memory(args, backend):
     return json.loads(out.strip().splitlines()[-1])["peak_extra_mib"]
 
 
-def lscpu():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--B", type=int, default=2)
@@ -117,7 +109,7 @@ def main():
     mem = {"fused": peak_memory(args, "cpp"), "torch": peak_memory(args, "torch")}
 
     shape = f"B={args.B} K={args.K} {args.size}³ float32, target={args.target}"
-    print(f"DUO loss forward+backward, {shape}, threads={torch.get_num_threads()}, CPU: {lscpu()}")
+    print(f"DUO loss forward+backward, {shape}, threads={torch.get_num_threads()}, CPU: {cpu_name()}")
     print(f"gradient agreement (max rel. diff): seg_logits {dz:.2e}, noise_logits {dn:.2e}")
     print(f"{'':28}{'DUOLoss (fused C++)':>22}{'pure-torch composition':>26}{'ratio':>9}")
     print(f"{'time, median of ' + str(args.repeat) + ' [s]':28}{med['fused']:>22.3f}{med['torch']:>26.3f}"

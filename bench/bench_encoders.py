@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from _util import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -138,14 +140,13 @@ def write_report(a, rows, out: Path):
 
     import torch
 
-    cpu = _sh("lscpu | grep 'Model name' | sed 's/Model name: *//'")
-    ncpu = _sh("nproc")
+    cpu = cpu_name()
     commit = _sh(f"git -C {ROOT} rev-parse --short HEAD")
     load = os.getloadavg()
     lines = [
         "# Merlin encoder: time and memory per case (CPU)", "",
         f"- command: `python bench/bench_encoders.py {' '.join(sys.argv[1:])}`",
-        f"- machine: {cpu}, {ncpu} CPU cores (lscpu), torch {torch.__version__}, {a.threads} torch threads",
+        f"- machine: {cpu} (lscpu), torch {torch.__version__}, {a.threads} torch threads",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, git commit {commit}",
         f"- load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(the machine was shared with other jobs; times are medians)",

@@ -7,25 +7,12 @@ per-map torch.linalg.svd loop and (b) the batched pure-torch path (bmm + eigvals
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import subprocess
-import time
 
 import torch
 
 import auvcore
+from _util import cpu_name, timeit
 from auvcore import _backend as B
-
-
-def timeit(fn, repeat):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def authors_svd_loop(z):
@@ -72,15 +59,6 @@ def matmul_peak(n=2048, repeat=5):
     a, b = torch.randn(n, n), torch.randn(n, n)
     t = timeit(lambda: a @ b, repeat)
     return 2 * n**3 / t / 1e9
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        name = platform.processor()
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def main():
@@ -143,7 +121,7 @@ def main():
                       t_small, t_cxc, t_torch_s))
 
     peak = matmul_peak(1024 if args.quick else 2048)
-    print(f"machine: {cpu_name()}; torch {torch.__version__}; float32 matmul (practical peak): {peak:.1f} GFLOP/s")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; float32 matmul (practical peak): {peak:.1f} GFLOP/s")
     print("| case | auvcore (s) | batched torch (s) | authors' SVD loop (s) | vs SVD loop | vs batched torch "
           "| Gram phase (s) | Gram GFLOP/s | of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|")

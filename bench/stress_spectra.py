@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from collections import defaultdict
 
 import numpy as np
 import torch
 
+from _util import cpu_name
 from auvcore import _C, testing
 from auvcore import _torch_impl as T
 
@@ -107,14 +106,13 @@ def main():
         for start in range(0, int(c), per):
             run_group(rng, int(n), min(per, int(c) - start), args.threads, stats)
     wall = time.perf_counter() - t0
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     failures = stats["failures"] + len(stats["errors"])
     summary = {"matrices": int(args.count), "sizes": f"2..{args.max_n}", "n>=512": int((ns >= 512).sum()),
                "failures": failures, "errors": stats["errors"][:10], "examples": stats["examples"][:10],
                "worst_eig_error_n_eps": max(k["worst_eig"] for k in stats["kinds"].values()),
                "worst_S_error": max(k["worst_S"] for k in stats["kinds"].values()),
                "kinds": dict(stats["kinds"]), "solve_s": round(stats["solve_s"], 1), "wall_s": round(wall, 1),
-               "machine": f"{cpu or platform.processor()}, {args.threads} threads", "seed": args.seed}
+               "machine": f"{cpu_name()}, {args.threads} threads", "seed": args.seed}
     print(f"{'kind':<12} {'count':>8} {'worst |w-ref|/(n eps |A|)':>26} {'worst |dS|':>11}")
     for kind, k in sorted(stats["kinds"].items()):
         print(f"{kind:<12} {k['count']:>8} {k['worst_eig']:>26.3g} {k['worst_S']:>11.2e}")
