@@ -426,6 +426,7 @@ def test_check_lists_every_problem_at_once(data, tmp_path, capsys):
     assert _score(d, out) == 3
     df = pd.read_parquet(out / "scores.parquet").set_index("case")
     assert (df.loc[ids[:3], "error"] != "").all() and "NaN or Inf" in df.loc[ids[2], "error"]
+    assert "at the encoder's grid" in df.loc[ids[4], "reason"]  # the one-voxel class, named
     assert main(["check", str(data), "--no-progress", "--encoder", "random3d"]) == 0
 
 
@@ -469,3 +470,13 @@ def test_csv_without_dataset_json_says_what_is_needed_then_picks_up_the_names(da
     csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")
     assert _score(csv, out) == 0
     assert sorted(pd.read_parquet(out / "scores.parquet")["case"]) == ids[:2]
+
+
+def test_docs_cite_only_what_the_repository_holds(capsys):
+    """The README and the CLI's help point at docs/method.md, which is in the repository, not at a SPEC."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert "SPEC" not in readme and "docs/method.md" in readme and (root / "docs" / "method.md").is_file()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "SPEC" not in capsys.readouterr().out
