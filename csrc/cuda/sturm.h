@@ -1,5 +1,5 @@
 // Serial pieces of the CUDA eigen solver and entropy, compiled for host and device alike so the host tests
-// can check them (tests/test_cuda.py, through _C._cuda_host_*) on a machine without a GPU.
+// can check them (tests/test_cuda_host.py, through _C._cuda_host_*) on a machine without a GPU.
 #pragma once
 #include <cuda_runtime.h>  // __host__ __device__
 

@@ -1,5 +1,5 @@
 // A host emulation of the slice of CUDA the auvcore kernels use, for tests on machines without a GPU
-// (tests/test_cuda.py builds csrc/cuda/*.cu with g++ against this header after rewriting `<<<...>>>`
+// (csrc/cuda/emu/build_emu.py builds csrc/cuda/*.cu with g++ against this header after rewriting `<<<...>>>`
 // launches into emu::launch calls). Every CUDA thread is a std::thread; a block's threads run together,
 // blocks one after another, so `__shared__` variables become statics. __syncthreads is a std::barrier and
 // warp shuffles go through a per-warp exchange buffer with its own barrier. It checks the kernels' logic

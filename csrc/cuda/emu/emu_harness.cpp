@@ -1,4 +1,4 @@
-// C entry points of the emulated CUDA ops (see cuda_runtime.h here), loaded by tests/test_cuda.py with ctypes.
+// C entry points of the emulated CUDA ops (see cuda_runtime.h here), loaded by tests/test_cuda_emulated.py with ctypes.
 // "Device" pointers are host pointers in the emulation.
 #include <cstdint>
 #include <cstring>

@@ -1,0 +1,64 @@
+"""Shared by the CUDA tests (host, emulated, GPU): markers and the float64 oracle."""
+from __future__ import annotations
+
+import ctypes.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import auvcore
+from auvcore import _backend as B
+from auvcore import _torch_impl as T
+
+built_with_cuda = pytest.mark.skipif(not auvcore.has_cuda_kernels(), reason="auvcore built without CUDA kernels")
+HAVE_GPU = torch.cuda.is_available() and auvcore.has_cuda_kernels() and B._C.cuda_device_count() > 0
+gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU, CUDA torch and auvcore built with CUDA")
+
+
+def _no_driver() -> bool:
+    return ctypes.util.find_library("cuda") is None and not os.path.exists("/dev/nvidiactl")
+
+
+no_driver = pytest.mark.skipif(not _no_driver(), reason="a CUDA driver is present on this machine")
+
+
+def _reference(z: torch.Tensor, mode: str, center=True, eps=1e-8, variant="paper", nan_to_num=False) -> np.ndarray:
+    """S [B, K] from the float64 SVD oracle, one class matrix at a time."""
+    M = T.class_matrices(z.detach().cpu().to(torch.float64), mode).numpy()
+    if nan_to_num:
+        M = np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
+    out = np.empty(M.shape[:2])
+    for b in range(M.shape[0]):
+        for k in range(M.shape[1]):
+            out[b, k] = T.svd_reference(M[b, k], center=center, eps=eps, variant=variant)
+    return out
+
+
+def _assert_scale_close(got, want, atol=1e-4):
+    got = np.asarray(got.detach().cpu().to(torch.float64) if isinstance(got, torch.Tensor) else got, dtype=float)
+    want = np.asarray(want, dtype=float)
+    assert got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want)), (got, want)
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=0, atol=atol)
+
+
+_FLOAT_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _rand(shape, dtype, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3.0 + offset
+    return x.to(dtype)
+
+
+def _masked_case(Bn, C, K, shape, dtype, seed, channels_last=False, absent=()):
+    g = torch.Generator().manual_seed(seed)
+    f = (torch.randn((Bn, C) + shape, generator=g, dtype=torch.float64) * 2.0 + 3.0).to(dtype)
+    lab = torch.randint(0, K, (Bn,) + shape, generator=g)
+    for b, k in absent:
+        lab[b][lab[b] == k] = (k + 1) % K
+    if channels_last:
+        f = f.movedim(1, -1).contiguous().movedim(-1, 1)
+    return f, lab

@@ -1,0 +1,263 @@
+"""CUDA kernels under host emulation (csrc/cuda/emu/build_emu.py): the kernels' indexing, barriers,
+reductions, centring, sort and solver run without a GPU; not their speed, nor races that a GPU's weaker
+memory ordering could expose.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import auvcore
+from auvcore import _torch_impl as T
+from auvcore import testing
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cuda_common import (  # noqa: E402
+    _assert_scale_close, _masked_case, _rand, _reference, built_with_cuda,
+)
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_spec = importlib.util.spec_from_file_location("build_emu", _CSRC / "cuda" / "emu" / "build_emu.py")
+build_emu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_emu)
+
+_EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.int8: 4, torch.uint8: 5,
+           torch.int16: 6, torch.int32: 7, torch.int64: 8}
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    try:
+        lib = ctypes.CDLL(str(build_emu.build(tmp_path_factory.getbasetemp())))
+    except build_emu.EmulationUnavailable as e:
+        pytest.skip(str(e))
+    yield lib
+    lib.emu_set_optin(227 * 1024)
+
+
+def _i64(xs):
+    return (ctypes.c_int64 * max(len(xs), 1))(*xs)
+
+
+def _p(t):
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _check(rc, err):
+    if rc:
+        raise (ValueError if rc == 1 else RuntimeError)(err.value.decode())
+
+
+def _emu_scale(lib, G, p, counts=None, r=0, eps=1e-8, variant=0, flags=None, want_evals=False):
+    count = G.shape[0]
+    S = torch.empty(count, dtype=torch.float64)
+    ev = torch.empty(count, p, dtype=torch.float64) if want_evals else None
+    err = ctypes.create_string_buffer(512)
+    _check(lib.emu_scale_from_gram(_p(G), ctypes.c_int64(count), ctypes.c_int64(p), _p(counts), ctypes.c_int64(r),
+                                   ctypes.c_double(eps), variant, _p(flags), _p(S), _p(ev), err, 512), err)
+    return S, ev
+
+
+def _emu_decoded(lib, z, mode="D_HW", center=True, nan_to_num=False, variant="paper", eps=1e-8):
+    if variant == "official":
+        center, nan_to_num = False, True
+    Bn, K = z.shape[:2]
+    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
+    p = min(m, n)
+    G = torch.full((Bn * K, p, p), float("nan"), dtype=torch.float64)  # the op must overwrite every entry
+    flags = torch.zeros(Bn * K, dtype=torch.int32)
+    err = ctypes.create_string_buffer(512)
+    _check(lib.emu_decoded_gram(_p(z), _EMU_DT[z.dtype], z.dim(), _i64(z.shape), _i64(z.stride()), T.MODES[mode],
+                                int(center), int(nan_to_num), _p(G), _p(flags), err, 512), err)
+    G0 = G.clone()
+    S, _ = _emu_scale(lib, G, p, r=p, eps=eps, variant=T.VARIANTS[variant], flags=flags)
+    return G0, S.view(Bn, K), flags.view(Bn, K)
+
+
+def _emu_masked(lib, f, lab, K, center=True, nan_to_num=False):
+    Bn, C = f.shape[:2]
+    G = torch.full((Bn * K, C, C), float("nan"), dtype=torch.float64)
+    counts = torch.full((Bn * K,), -1, dtype=torch.int64)
+    flags = torch.zeros(Bn * K, dtype=torch.int32)
+    le = torch.zeros(2, dtype=torch.int64)
+    err = ctypes.create_string_buffer(512)
+    _check(lib.emu_masked_gram(_p(f), _EMU_DT[f.dtype], f.dim(), _i64(f.shape), _i64(f.stride()), _p(lab),
+                               _EMU_DT[lab.dtype], _i64(lab.shape), _i64(lab.stride()), ctypes.c_int64(K),
+                               int(center), int(nan_to_num), _p(G), _p(counts), _p(flags), _p(le), err, 512), err)
+    G0 = G.clone()
+    S, _ = _emu_scale(lib, G, C, counts=counts, flags=flags)
+    return G0, S.view(Bn, K), counts.view(Bn, K), flags.view(Bn, K), le.tolist()
+
+
+def _gram_ref(z, mode, center):
+    M = T.class_matrices(z.to(torch.float64), mode)
+    if center:
+        M = M - M.mean(-2, keepdim=True)
+    m, n = M.shape[-2:]
+    return (M @ M.transpose(-1, -2) if m <= n else M.transpose(-1, -2) @ M).flatten(0, 1)
+
+
+_EMU_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+@built_with_cuda
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(B_=st.integers(1, 2), K=st.integers(1, 2), D=st.integers(1, 24), H=st.integers(1, 9), W=st.integers(1, 9),
+       mode=st.sampled_from(list(T.MODES)), dtype=st.sampled_from(list(_EMU_ATOL)), center=st.booleans(),
+       offset=st.sampled_from([0.0, 40.0]), seed=st.integers(0, 2**31 - 1))
+def test_emulated_decoded_kernels_match_the_oracle(emu, B_, K, D, H, W, mode, dtype, center, offset, seed):
+    z = _rand((B_, K, D, H, W), dtype, seed, offset)
+    G, S, flags = _emu_decoded(emu, z, mode, center=center)
+    assert not flags.any()
+    Gref = _gram_ref(z, mode, center)
+    scale = float(Gref.abs().max()) or 1.0
+    assert float((G - Gref).abs().max()) <= (1e-13 if dtype == torch.float64 else 1e-6) * scale * 10
+    _assert_scale_close(S, _reference(z, mode, center=center), atol=_EMU_ATOL[dtype])
+
+
+@pytest.mark.slow
+@built_with_cuda
+@pytest.mark.parametrize("shape,mode,dtype", [
+    ((1, 1, 140, 3, 50), "D_HW", torch.float32),   # p = 140 > 128: column-mean pre-pass, 2 x 2 float tiles
+    ((1, 1, 100, 3, 40), "D_HW", torch.float64),   # p = 100 > 96: the same for double tiles
+    ((1, 1, 300, 100), "D_HW", torch.float64),     # column side (m > n), shifted covariance over 2 x 2 tiles
+    ((1, 2, 90, 3, 40), "D_HW", torch.float32),    # p = 90: one 96-tile, centred in the block
+    ((1, 2, 20, 9, 30), "W_DH", torch.float32),    # rows contiguous: p-fast loads
+    ((2, 2, 1100, 3), "D_HW", torch.float32),      # column side, 1100 samples: 3 chunks per job
+])
+def test_emulated_decoded_tile_paths(emu, shape, mode, dtype):
+    z = _rand(shape, dtype, 5, offset=5.0)
+    _, S, _ = _emu_decoded(emu, z, mode)
+    _assert_scale_close(S, auvcore.semantic_scale(z.to(torch.float64), mode=mode, backend="cpp").numpy(),
+                        atol=_EMU_ATOL[dtype])
+
+
+@built_with_cuda
+def test_emulated_decoded_non_contiguous_nan_and_official(emu):
+    base = _rand((3, 4, 14, 22, 18), torch.float32, 11)
+    z = base.permute(0, 1, 4, 2, 3)[::2, 1:, :, ::2, 1:]
+    _, S, _ = _emu_decoded(emu, z, "H_DW")
+    _assert_scale_close(S, _reference(z, "H_DW"), atol=1e-5)
+
+    z = _rand((1, 3, 5, 6, 7), torch.float64, 2)
+    z[0, 1, 2, 3, 4] = float("nan")
+    z[0, 2, 0, 0, 0] = float("-inf")
+    _, S, flags = _emu_decoded(emu, z)
+    assert flags.tolist() == [[0, 1, 1]]
+    assert not math.isnan(S[0, 0]) and torch.isnan(S[0, 1:]).all()
+    _, S, flags = _emu_decoded(emu, z, nan_to_num=True)
+    assert not flags.any()
+    _assert_scale_close(S, _reference(z, "D_HW", nan_to_num=True), atol=1e-12)
+    _, S, _ = _emu_decoded(emu, z, variant="official")
+    _assert_scale_close(S, _reference(z, "D_HW", variant="official", nan_to_num=True), atol=1e-12)
+
+    zero = torch.zeros(1, 2, 4, 5, 6, dtype=torch.float64)
+    zero[0, 1] = 2.5
+    _, S, _ = _emu_decoded(emu, zero)
+    assert S.tolist() == [[0.0, 0.0]]
+
+
+@built_with_cuda
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(Bn=st.integers(1, 2), C=st.integers(1, 40), K=st.integers(1, 4), D=st.integers(1, 7), H=st.integers(1, 7),
+       W=st.integers(1, 7), dtype=st.sampled_from([torch.float32, torch.float64]), center=st.booleans(),
+       channels_last=st.booleans(), label_dtype=st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8]),
+       seed=st.integers(0, 2**31 - 1))
+def test_emulated_masked_kernels_match_cpu(emu, Bn, C, K, D, H, W, dtype, center, channels_last, label_dtype, seed):
+    f, lab = _masked_case(Bn, C, K, (D, H, W), dtype, seed, channels_last, absent=[(0, K - 1)] if K > 1 else [])
+    lab = lab.to(label_dtype)
+    _, S, counts, flags, le = _emu_masked(emu, f, lab, K, center=center)
+    assert le == [0, 0] and not flags.any()
+    want_counts = torch.stack([torch.bincount(lab[b].reshape(-1).long(), minlength=K) for b in range(Bn)])
+    assert torch.equal(counts, want_counts)
+    want = auvcore.masked_semantic_scale(f.to(torch.float64), lab, K, center=center, backend="cpp")
+    _assert_scale_close(S, want.numpy(), atol=_EMU_ATOL[dtype])
+
+
+@pytest.mark.slow
+@built_with_cuda
+def test_emulated_masked_tiles_chunks_and_errors(emu):
+    # C = 130 > 128: 2 x 2 tiles; one class of 1500 voxels: several chunks; a class of 1 voxel: NaN.
+    f, lab = _masked_case(1, 130, 3, (10, 12, 14), torch.float32, 4)
+    lab[0] = 0
+    lab[0, :9] = 1
+    lab[0, 9, 0, 0] = 2
+    _, S, counts, _, _ = _emu_masked(emu, f, lab, 3)
+    assert counts.tolist() == [[10 * 12 * 14 - 9 * 12 * 14 - 1, 9 * 12 * 14, 1]]
+    _assert_scale_close(S, auvcore.masked_semantic_scale(f.double(), lab, 3, backend="cpp").numpy(), atol=1e-5)
+    assert math.isnan(S[0, 2])
+    bad = lab.clone()
+    bad[0, 3, 4, 5] = 7
+    _, _, counts, _, le = _emu_masked(emu, f[:, :4].contiguous(), bad, 3)
+    assert le == [1, 7] and int(counts.sum()) == 10 * 12 * 14 - 1  # the bad voxel joins no class
+    fn = f[:, :4].clone()
+    fn[0, 2, 9, 0, 0] = float("nan")  # in the voxel of class 2
+    _, S, _, flags, _ = _emu_masked(emu, fn, lab, 3)
+    assert flags.tolist() == [[0, 0, 1]]
+
+
+@pytest.mark.slow
+@built_with_cuda
+def test_emulated_masked_many_classes_uses_global_histogram(emu):
+    # K > 2048 classes: the histogram and the scatter skip shared memory and count with global atomics.
+    K = 2100
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(1, 3, 3000, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 6, (1, 3000), generator=g) * 400
+    _, S, counts, _, le = _emu_masked(emu, f, lab, K)
+    assert le == [0, 0]
+    assert torch.equal(counts[0], torch.bincount(lab[0], minlength=K))
+    _assert_scale_close(S, auvcore.masked_semantic_scale(f, lab, K, backend="cpp").numpy(), atol=1e-12)
+
+
+@built_with_cuda
+@pytest.mark.parametrize("p", [1, 2, 3, 31, 33, 80])
+@pytest.mark.parametrize("optin", [227 * 1024, 8 * 1024])  # shared-memory matrix / in place in global memory
+def test_emulated_eigen_kernel(emu, p, optin):
+    emu.emu_set_optin(optin)
+    try:
+        g = torch.Generator().manual_seed(p)
+        X = torch.randn(2, p, max(p - 3, 1), generator=g, dtype=torch.float64) * 1e3
+        G = X @ X.transpose(-1, -2)
+        want = torch.linalg.eigvalsh(G).flip(-1)
+        counts = torch.tensor([p, max(p - 1, 0)])
+        S, ev = _emu_scale(emu, G.clone(), p, counts=counts, want_evals=True)
+        torch.testing.assert_close(ev, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+        for i in range(2):
+            r = min(int(counts[i]), p)
+            Sref, _ = T.entropy_scale(want[i], r, 1e-8, "paper")
+            if r < 2:
+                assert math.isnan(S[i])
+            else:
+                assert abs(float(S[i]) - float(Sref)) < 1e-12
+    finally:
+        emu.emu_set_optin(227 * 1024)
+
+
+@built_with_cuda
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), kind=st.sampled_from(testing.KINDS), seed=st.integers(0, 2**32 - 1))
+def test_emulated_eigen_kernel_on_adversarial_spectra(emu, n, kind, seed):
+    """The CUDA eigen kernel (Householder + multisection, run under the host emulation) on the adversarial
+    matrices of the CPU solver's tests: rank-deficient, clustered, 1e-30..1e30, denormal, Wilkinson."""
+    a = testing.matrix(np.random.default_rng(seed), n, kind)
+    want = np.linalg.eigvalsh(a)[::-1]
+    S, ev = _emu_scale(emu, torch.from_numpy(a[None].copy()), n, r=n, want_evals=True)
+    scale = max(np.abs(a).max(), np.finfo(float).tiny)
+    assert np.isfinite(ev.numpy()).all()
+    np.testing.assert_allclose(ev[0].numpy(), want, rtol=0, atol=50 * n * np.finfo(float).eps * scale + 1e-300)
+    if n >= 2 and scale > 1e-250:
+        Sref, _ = T.entropy_scale(torch.from_numpy(want.copy()), n, 1e-8, "paper")
+        assert abs(float(S[0]) - float(Sref)) < 1e-10

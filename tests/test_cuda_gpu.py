@@ -1,0 +1,212 @@
+"""CUDA kernels on a GPU (marked ``cuda``; they skip cleanly without a GPU, a CUDA build of torch and of
+auvcore)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import auvcore
+from auvcore import _backend as B
+from auvcore import _torch_impl as T
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cuda_common import (  # noqa: E402
+    _FLOAT_TOL, _assert_scale_close, _masked_case, _rand, _reference, gpu,
+)
+
+
+@pytest.mark.cuda
+@gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B_=st.integers(1, 2), K=st.integers(1, 3), D=st.integers(1, 20), H=st.integers(1, 12), W=st.integers(1, 12),
+       mode=st.sampled_from(list(T.MODES)), dtype=st.sampled_from([torch.float32, torch.float64]),
+       center=st.booleans(), offset=st.sampled_from([0.0, 50.0]), seed=st.integers(0, 2**31 - 1))
+def test_decoded_matches_svd_reference(B_, K, D, H, W, mode, dtype, center, offset, seed):
+    z = _rand((B_, K, D, H, W), dtype, seed, offset)
+    S = auvcore.semantic_scale(z.cuda(), mode=mode, center=center, backend="cuda")
+    assert S.device.type == "cuda" and S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _assert_scale_close(S, _reference(z, mode, center=center), atol=_FLOAT_TOL[dtype])
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("shape,mode", [
+    ((1, 2, 140, 3, 50), "D_HW"),   # row side, p = 140 > the largest tile: column-mean pre-pass, 2 x 2 tiles
+    ((1, 2, 300, 4, 5), "D_HW"),    # column side (m > n): shifted one-pass covariance
+    ((2, 3, 40, 9, 70), "W_DH"),    # row side with the rows contiguous (p-fast loads)
+    ((1, 1, 520, 600), "D_HW"),     # 2-D, p = 520: eigen solver in global memory
+    ((1, 2, 96, 24, 24), "H_DW"),   # p = 24 < n, D folded into columns with stride
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoded_shapes_that_cross_tile_and_memory_limits(shape, mode, dtype):
+    z = _rand(shape, dtype, 7, offset=5.0)
+    S = auvcore.semantic_scale(z.cuda(), mode=mode, backend="cuda")
+    _assert_scale_close(S, auvcore.semantic_scale(z.to(torch.float64), mode=mode, backend="cpp").numpy(),
+                        atol=_FLOAT_TOL[dtype])
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decoded_half_inputs_accumulate_in_float32(dtype):
+    z = _rand((2, 3, 12, 10, 11), dtype, 1)
+    S = auvcore.semantic_scale(z.cuda(), backend="cuda")
+    assert S.dtype == torch.float32
+    _assert_scale_close(S, _reference(z.to(torch.float64), "D_HW"), atol=1e-4)
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoded_non_contiguous_input(dtype):
+    base = _rand((3, 4, 14, 22, 18), dtype, 11).cuda()
+    z = base.permute(0, 1, 4, 2, 3)[::2, 1:, :, ::2, 1:]  # odd strides, a negative-free view
+    assert not z.is_contiguous()
+    S = auvcore.semantic_scale(z, mode="H_DW", backend="cuda")
+    _assert_scale_close(S, _reference(z.cpu(), "H_DW"), atol=_FLOAT_TOL[dtype])
+
+
+@pytest.mark.cuda
+@gpu
+def test_decoded_official_variant_and_nan_handling():
+    z = _rand((2, 3, 8, 9, 10), torch.float64, 5)
+    z[0, 1, 2, 3, 4] = float("nan")
+    z[1, 2, 0, 0, 0] = float("inf")
+    zc = z.cuda()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        auvcore.semantic_scale(zc, backend="cuda")
+    S = auvcore.semantic_scale(zc, nan_to_num=True, backend="cuda")
+    _assert_scale_close(S, _reference(z, "D_HW", nan_to_num=True), atol=1e-9)
+    So = auvcore.semantic_scale(zc, variant="official", backend="cuda")
+    _assert_scale_close(So, _reference(z, "D_HW", variant="official", nan_to_num=True), atol=1e-9)
+
+
+@pytest.mark.cuda
+@gpu
+def test_decoded_degenerate_cases():
+    z = torch.zeros(1, 2, 6, 7, 8, dtype=torch.float64, device="cuda")
+    z[0, 1] = 3.0  # constant map: centred it is all zero
+    S = auvcore.semantic_scale(z, backend="cuda")
+    assert S.tolist() == [[0.0, 0.0]]
+    z1 = torch.randn(1, 2, 1, 7, 8, device="cuda")  # m = 1 -> r = 1 -> NaN
+    assert torch.isnan(auvcore.semantic_scale(z1, backend="cuda")).all()
+
+
+@pytest.mark.cuda
+@gpu
+def test_gram_and_eigenvalues_match_torch():
+    from auvcore import _cuda
+
+    z = _rand((2, 2, 30, 7, 9), torch.float64, 3, offset=20.0).cuda()
+    G, ev = _cuda.gram_and_eigenvalues(z, "D_HW")
+    M = T.class_matrices(z, "D_HW")
+    M = M - M.mean(-2, keepdim=True)
+    Gref = M @ M.transpose(-1, -2)
+    torch.testing.assert_close(G, Gref, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ev, torch.linalg.eigvalsh(Gref).flip(-1), rtol=0, atol=1e-10 * float(ev.max()))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("p", [1, 2, 3, 17, 64, 65, 128, 140, 257, 512, 700])
+def test_eigen_kernel_on_random_psd_matrices(p):
+    g = torch.Generator().manual_seed(p)
+    X = torch.randn(3, p, max(p // 2, 1), generator=g, dtype=torch.float64)
+    G = (X @ X.transpose(-1, -2)).cuda()
+    want = torch.linalg.eigvalsh(G).flip(-1)
+    Gw = G.clone()
+    S = torch.empty(3, dtype=torch.float64, device="cuda")
+    ev = torch.empty(3, p, dtype=torch.float64, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    B._C.cuda_scale_from_gram(Gw.data_ptr(), 3, p, 0, p, 1e-8, 0, 0, S.data_ptr(), ev.data_ptr(), stream,
+                              G.device.index)
+    torch.testing.assert_close(ev, want, rtol=0, atol=1e-11 * float(want.abs().max()))
+    if p >= 2:
+        Sref, _ = T.entropy_scale(want, p, 1e-8, "paper")
+        torch.testing.assert_close(S, Sref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.cuda
+@gpu
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(Bn=st.integers(1, 2), C=st.integers(1, 70), K=st.integers(1, 5), D=st.integers(1, 9), H=st.integers(1, 9),
+       W=st.integers(1, 9), dtype=st.sampled_from([torch.float32, torch.float64]), center=st.booleans(),
+       channels_last=st.booleans(), label_dtype=st.sampled_from([torch.int64, torch.int32, torch.uint8]),
+       seed=st.integers(0, 2**31 - 1))
+def test_masked_matches_cpu(Bn, C, K, D, H, W, dtype, center, channels_last, label_dtype, seed):
+    f, lab = _masked_case(Bn, C, K, (D, H, W), dtype, seed, channels_last, absent=[(0, K - 1)] if K > 1 else [])
+    lab = lab.to(label_dtype)
+    S = auvcore.masked_semantic_scale(f.cuda(), lab.cuda(), K, center=center, backend="cuda")
+    want = auvcore.masked_semantic_scale(f.to(torch.float64), lab, K, center=center, backend="cpp")
+    _assert_scale_close(S, want.numpy(), atol=_FLOAT_TOL[dtype])
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("C", [130, 256])
+def test_masked_wide_features_and_large_classes(C):
+    f, lab = _masked_case(1, C, 4, (16, 16, 12), torch.float32, 2)
+    lab[0, :2] = 3  # one class of many voxels, spanning several chunks
+    S = auvcore.masked_semantic_scale(f.cuda(), lab.cuda(), 4, backend="cuda")
+    want = auvcore.masked_semantic_scale(f.to(torch.float64), lab, 4, backend="cpp")
+    _assert_scale_close(S, want.numpy(), atol=1e-4)
+
+
+@pytest.mark.cuda
+@gpu
+def test_masked_errors():
+    f, lab = _masked_case(1, 4, 3, (4, 5, 6), torch.float32, 0)
+    bad = lab.clone()
+    bad[0, 1, 1, 1] = 7
+    with pytest.raises(ValueError, match="outside 0..2"):
+        auvcore.masked_semantic_scale(f.cuda(), bad.cuda(), 3, backend="cuda")
+    fn = f.clone()
+    fn[0, 2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        auvcore.masked_semantic_scale(fn.cuda(), lab.cuda(), 3, backend="cuda")
+    S = auvcore.masked_semantic_scale(fn.cuda(), lab.cuda(), 3, nan_to_num=True, backend="cuda")
+    want = auvcore.masked_semantic_scale(fn.double(), lab, 3, nan_to_num=True, backend="cpp")
+    _assert_scale_close(S, want.numpy(), atol=1e-4)
+
+
+@pytest.mark.cuda
+@gpu
+def test_non_default_stream():
+    z = _rand((2, 3, 24, 20, 20), torch.float32, 9).cuda()
+    want = auvcore.semantic_scale(z, backend="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # queue more work than one call, then compare after the stream's own sync
+            got = auvcore.semantic_scale(z, backend="cuda")
+    s.synchronize()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+@gpu
+def test_cupy_input():
+    cupy = pytest.importorskip("cupy")
+    z = _rand((2, 3, 10, 11, 12), torch.float32, 4)
+    zc = cupy.asarray(z.numpy())
+    S = auvcore.semantic_scale(zc, backend="cuda")
+    _assert_scale_close(S, _reference(z, "D_HW"), atol=1e-4)
+    from auvcore import _cuda
+
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        S2 = _cuda.semantic_scale(zc)
+    s.synchronize()
+    _assert_scale_close(S2, _reference(z, "D_HW"), atol=1e-4)
+
+
+@pytest.mark.cuda
+@gpu
+def test_auto_uses_cuda_for_cuda_tensors():
+    z = torch.randn(1, 2, 5, 6, 7, device="cuda")
+    supported = B._C.cuda_device_supported(z.device.index)
+    assert supported == (torch.cuda.get_device_capability(z.device) >= (8, 0))
+    assert B.resolve("auto", z) == ("cuda" if supported else "torch")

@@ -1,0 +1,197 @@
+"""CUDA backend, host side: runs on every machine. A CUDA build imports and serves the CPU ops without a driver,
+the CUDA ops reject bad arguments and the missing device with clear errors, and the serial parts of the GPU
+eigen solver (Sturm multisection, entropy), compiled for the host, agree with LAPACK and docs/method.md.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import auvcore
+from auvcore import _backend as B
+from auvcore import _torch_impl as T
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cuda_common import (  # noqa: E402
+    _assert_scale_close, _reference, built_with_cuda, no_driver,
+)
+
+
+@built_with_cuda
+def test_cuda_build_imports_and_reports_itself():
+    assert B._C.with_cuda is True
+    assert B._C.cuda_max_gram_size >= 512
+    for name in ("cuda_decoded_gram", "cuda_masked_gram", "cuda_scale_from_gram", "cuda_device_count"):
+        assert callable(getattr(B._C, name))
+
+
+@built_with_cuda
+def test_device_count_never_raises():
+    n = B._C.cuda_device_count()
+    assert isinstance(n, int) and n >= 0
+    assert B._C.cuda_device_count() == n  # a second call (after the runtime's failed init) answers the same
+
+
+@built_with_cuda
+@no_driver
+def test_device_count_is_zero_without_driver():
+    assert B._C.cuda_device_count() == 0
+    assert B._C.cuda_device_supported(0) is False
+    assert B._C.cuda_device_supported(-1) is False
+
+
+@built_with_cuda
+@no_driver
+def test_backend_cuda_without_gpu_is_a_clear_runtime_error():
+    z = torch.randn(1, 2, 4, 5, 6)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        auvcore.semantic_scale(z, backend="cuda")
+    f, lab = torch.randn(1, 3, 4, 5, 6), torch.randint(0, 2, (1, 4, 5, 6))
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        auvcore.masked_semantic_scale(f, lab, 2, backend="cuda")
+    from auvcore import _cuda
+
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _cuda.semantic_scale(z)
+
+
+@built_with_cuda
+@no_driver
+def test_cuda_ops_without_device_raise_runtime_error_naming_the_cause():
+    # Valid arguments reach the device check, which must fail cleanly (no crash, no sticky state).
+    z = torch.randn(1, 2, 4, 5, 6)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        B._C.cuda_decoded_gram(B.view(z), 0, True, False, 8, 8, 0, 0)
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        B._C.cuda_scale_from_gram(8, 1, 4, 0, 4, 1e-8, 0, 0, 8, 0, 0, 0)
+    # ...and the CPU ops keep working afterwards.
+    S = auvcore.semantic_scale(z, backend="cpp")
+    assert torch.isfinite(S).all()
+
+
+@built_with_cuda
+def test_cuda_ops_validate_arguments_before_touching_the_device():
+    z3 = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="decoded maps"):
+        B._C.cuda_decoded_gram(B.view(z3), 0, True, False, 8, 8, 0, 0)
+    z = torch.randn(1, 2, 4, 5, 6)
+    with pytest.raises(ValueError, match="mode"):
+        B._C.cuda_decoded_gram(B.view(z), 7, True, False, 8, 8, 0, 0)
+    zi = torch.zeros(1, 2, 4, 5, 6, dtype=torch.int32)
+    with pytest.raises(ValueError, match="floating"):
+        B._C.cuda_decoded_gram(B.view(zi), 0, True, False, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="null"):
+        B._C.cuda_decoded_gram(B.view(z), 0, True, False, 0, 0, 0, 0)
+    big = torch.empty(1, 1, 5000, 6000)  # p = 5000 > the eigen kernel's limit
+    with pytest.raises(ValueError, match="exceeds the CUDA limit"):
+        B._C.cuda_decoded_gram(B.view(big), 0, True, False, 8, 8, 0, 0)
+    f, lab = torch.randn(1, 3, 4, 5, 6), torch.randint(0, 2, (1, 4, 5, 7))
+    with pytest.raises(ValueError, match="labels: shape"):
+        B._C.cuda_masked_gram(B.view(f), B.view(lab), 2, True, False, 8, 8, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="integer"):
+        B._C.cuda_masked_gram(B.view(f), B.view(f[:, 0]), 2, True, False, 8, 8, 8, 8, 0, 0)
+    lab = torch.randint(0, 2, (1, 4, 5, 6))
+    with pytest.raises(ValueError, match="num_classes"):
+        B._C.cuda_masked_gram(B.view(f), B.view(lab), 0, True, False, 8, 8, 8, 8, 0, 0)
+    with pytest.raises(ValueError, match="p: expected"):
+        B._C.cuda_scale_from_gram(8, 1, 0, 0, 4, 1e-8, 0, 0, 8, 0, 0, 0)
+    with pytest.raises(ValueError, match="variant"):
+        B._C.cuda_scale_from_gram(8, 1, 4, 0, 4, 1e-8, 5, 0, 8, 0, 0, 0)
+
+
+def test_auto_on_cpu_tensors_uses_the_cpu_kernels(monkeypatch):
+    if not auvcore.has_native():
+        pytest.skip("native module not built")
+    from auvcore import _cuda
+
+    def boom(*a, **k):
+        raise AssertionError("the CUDA path must not run for CPU tensors")
+
+    monkeypatch.setattr(_cuda, "semantic_scale", boom)
+    monkeypatch.setattr(_cuda, "masked_semantic_scale", boom)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 5, 6, 7, generator=g)
+    assert B.resolve("auto", z) == "cpp"
+    S = auvcore.semantic_scale(z)
+    torch.testing.assert_close(S, auvcore.semantic_scale(z, backend="cpp"), rtol=0, atol=0)
+    _assert_scale_close(S, _reference(z, "D_HW"), atol=1e-5)
+    f, lab = torch.randn(2, 4, 5, 6, 7, generator=g), torch.randint(0, 3, (2, 5, 6, 7), generator=g)
+    Sm = auvcore.masked_semantic_scale(f, lab, 3)
+    torch.testing.assert_close(Sm, auvcore.masked_semantic_scale(f, lab, 3, backend="cpp"), rtol=0, atol=0)
+
+
+@built_with_cuda
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1), scale_exp=st.integers(-30, 30),
+       kind=st.sampled_from(["random", "zero_offdiag", "repeated", "zero"]), lanes=st.sampled_from([1, 2, 4, 8, 32]))
+def test_host_multisection_matches_lapack(n, seed, scale_exp, kind, lanes):
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal(n) * 10.0**scale_exp
+    e = rng.standard_normal(n - 1) * 10.0**scale_exp
+    if kind == "zero_offdiag":
+        e[rng.random(n - 1) < 0.5] = 0.0
+    elif kind == "repeated":
+        d[:] = 10.0**scale_exp
+        e[:] = 0.0
+        e[::3] = 1e-3 * 10.0**scale_exp
+    elif kind == "zero":
+        d[:] = 0.0
+        e[:] = 0.0
+    Tm = np.diag(d) + np.diag(e, 1) + np.diag(e, -1)
+    want = np.linalg.eigvalsh(Tm)
+    got = np.array(B._C._cuda_host_tridiag_eigvalsh(d.tolist(), e.tolist(), lanes))
+    norm = max(np.abs(want).max(), np.finfo(float).tiny)
+    assert np.all(np.diff(got) >= 0)
+    # pivmin (a few DBL_MIN) bounds the error of an all-zero matrix
+    np.testing.assert_allclose(got, want, rtol=0, atol=8 * n * np.finfo(float).eps * norm + 1e-300)
+
+
+@built_with_cuda
+def test_host_multisection_lanes_per_eigenvalue():
+    lanes = B._C._cuda_host_multisect_lanes
+    assert [lanes(n, 256) for n in (1, 8, 9, 32, 33, 64, 96, 128, 129, 512)] == [32, 32, 16, 8, 4, 4, 2, 2, 1, 1]
+    with pytest.raises(ValueError, match="lanes"):
+        B._C._cuda_host_tridiag_eigvalsh([1.0, 2.0], [0.5], 3)
+
+
+@built_with_cuda
+def test_host_bisection_wilkinson_and_gram_spectra():
+    # Wilkinson W21+: pairs of eigenvalues agreeing to ~1e-14.
+    n = 21
+    d = np.abs(np.arange(n) - 10.0)
+    e = np.ones(n - 1)
+    got = np.array(B._C._cuda_host_tridiag_eigvalsh(d.tolist(), e.tolist()))
+    want = np.linalg.eigvalsh(np.diag(d) + np.diag(e, 1) + np.diag(e, -1))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    # A rank-deficient PSD Gram (what the kernels feed the bisection): zeros stay ~0, never large negatives.
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((30, 5))
+    G = X @ X.T
+    import scipy.linalg as sla  # noqa: PLC0415
+
+    Tri = sla.hessenberg(G)
+    got = np.array(B._C._cuda_host_tridiag_eigvalsh(np.diag(Tri).tolist(), np.diag(Tri, 1).tolist()))
+    want = np.linalg.eigvalsh(G)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * want.max())
+
+
+@built_with_cuda
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), seed=st.integers(0, 2**31 - 1),
+       variant=st.sampled_from(["paper", "official"]), center=st.booleans())
+def test_host_entropy_formula_matches_the_svd_oracle(m, n, seed, variant, center):
+    M = np.random.default_rng(seed).standard_normal((m, n))
+    want = T.svd_reference(M, center=center if variant == "paper" else False, variant=variant)
+    Mc = M - M.mean(0, keepdims=True) if (center and variant == "paper") else M
+    lam = np.sort(np.linalg.svd(Mc, compute_uv=False) ** 2)[::-1]
+    got = B._C._cuda_host_entropy(lam.tolist(), min(m, n), 1e-8, T.VARIANTS[variant])
+    if math.isnan(want):
+        assert math.isnan(got)
+    else:
+        assert abs(got - want) < 1e-12
