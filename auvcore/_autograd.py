@@ -18,10 +18,10 @@ from . import _torch_impl as T
 
 class _NativeScale(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, mode, center, eps, variant, nan_to_num, nt):
-        S, evals, evecs = _cpu.semantic_scale(z, mode, center, eps, variant, nan_to_num, nt, eigenpairs=True)
+    def forward(ctx, z, layout, center, eps, variant, nan_to_num, nt):
+        S, evals, evecs = _cpu.semantic_scale(z, layout, center, eps, variant, nan_to_num, nt, eigenpairs=True)
         ctx.save_for_backward(z, evals, evecs)
-        ctx.args = (mode, center, eps, variant, nan_to_num, nt)
+        ctx.args = (layout, center, eps, variant, nan_to_num, nt)
         return S
 
     @staticmethod
@@ -33,12 +33,12 @@ class _NativeScale(torch.autograd.Function):
         return dz.to(z.dtype), None, None, None, None, None, None
 
 
-def semantic_scale(z, mode, center, eps, variant, nan_to_num, backend, num_threads):
+def semantic_scale(z, layout, center, eps, variant, nan_to_num, backend, num_threads):
     """S [B, K] with autograd (float64), the preset already resolved; called by ``auvcore.semantic_scale``
     when ``z`` requires grad."""
     if backend == "cpp":
-        return _NativeScale.apply(z, mode, bool(center), float(eps), variant, bool(nan_to_num),
+        return _NativeScale.apply(z, layout, bool(center), float(eps), variant, bool(nan_to_num),
                                   B.threads(num_threads))
     if not nan_to_num and not bool(torch.isfinite(z.detach()).all()):
         raise B.non_finite("z")
-    return T.semantic_scale(z, mode, center, eps, variant, nan_to_num)
+    return T.semantic_scale(z, layout, center, eps, variant, nan_to_num)

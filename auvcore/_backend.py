@@ -127,6 +127,17 @@ def as_cuda_tensor(x, name: str) -> tuple[torch.Tensor, int | None]:
     return t, stream
 
 
+def renamed(new: str, new_value, default, old: str, old_value):
+    """A public argument under its new name, or under its old one with a DeprecationWarning: (value, the name
+    the caller used, so that errors name what they passed)."""
+    if old_value is None:
+        return new_value, new
+    if new_value != default:
+        raise TypeError(f"{old}: a deprecated name of {new}; pass only {new}")
+    warnings.warn(f"{old}= is deprecated; it is now called {new}= (same values)", DeprecationWarning, stacklevel=3)
+    return old_value, old
+
+
 def non_finite(name: str) -> ValueError:
     """The error for NaN/Inf in an input, the same from every backend (the C++ kernels raise its twin)."""
     return ValueError(f"{name} contains NaN or Inf; pass nan_to_num=True to read them as 0")

@@ -9,16 +9,16 @@ from . import _backend as B
 from . import _torch_impl as T
 
 
-def semantic_scale(z, mode, center, eps, variant, nan_to_num, num_threads, spectrum=False, eigenpairs=False):
+def semantic_scale(z, layout, center, eps, variant, nan_to_num, num_threads, spectrum=False, eigenpairs=False):
     """S [B, K] (float64) of decoded maps; with ``spectrum`` also the energies [B, K, p]; with
     ``eigenpairs`` instead the eigenvalues [B·K, p] and eigenvectors [B·K, p, p] (rows) for the backward."""
     Bn, K = z.shape[:2]
-    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
+    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], layout).shape[-2:]
     p = min(m, n)
     nt = B.threads(num_threads)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64)
     # The official preset is defined in float64: its energy on σ magnifies float32 error in small σ.
-    B._C.decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), B.view(G), nt,
+    B._C.decoded_gram(B.view(z), T.LAYOUTS[layout], bool(center), bool(nan_to_num), B.view(G), nt,
                       variant == "official")
     r = torch.full((Bn * K,), p, dtype=torch.int64)
     S = torch.empty(Bn * K, dtype=torch.float64)
@@ -33,11 +33,11 @@ def semantic_scale(z, mode, center, eps, variant, nan_to_num, num_threads, spect
     return (S, sp.view(Bn, K, p)) if spectrum else S
 
 
-def scale_backward(z, mode, center, eps, variant, nan_to_num, num_threads, evals, evecs, grad_S):
+def scale_backward(z, layout, center, eps, variant, nan_to_num, num_threads, evals, evecs, grad_S):
     """dS/dz · grad_S from the eigenpairs the forward kept; float64 for float64 z, else float32."""
     gS = grad_S.to(torch.float64).contiguous().reshape(-1)
     dz = torch.empty(z.shape, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
-    B._C.scale_backward(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), float(eps), T.VARIANTS[variant],
+    B._C.scale_backward(B.view(z), T.LAYOUTS[layout], bool(center), bool(nan_to_num), float(eps), T.VARIANTS[variant],
                         B.view(evals), B.view(evecs), B.view(gS), B.view(dz), B.threads(num_threads))
     return dz
 

@@ -54,26 +54,26 @@ def _capturing(device) -> bool:
         return False
 
 
-def _decoded_pm(z: torch.Tensor, mode: str) -> tuple[int, int]:
+def _decoded_mn(z: torch.Tensor, layout: str) -> tuple[int, int]:
     if z.dim() == 4:
         return int(z.shape[2]), int(z.shape[3])
     _, _, D, H, W = z.shape
-    return {"D_HW": (D, H * W), "H_DW": (H, D * W), "W_DH": (W, D * H)}[mode]
+    return {"D_HW": (D, H * W), "H_DW": (H, D * W), "W_DH": (W, D * H)}[layout]
 
 
-def _decoded_gram(z: torch.Tensor, mode: str, center: bool, nan_to_num: bool, stream: int):
+def _decoded_gram(z: torch.Tensor, layout: str, center: bool, nan_to_num: bool, stream: int):
     """The Gram matrices [B·K, p, p] of decoded maps on z's device and stream, with their non-finite flags."""
     Bn, K = int(z.shape[0]), int(z.shape[1])
-    m, n = _decoded_pm(z, mode)
+    m, n = _decoded_mn(z, layout)
     p = min(m, n)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=z.device)
     flags = torch.zeros(Bn * K, dtype=torch.int32, device=z.device)
-    B._C.cuda_decoded_gram(B.view(z), T.MODES[mode], bool(center), bool(nan_to_num), G.data_ptr(), flags.data_ptr(),
+    B._C.cuda_decoded_gram(B.view(z), T.LAYOUTS[layout], bool(center), bool(nan_to_num), G.data_ptr(), flags.data_ptr(),
                            stream, z.device.index)
     return G, flags, p
 
 
-def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
+def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
                    nan_to_num: bool = False) -> torch.Tensor:
     """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array).
     ``center`` and ``nan_to_num`` are taken as given (``auvcore.scale.preset_args`` resolves the official
@@ -81,15 +81,15 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
     _require_kernels()
     z, stream = as_cuda_tensor(z, "z")
     _require_device_supported(z)
-    if mode not in T.MODES:
-        raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
+    if layout not in T.LAYOUTS:
+        raise ValueError(f"layout: expected one of {tuple(T.LAYOUTS)}, got {layout!r}")
     if variant not in T.VARIANTS:
         raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
     z = z.detach()
     Bn, K = int(z.shape[0]), int(z.shape[1])
     dev = z.device
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
-        G, flags, p = _decoded_gram(z, mode, center, nan_to_num, s)
+        G, flags, p = _decoded_gram(z, layout, center, nan_to_num, s)
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
         B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, float(eps), T.VARIANTS[variant],
                                   flags.data_ptr(), S.data_ptr(), 0, s, dev.index)
@@ -131,7 +131,7 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
     return S.view(Bn, K)
 
 
-def gram_and_eigenvalues(z, mode: str = "D_HW", center: bool = True, nan_to_num: bool = True):
+def gram_and_eigenvalues(z, layout: str = "D_HW", center: bool = True, nan_to_num: bool = True):
     """Diagnostics for tests and benchmarks: the Gram matrices [B, K, p, p] and their eigenvalues [B, K, p]
     (descending) from the CUDA kernels."""
     _require_kernels()
@@ -140,7 +140,7 @@ def gram_and_eigenvalues(z, mode: str = "D_HW", center: bool = True, nan_to_num:
     Bn, K = int(z.shape[0]), int(z.shape[1])
     dev = z.device
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
-        G, _, p = _decoded_gram(z, mode, center, nan_to_num, s)
+        G, _, p = _decoded_gram(z, layout, center, nan_to_num, s)
         Gout = G.clone()
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
         ev = torch.empty(Bn * K, p, dtype=torch.float64, device=dev)

@@ -7,19 +7,19 @@ import math
 import numpy as np
 import torch
 
-MODES = {"D_HW": 0, "H_DW": 1, "W_DH": 2}
+LAYOUTS = {"D_HW": 0, "H_DW": 1, "W_DH": 2}
 VARIANTS = {"paper": 0, "official": 1}
 OFFICIAL_SHIFT = 1e-6  # the authors' snippet adds this to every singular value
 
 
-def class_matrices(z: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B, K, D, H, W] -> [B, K, m, n] per ``mode``; [B, K, H, W] is already [B, K, m=H, n=W]."""
+def class_matrices(z: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, K, D, H, W] -> [B, K, m, n] per ``layout``; [B, K, H, W] is already [B, K, m=H, n=W]."""
     if z.dim() == 4:
         return z
     B, K, D, H, W = z.shape
-    if mode == "D_HW":
+    if layout == "D_HW":
         return z.reshape(B, K, D, H * W)
-    if mode == "H_DW":
+    if layout == "H_DW":
         return z.permute(0, 1, 3, 2, 4).reshape(B, K, H, D * W)
     return z.permute(0, 1, 4, 2, 3).reshape(B, K, W, D * H)
 
@@ -51,11 +51,11 @@ def _gram_small_side(M: torch.Tensor) -> torch.Tensor:
     return M @ M.transpose(-1, -2) if m <= n else M.transpose(-1, -2) @ M
 
 
-def semantic_scale(z, mode="D_HW", center=True, eps=1e-8, variant="paper", nan_to_num=False, spectrum=False):
+def semantic_scale(z, layout="D_HW", center=True, eps=1e-8, variant="paper", nan_to_num=False, spectrum=False):
     """Batched Gram + ``torch.linalg.eigvalsh``. Returns S [B, K] (and p [B, K, r] if ``spectrum``)."""
     # The official preset is defined in float64 (docs/method.md §1): its energy on σ, not σ², magnifies the error of
     # small float32 eigenvalues.
-    M = class_matrices(z, mode).to(torch.float64 if variant == "official" else _compute_dtype(z))
+    M = class_matrices(z, layout).to(torch.float64 if variant == "official" else _compute_dtype(z))
     if nan_to_num:
         M = torch.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
     if center:
@@ -112,7 +112,7 @@ def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
 
 
 def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth=1e-5,
-                   mode="D_HW", detach_scale=False, preset="paper", eps=1e-8, S=None):
+                   layout="D_HW", detach_scale=False, variant="paper", eps=1e-8, S=None):
     """The DUO loss by plain composition of torch ops (docs/method.md §3): ``backend="torch"`` and the test oracle.
 
     ``z``, ``n``: ``[B, K, *spatial]`` logits; ``y``: one-hot ``[B, K, *spatial]`` in [0, 1]; classes ``c0..K-1``
@@ -124,11 +124,11 @@ def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1
     zc, nc, yc = z[:, c0:], n[:, c0:], y[:, c0:].to(z.dtype)
     Bn, C = zc.shape[:2]
     zf, nf, yf = (t.reshape(Bn, C, -1) for t in (zc, nc, yc))
-    if preset == "official":
+    if variant == "official":
         # The authors' snippet: detached soft target, BCE only, w from the snippet's S.
         yt = (yf - torch.sigmoid(nf) * yf).detach()
         if S is None:
-            S = semantic_scale(zc, mode, False, eps, "official", True).to(z.dtype)
+            S = semantic_scale(zc, layout, False, eps, "official", True).to(z.dtype)
             S = S.detach() if detach_scale else S
         return F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1) / (1 + alpha * S)
     g = torch.tanh(nf)
@@ -137,7 +137,7 @@ def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1
     s = torch.sigmoid(zf)
     dice = 1 - (2 * (s * yt).sum(-1) + smooth) / (s.sum(-1) + yt.sum(-1) + smooth)
     if S is None:
-        S = semantic_scale(zc, mode, True, eps, "paper", False)
+        S = semantic_scale(zc, layout, True, eps, "paper", False)
         S = torch.where(torch.isnan(S), torch.zeros_like(S), S)
         if detach_scale:
             S = S.detach()

@@ -21,7 +21,7 @@ from . import _backend as B
 from . import _torch_impl as T
 from .scale import semantic_scale
 
-PRESETS = {"paper": 0, "official": 1}
+VARIANTS = {"paper": 0, "official": 1}
 REDUCTIONS = ("mean", "none")
 _HALF = (torch.float16, torch.bfloat16)
 _BCE, _SIGY, _SIG, _Y, _G, _G2 = range(6)
@@ -31,23 +31,23 @@ class _FusedSums(torch.autograd.Function):
     """[B, K, N] logits, noise logits, targets -> the per-(b, c) sums [B, K - c0, 6] (float64)."""
 
     @staticmethod
-    def forward(ctx, z, n, y, labels, c0, preset, tau, nt):
+    def forward(ctx, z, n, y, labels, c0, variant, tau, nt):
         sums = torch.empty(z.shape[0], z.shape[1] - c0, B._C.duo_num_sums, dtype=torch.float64)
-        B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, B.view(sums), nt)
+        B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(sums), nt)
         ctx.save_for_backward(z, n, y)  # the inputs themselves: references, not copies
-        ctx.args = (labels, c0, preset, tau, nt)
+        ctx.args = (labels, c0, variant, tau, nt)
         return sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         z, n, y = ctx.saved_tensors
-        labels, c0, preset, tau, nt = ctx.args
+        labels, c0, variant, tau, nt = ctx.args
         g = grad_sums.to(torch.float64).contiguous()
         dz = torch.empty(z.shape, dtype=z.dtype)
-        want_dn = ctx.needs_input_grad[1] and preset == PRESETS["paper"]
+        want_dn = ctx.needs_input_grad[1] and variant == VARIANTS["paper"]
         dn = torch.empty(z.shape, dtype=z.dtype) if want_dn else None
-        B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, preset, tau, B.view(g), B.view(dz),
+        B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(g), B.view(dz),
                           B.view(dn), nt)
         return dz, dn, None, None, None, None, None, None
 
@@ -71,15 +71,16 @@ class DUOLoss(nn.Module):
         to_onehot_y: ``target`` holds class indices ``[B, 1, *spatial]`` (or ``[B, *spatial]``) that are
             compared with each class on the fly (no one-hot tensor is built on the native path).
         alpha, lambda_bce, tau, sigma0, beta, smooth: α, λ, τ, σ0, β and the Dice smoothing s.
-        mode: how S reads a 3-D class map (``"D_HW"``, ``"H_DW"``, ``"W_DH"``); 2-D maps use m = H, n = W.
+        layout: how S reads a 3-D class map (``"D_HW"``, ``"H_DW"``, ``"W_DH"``); 2-D maps use m = H, n = W.
         detach_scale: stop the gradient through S (by default S is differentiable, a regulariser).
-        preset: ``"paper"`` (docs/method.md §3) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
+        variant: ``"paper"`` (docs/method.md §3) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
             ``ỹ = stopgrad(y − σ(n)·y)``, no R, and S of the snippet (``variant="official"``: no centering,
             energy on σ + 1e-6), not detached. Its noise head receives no gradient by construction.
         reduction: ``"mean"`` (a scalar) or ``"none"``: the per-(b, c) losses ``[B, K']`` over the included
             classes, ``w·L_seg + β·R`` each, so that their mean is the ``"mean"`` loss.
         backend: ``"auto"`` (native on CPU, torch elsewhere), ``"cpp"`` or ``"torch"``.
         num_threads: CPU threads of the native path (default ``torch.get_num_threads()``).
+        mode, preset: the deprecated names of ``layout`` and ``variant``.
 
     Called as ``loss(seg_logits, noise_logits, target)`` with logits ``[B, K, *spatial]`` (2-D or 3-D).
     After each call, ``last_weights`` and ``last_scales`` hold w and S ``[B, K']`` (detached) for logging.
@@ -87,10 +88,12 @@ class DUOLoss(nn.Module):
 
     def __init__(self, num_classes: int | None = None, include_background: bool = False, to_onehot_y: bool = False,
                  alpha: float = 0.5, lambda_bce: float = 1.0, tau: float = 0.5, sigma0: float = 0.1,
-                 beta: float = 0.1, smooth: float = 1e-5, mode: str = "D_HW", detach_scale: bool = False,
-                 preset: str = "paper", reduction: str = "mean", backend: str = "auto",
-                 num_threads: int | None = None):
+                 beta: float = 0.1, smooth: float = 1e-5, layout: str = "D_HW", detach_scale: bool = False,
+                 variant: str = "paper", reduction: str = "mean", backend: str = "auto",
+                 num_threads: int | None = None, mode: str | None = None, preset: str | None = None):
         super().__init__()
+        layout, layout_name = B.renamed("layout", layout, "D_HW", "mode", mode)
+        variant, variant_name = B.renamed("variant", variant, "paper", "preset", preset)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
@@ -104,10 +107,10 @@ class DUOLoss(nn.Module):
         _check_number("sigma0", sigma0)
         _check_number("beta", beta)
         _check_number("smooth", smooth)
-        if mode not in T.MODES:
-            raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
-        if preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+        if layout not in T.LAYOUTS:
+            raise ValueError(f"{layout_name}: expected one of {tuple(T.LAYOUTS)}, got {layout!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"{variant_name}: expected one of {tuple(VARIANTS)}, got {variant!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         if backend not in ("auto", "cpp", "torch"):
@@ -116,7 +119,7 @@ class DUOLoss(nn.Module):
         self.num_classes, self.include_background, self.to_onehot_y = num_classes, include_background, to_onehot_y
         self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta, self.smooth = (
             float(alpha), float(lambda_bce), float(tau), float(sigma0), float(beta), float(smooth))
-        self.mode, self.detach_scale, self.preset, self.reduction = mode, detach_scale, preset, reduction
+        self.layout, self.detach_scale, self.variant, self.reduction = layout, detach_scale, variant, reduction
         self.backend, self.num_threads = backend, num_threads
         self.last_weights: torch.Tensor | None = None
         self.last_scales: torch.Tensor | None = None
@@ -187,7 +190,7 @@ class DUOLoss(nn.Module):
         """
         if self.detach_scale:
             z = z.detach()
-        S = semantic_scale(z, mode=self.mode, variant=self.preset,
+        S = semantic_scale(z, layout=self.layout, variant=self.variant,
                            backend="torch" if self.backend == "torch" else "auto", num_threads=self.num_threads)
         S = S[:, self._c0:]
         return torch.where(torch.isnan(S), torch.zeros_like(S), S)
@@ -206,12 +209,12 @@ class DUOLoss(nn.Module):
                 y3 = y3.float()
         nt = B.threads(self.num_threads)
         sums = _FusedSums.apply(z.reshape(Bn, K, -1), n.reshape(Bn, K, -1), y3, self.to_onehot_y, self._c0,
-                                PRESETS[self.preset], self.tau, nt)
+                                VARIANTS[self.variant], self.tau, nt)
         N = z[0, 0].numel()
         S = self._scale(z).to(torch.float64)
         w = 1.0 / (1.0 + self.alpha * S)
         bce = sums[..., _BCE] / N
-        if self.preset == "official":
+        if self.variant == "official":
             per = w * bce
         else:
             s = self.smooth
@@ -240,7 +243,7 @@ class DUOLoss(nn.Module):
                 raise ValueError("target: values must lie in [0, 1]")
         S = self._scale(z).to(z.dtype)  # once: the loss's weights and the logged scales
         per = T.duo_loss_torch(z, n, y, self._c0, self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta,
-                               self.smooth, self.mode, self.detach_scale, self.preset, S=S)
+                               self.smooth, self.layout, self.detach_scale, self.variant, S=S)
         return per, S.detach(), 1.0 / (1.0 + self.alpha * S.detach())
 
 

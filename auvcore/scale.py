@@ -42,12 +42,12 @@ def _finish(S: torch.Tensor, like: torch.Tensor, was_numpy: bool):
     return S.numpy() if was_numpy else S
 
 
-def _check_decoded(z, mode, variant):
+def _check_decoded(z, layout, variant, name="layout"):
     if z.dim() not in (4, 5):
         raise ValueError(f"z: expected decoded maps [B, K, D, H, W] or [B, K, H, W], got shape {tuple(z.shape)}")
     _check_float(z, "z")
-    if mode not in T.MODES:
-        raise ValueError(f"mode: expected one of {tuple(T.MODES)}, got {mode!r}")
+    if layout not in T.LAYOUTS:
+        raise ValueError(f"{name}: expected one of {tuple(T.LAYOUTS)}, got {layout!r}")
     if variant not in T.VARIANTS:
         raise ValueError(f"variant: expected one of {tuple(T.VARIANTS)}, got {variant!r}")
 
@@ -58,19 +58,19 @@ def preset_args(variant, center, nan_to_num):
     return (False, True) if variant == "official" else (bool(center), bool(nan_to_num))
 
 
-def _decoded_torch(z, mode, center, eps, variant, nan_to_num, spectrum):
+def _decoded_torch(z, layout, center, eps, variant, nan_to_num, spectrum):
     if not nan_to_num and not bool(torch.isfinite(z).all()):
         raise B.non_finite("z")
-    return T.semantic_scale(z, mode, center, eps, variant, nan_to_num, spectrum=spectrum)
+    return T.semantic_scale(z, layout, center, eps, variant, nan_to_num, spectrum=spectrum)
 
 
-def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
-                   nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None):
+def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
+                   nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None, mode=None):
     """Semantic perception scale of decoded class maps.
 
     Args:
         z: ``[B, K, D, H, W]`` (or ``[B, K, H, W]``) class-wise maps, torch tensor or numpy array, any strides.
-        mode: how a class map becomes the matrix M: ``"D_HW"`` (m = D, n = H·W), ``"H_DW"``, ``"W_DH"``.
+        layout: how a class map becomes the matrix M: ``"D_HW"`` (m = D, n = H·W), ``"H_DW"``, ``"W_DH"``.
             Ignored for 2-D maps (m = H, n = W).
         center: subtract the mean row of M before the spectrum.
         eps: added to the total energy.
@@ -79,27 +79,29 @@ def semantic_scale(z, mode: str = "D_HW", center: bool = True, eps: float = 1e-8
         nan_to_num: read NaN/±Inf as 0 instead of raising.
         backend: ``"auto"``, ``"cpp"``, ``"cuda"`` or ``"torch"``.
         num_threads: CPU threads (default ``torch.get_num_threads()``).
+        mode: the deprecated name of ``layout``.
 
     Returns:
         S ``[B, K]`` in [0, 1] (NaN where min(m, n) < 2), same kind as ``z``; float64 for float64 input,
         else float32. Differentiable w.r.t. ``z`` when ``z`` requires grad.
     """
+    layout, name = B.renamed("layout", layout, "D_HW", "mode", mode)
     z, was_numpy = B.as_tensor(z, "z")
-    _check_decoded(z, mode, variant)
+    _check_decoded(z, layout, variant, name)
     _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, z)
     center, nan_to_num = preset_args(variant, center, nan_to_num)
     if z.requires_grad and torch.is_grad_enabled():
-        return _finish(_autograd.semantic_scale(z, mode, center, eps, variant, nan_to_num, be, num_threads), z,
+        return _finish(_autograd.semantic_scale(z, layout, center, eps, variant, nan_to_num, be, num_threads), z,
                        was_numpy)
     if be == "cpp":
-        S = _cpu.semantic_scale(z, mode, center, eps, variant, nan_to_num, num_threads)
+        S = _cpu.semantic_scale(z, layout, center, eps, variant, nan_to_num, num_threads)
     elif be == "cuda":
         from . import _cuda
 
-        S = _cuda.semantic_scale(z, mode, center, eps, variant, nan_to_num)
+        S = _cuda.semantic_scale(z, layout, center, eps, variant, nan_to_num)
     else:
-        S = _decoded_torch(z, mode, center, eps, variant, nan_to_num, False)
+        S = _decoded_torch(z, layout, center, eps, variant, nan_to_num, False)
     return _finish(S, z, was_numpy)
 
 
@@ -161,25 +163,26 @@ def masked_semantic_scale(features, labels, num_classes: int, center: bool = Tru
     return _finish(S, features, was_numpy)
 
 
-def energy_spectrum(x, labels=None, num_classes: int | None = None, mode: str = "D_HW", center: bool = True,
+def energy_spectrum(x, labels=None, num_classes: int | None = None, layout: str = "D_HW", center: bool = True,
                     eps: float = 1e-8, variant: str = "paper", nan_to_num: bool = False, backend: str = "auto",
-                    num_threads: int | None = None):
+                    num_threads: int | None = None, mode=None):
     """Normalised energies p_j (descending) per (sample, class), for cumulative-energy plots (paper Fig. 2).
 
     Decoded maps (``labels=None``): ``[B, K, r]``, r = min(m, n). Masked (``labels`` given): ``[B, K, C]``,
     zero past each class's r, all NaN for classes with fewer than 2 voxels. Always float64.
     """
+    layout, name = B.renamed("layout", layout, "D_HW", "mode", mode)
     x, was_numpy = B.as_tensor(x, "x")
     if labels is None:
-        _check_decoded(x, mode, variant)
+        _check_decoded(x, layout, variant, name)
         _check_common(center, eps, nan_to_num, num_threads)
         be = B.resolve(backend, x)
         center, nan_to_num = preset_args(variant, center, nan_to_num)
         x = x.detach()
         if be == "cpp":
-            _, p = _cpu.semantic_scale(x, mode, center, eps, variant, nan_to_num, num_threads, spectrum=True)
+            _, p = _cpu.semantic_scale(x, layout, center, eps, variant, nan_to_num, num_threads, spectrum=True)
         else:
-            _, p = _decoded_torch(x.cpu() if be == "cuda" else x, mode, center, eps, variant, nan_to_num, True)
+            _, p = _decoded_torch(x.cpu() if be == "cuda" else x, layout, center, eps, variant, nan_to_num, True)
     else:
         labels, _ = B.as_tensor(labels, "labels")
         _check_masked(x, labels, num_classes)

@@ -76,7 +76,7 @@ def _emu_decoded(lib, z, mode="D_HW", center=True, nan_to_num=False, variant="pa
     G = torch.full((Bn * K, p, p), float("nan"), dtype=torch.float64)  # the op must overwrite every entry
     flags = torch.zeros(Bn * K, dtype=torch.int32)
     err = ctypes.create_string_buffer(512)
-    _check(lib.emu_decoded_gram(_p(z), _EMU_DT[z.dtype], z.dim(), _i64(z.shape), _i64(z.stride()), T.MODES[mode],
+    _check(lib.emu_decoded_gram(_p(z), _EMU_DT[z.dtype], z.dim(), _i64(z.shape), _i64(z.stride()), T.LAYOUTS[mode],
                                 int(center), int(nan_to_num), _p(G), _p(flags), err, 512), err)
     G0 = G.clone()
     S, _ = _emu_scale(lib, G, p, r=p, eps=eps, variant=T.VARIANTS[variant], flags=flags)
@@ -113,7 +113,7 @@ _EMU_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, tor
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(B_=st.integers(1, 2), K=st.integers(1, 2), D=st.integers(1, 24), H=st.integers(1, 9), W=st.integers(1, 9),
-       mode=st.sampled_from(list(T.MODES)), dtype=st.sampled_from(list(_EMU_ATOL)), center=st.booleans(),
+       mode=st.sampled_from(list(T.LAYOUTS)), dtype=st.sampled_from(list(_EMU_ATOL)), center=st.booleans(),
        offset=st.sampled_from([0.0, 40.0]), seed=st.integers(0, 2**31 - 1))
 def test_emulated_decoded_kernels_match_the_oracle(emu, B_, K, D, H, W, mode, dtype, center, offset, seed):
     z = _rand((B_, K, D, H, W), dtype, seed, offset)
@@ -138,7 +138,7 @@ def test_emulated_decoded_kernels_match_the_oracle(emu, B_, K, D, H, W, mode, dt
 def test_emulated_decoded_tile_paths(emu, shape, mode, dtype):
     z = _rand(shape, dtype, 5, offset=5.0)
     _, S, _ = _emu_decoded(emu, z, mode)
-    _assert_scale_close(S, auvcore.semantic_scale(z.to(torch.float64), mode=mode, backend="cpp").numpy(),
+    _assert_scale_close(S, auvcore.semantic_scale(z.to(torch.float64), layout=mode, backend="cpp").numpy(),
                         atol=_EMU_ATOL[dtype])
 
 

@@ -22,11 +22,11 @@ from cuda_common import (  # noqa: E402
 @gpu
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(B_=st.integers(1, 2), K=st.integers(1, 3), D=st.integers(1, 20), H=st.integers(1, 12), W=st.integers(1, 12),
-       mode=st.sampled_from(list(T.MODES)), dtype=st.sampled_from([torch.float32, torch.float64]),
+       mode=st.sampled_from(list(T.LAYOUTS)), dtype=st.sampled_from([torch.float32, torch.float64]),
        center=st.booleans(), offset=st.sampled_from([0.0, 50.0]), seed=st.integers(0, 2**31 - 1))
 def test_decoded_matches_svd_reference(B_, K, D, H, W, mode, dtype, center, offset, seed):
     z = _rand((B_, K, D, H, W), dtype, seed, offset)
-    S = auvcore.semantic_scale(z.cuda(), mode=mode, center=center, backend="cuda")
+    S = auvcore.semantic_scale(z.cuda(), layout=mode, center=center, backend="cuda")
     assert S.device.type == "cuda" and S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     _assert_scale_close(S, _reference(z, mode, center=center), atol=_FLOAT_TOL[dtype])
 
@@ -43,8 +43,8 @@ def test_decoded_matches_svd_reference(B_, K, D, H, W, mode, dtype, center, offs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_decoded_shapes_that_cross_tile_and_memory_limits(shape, mode, dtype):
     z = _rand(shape, dtype, 7, offset=5.0)
-    S = auvcore.semantic_scale(z.cuda(), mode=mode, backend="cuda")
-    _assert_scale_close(S, auvcore.semantic_scale(z.to(torch.float64), mode=mode, backend="cpp").numpy(),
+    S = auvcore.semantic_scale(z.cuda(), layout=mode, backend="cuda")
+    _assert_scale_close(S, auvcore.semantic_scale(z.to(torch.float64), layout=mode, backend="cpp").numpy(),
                         atol=_FLOAT_TOL[dtype])
 
 
@@ -65,7 +65,7 @@ def test_decoded_non_contiguous_input(dtype):
     base = _rand((3, 4, 14, 22, 18), dtype, 11).cuda()
     z = base.permute(0, 1, 4, 2, 3)[::2, 1:, :, ::2, 1:]  # odd strides, a negative-free view
     assert not z.is_contiguous()
-    S = auvcore.semantic_scale(z, mode="H_DW", backend="cuda")
+    S = auvcore.semantic_scale(z, layout="H_DW", backend="cuda")
     _assert_scale_close(S, _reference(z.cpu(), "H_DW"), atol=_FLOAT_TOL[dtype])
 
 

@@ -40,7 +40,7 @@ def decoded_shapes(draw):
     if draw(st.booleans()):
         return (b, k, draw(st.integers(2, 7)), draw(st.integers(2, 7))), "D_HW"
     dims = tuple(draw(st.integers(1, 5)) for _ in range(3))
-    mode = draw(st.sampled_from(sorted(T.MODES)))
+    mode = draw(st.sampled_from(sorted(T.LAYOUTS)))
     m, n = T.class_matrices(torch.zeros((1, 1) + dims), mode).shape[-2:]
     if min(m, n) < 2:
         dims = (dims[0] + 1, dims[1] + 1, dims[2] + 1)
@@ -52,10 +52,10 @@ def decoded_shapes(draw):
 def test_scale_gradcheck_random(shape_mode, center, seed):
     shape, mode = shape_mode
     z = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: native_S(z, mode=mode, center=center), (z,))
+    assert torch.autograd.gradcheck(lambda z: native_S(z, layout=mode, center=center), (z,))
     # and it equals autograd through the torch eigvalsh path
-    (g,) = grad_of(lambda z: native_S(z, mode=mode, center=center), z)
-    (ref,) = grad_of(lambda z: semantic_scale(z, mode=mode, center=center, backend="torch"), z)
+    (g,) = grad_of(lambda z: native_S(z, layout=mode, center=center), z)
+    (ref,) = grad_of(lambda z: semantic_scale(z, layout=mode, center=center, backend="torch"), z)
     assert torch.allclose(g, ref, rtol=1e-9, atol=1e-12)
 
 
@@ -173,7 +173,7 @@ def both_backends(shape, seed, dtype, to_onehot_y, **kw):
 def test_fused_equals_torch_float64(problem, to_onehot_y, include_background, preset):
     shape, seed = problem
     (p1, gz1, gn1), (p2, gz2, gn2) = both_backends(shape, seed, torch.float64, to_onehot_y,
-                                                   include_background=include_background, preset=preset)
+                                                   include_background=include_background, variant=preset)
     assert p1.shape == (shape[0], shape[1] - (not include_background))
     assert torch.allclose(p1, p2, rtol=1e-10, atol=1e-10)
     assert torch.allclose(gz1, gz2, rtol=1e-10, atol=1e-10)
@@ -188,7 +188,7 @@ def test_fused_equals_torch_float64(problem, to_onehot_y, include_background, pr
 def test_fused_equals_torch_float32(problem, to_onehot_y, preset):
     shape, seed = problem
     # The fused kernel itself (S detached: the float32 torch eigensolver is the less accurate side there).
-    (p1, gz1, gn1), (p2, gz2, gn2) = both_backends(shape, seed, torch.float32, to_onehot_y, preset=preset,
+    (p1, gz1, gn1), (p2, gz2, gn2) = both_backends(shape, seed, torch.float32, to_onehot_y, variant=preset,
                                                    detach_scale=True)
     assert torch.allclose(p1, p2, rtol=1e-5, atol=1e-5)
     assert torch.allclose(gz1, gz2, rtol=1e-5, atol=1e-5)
@@ -225,7 +225,7 @@ def test_loss_gradcheck_float64():
     loss = DUOLoss(to_onehot_y=True, num_threads=1)
     assert torch.autograd.gradcheck(lambda z, n: loss(z, n, y), (z, n))
     # the snippet's ỹ is detached, so only z is differentiated there (n changes the value, not the graph)
-    official = DUOLoss(to_onehot_y=True, preset="official", num_threads=1)
+    official = DUOLoss(to_onehot_y=True, variant="official", num_threads=1)
     assert torch.autograd.gradcheck(lambda z: official(z, n.detach(), y), (z,))
 
 
@@ -262,7 +262,7 @@ def test_official_preset_reproduces_snippet_formula():
             yt = yy - yy / (1 + np.exp(-n[b, c].detach().numpy()))
             bce = np.mean(np.maximum(zz, 0) - zz * yt + np.log1p(np.exp(-np.abs(zz))))
             expect.append(bce / (1 + 0.5 * S))
-    got = DUOLoss(preset="official")(z, n, y)
+    got = DUOLoss(variant="official")(z, n, y)
     assert math.isclose(float(got), float(np.mean(expect)), rel_tol=1e-12)
     gz, gn = torch.autograd.grad(got, (z, n), allow_unused=True)
     assert gn is None and gz.abs().sum() > 0

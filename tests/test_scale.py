@@ -66,7 +66,7 @@ dims = st.integers(1, 7)
        center=st.booleans(), kind=st.sampled_from(["plain", "offset", "lowrank", "illcond"]))
 def test_decoded_matches_svd_oracle(backend, seed, B, K, D, H, W, mode, dtype, center, kind):
     z = random_maps(seed, (B, K, D, H, W), dtype, kind)
-    S = auvcore.semantic_scale(z, mode=mode, center=center, backend=backend)
+    S = auvcore.semantic_scale(z, layout=mode, center=center, backend=backend)
     assert S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(S, oracle_decoded(z, mode, center), TOL[dtype])
 
@@ -264,3 +264,22 @@ def test_native_ops_check_every_buffer_before_writing():
     with pytest.raises(ValueError, match=r"r: expected shape \[6\]"):
         B._C.scale_from_gram(B.view(good), B.view(torch.full((5,), 4)), 1e-8, 0, B.view(torch.empty(6, dtype=torch.float64)),
                              B.view(None), B.view(None), B.view(None), 1)
+
+
+def test_renamed_arguments_still_work_with_a_deprecation_warning():
+    """`layout` (was `mode`) and DUOLoss's `variant` (was `preset`): the old names keep working, warn, and
+    errors name the argument the caller used; passing both names is an error."""
+    z = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="mode= is deprecated"):
+        S = auvcore.semantic_scale(z, mode="H_DW")
+    torch.testing.assert_close(S, auvcore.semantic_scale(z, layout="H_DW"), rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning):
+        p = auvcore.energy_spectrum(z, mode="W_DH")
+    torch.testing.assert_close(p, auvcore.energy_spectrum(z, layout="W_DH"), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="pass only layout"):
+        auvcore.semantic_scale(z, layout="H_DW", mode="D_HW")
+    with pytest.warns(DeprecationWarning, match="preset= is deprecated"):
+        loss = auvcore.DUOLoss(preset="official", mode="H_DW")
+    assert loss.variant == "official" and loss.layout == "H_DW"
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        auvcore.semantic_scale(z, layout="HW")
