@@ -13,7 +13,7 @@ def semantic_scale(z, layout, center, eps, variant, nan_to_num, num_threads, spe
     """S [B, K] (float64) of decoded maps; with ``spectrum`` also the energies [B, K, p]; with
     ``eigenpairs`` instead the eigenvalues [B·K, p] and eigenvectors [B·K, p, p] (rows) for the backward."""
     Bn, K = z.shape[:2]
-    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], layout).shape[-2:]
+    m, n = T.class_shape(z, layout)
     p = min(m, n)
     nt = B.threads(num_threads)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64)

@@ -54,17 +54,10 @@ def _capturing(device) -> bool:
         return False
 
 
-def _decoded_mn(z: torch.Tensor, layout: str) -> tuple[int, int]:
-    if z.dim() == 4:
-        return int(z.shape[2]), int(z.shape[3])
-    _, _, D, H, W = z.shape
-    return {"D_HW": (D, H * W), "H_DW": (H, D * W), "W_DH": (W, D * H)}[layout]
-
-
 def _decoded_gram(z: torch.Tensor, layout: str, center: bool, nan_to_num: bool, stream: int):
     """The Gram matrices [B·K, p, p] of decoded maps on z's device and stream, with their non-finite flags."""
     Bn, K = int(z.shape[0]), int(z.shape[1])
-    m, n = _decoded_mn(z, layout)
+    m, n = T.class_shape(z, layout)
     p = min(m, n)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=z.device)
     flags = torch.zeros(Bn * K, dtype=torch.int32, device=z.device)

@@ -12,6 +12,14 @@ VARIANTS = {"paper": 0, "official": 1}
 OFFICIAL_SHIFT = 1e-6  # the authors' snippet adds this to every singular value
 
 
+def class_shape(z: torch.Tensor, layout: str) -> tuple[int, int]:
+    """(m, n) of the class matrices of decoded maps z, by ``layout`` (the C++ twin: ``decoded_shape``)."""
+    if z.dim() == 4:
+        return int(z.shape[2]), int(z.shape[3])
+    _, _, D, H, W = z.shape
+    return {"D_HW": (D, H * W), "H_DW": (H, D * W), "W_DH": (W, D * H)}[layout]
+
+
 def class_matrices(z: torch.Tensor, layout: str) -> torch.Tensor:
     """[B, K, D, H, W] -> [B, K, m, n] per ``layout``; [B, K, H, W] is already [B, K, m=H, n=W]."""
     if z.dim() == 4:

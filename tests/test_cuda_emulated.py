@@ -71,7 +71,7 @@ def _emu_decoded(lib, z, mode="D_HW", center=True, nan_to_num=False, variant="pa
     if variant == "official":
         center, nan_to_num = False, True
     Bn, K = z.shape[:2]
-    m, n = (z.shape[2], z.shape[3]) if z.dim() == 4 else T.class_matrices(z[:1, :1], mode).shape[-2:]
+    m, n = T.class_shape(z, mode)
     p = min(m, n)
     G = torch.full((Bn * K, p, p), float("nan"), dtype=torch.float64)  # the op must overwrite every entry
     flags = torch.zeros(Bn * K, dtype=torch.int32)
