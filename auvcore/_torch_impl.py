@@ -119,35 +119,21 @@ def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
     return float(-(nz * np.log(nz)).sum() / math.log(r))
 
 
-def duo_loss_torch(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth=1e-5,
-                   layout="D_HW", detach_scale=False, variant="paper", eps=1e-8, S=None):
-    """The DUO loss by plain composition of torch ops (docs/method.md §3): ``backend="torch"`` and the test oracle.
-
-    ``z``, ``n``: ``[B, K, *spatial]`` logits; ``y``: one-hot ``[B, K, *spatial]`` in [0, 1]; classes ``c0..K-1``
-    are included. ``S``: the scales ``[B, K - c0]`` of the included classes (NaN read as 0) when the caller
-    has them already, else computed here. Returns the per-(b, c) losses ``[B, K - c0]``, whose mean is the loss.
-    """
+def duo_sums(z, n, y, c0, variant, tau):
+    """The six per-(b, c) sums of the DUO loss, ``[B, K - c0, 6]``, by torch ops: the fallback of the fused
+    kernel (``csrc/cpu/duo_cpu.cpp``), in its order: Σ BCE(z, ỹ), Σ σ(z)·ỹ, Σ σ(z), Σ ỹ, Σ ĝ, Σ ĝ² over the
+    voxels. ``y`` one-hot ``[B, K, *spatial]``. The official variant's ỹ = stopgrad(y − σ(n)·y) and its ĝ
+    sums are 0, as in the kernel."""
     import torch.nn.functional as F
 
-    zc, nc, yc = z[:, c0:], n[:, c0:], y[:, c0:].to(z.dtype)
-    Bn, C = zc.shape[:2]
-    zf, nf, yf = (t.reshape(Bn, C, -1) for t in (zc, nc, yc))
+    Bn, C = z.shape[0], z.shape[1] - c0
+    zf, nf, yf = (t[:, c0:].reshape(Bn, C, -1).to(z.dtype) for t in (z, n, y))
     if variant == "official":
-        # The authors' snippet: detached soft target, BCE only, w from the snippet's S.
         yt = (yf - torch.sigmoid(nf) * yf).detach()
-        if S is None:
-            S = semantic_scale(zc, layout, False, eps, "official", True).to(z.dtype)
-            S = S.detach() if detach_scale else S
-        return F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1) / (1 + alpha * S)
-    g = torch.tanh(nf)
-    yt = torch.clamp(yf - tau * g, 0, 1)
-    bce = F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1)
+        g = torch.zeros_like(nf)
+    else:
+        g = torch.tanh(nf)
+        yt = torch.clamp(yf - tau * g, 0, 1)
     s = torch.sigmoid(zf)
-    dice = 1 - (2 * (s * yt).sum(-1) + smooth) / (s.sum(-1) + yt.sum(-1) + smooth)
-    if S is None:
-        S = semantic_scale(zc, layout, True, eps, "paper", False)
-        S = torch.where(torch.isnan(S), torch.zeros_like(S), S)
-        if detach_scale:
-            S = S.detach()
-    R = (g.mean(dim=(0, 2)) ** 2 + ((g * g).mean(dim=(0, 2)) - sigma0**2) ** 2).sum()
-    return (lambda_bce * bce + dice) / (1 + alpha * S) + beta * R
+    bce = F.binary_cross_entropy_with_logits(zf, yt, reduction="none")
+    return torch.stack([bce.sum(-1), (s * yt).sum(-1), s.sum(-1), yt.sum(-1), g.sum(-1), (g * g).sum(-1)], -1)

@@ -4,7 +4,7 @@ The native path (``backend="cpp"``, the default on CPU) runs the full-size part 
 logits, noise logits and targets gives six sums per (sample, class); the backward is one elementwise pass
 from the gradients of those sums; nothing full-size is saved for the backward. The Dice ratio, the weights
 from the semantic scale S, the noise constraint R and the mean are then plain autograd on B x K numbers.
-``backend="torch"`` is the same formula composed of torch ops (``_torch_impl.duo_loss_torch``), which also
+``backend="torch"`` computes the same six sums with torch ops (``_torch_impl.duo_sums``), which also
 runs on any device.
 
 float16/bfloat16 logits (e.g. under ``torch.autocast``) are cast to float32 first: the loss is computed
@@ -210,16 +210,21 @@ class DUOLoss(nn.Module):
         nt = B.threads(self.num_threads)
         sums = _FusedSums.apply(z.reshape(Bn, K, -1), n.reshape(Bn, K, -1), y3, self.to_onehot_y, self._c0,
                                 VARIANTS[self.variant], self.tau, nt)
+        return self._from_sums(z, sums)
+
+    def _from_sums(self, z, sums):
+        """The per-(b, c) losses, S and w from the six sums of either path: the loss's formula, once."""
         N = z[0, 0].numel()
         S = self._scale(z).to(torch.float64)
         w = 1.0 / (1.0 + self.alpha * S)
+        sums = sums.to(torch.float64)
         bce = sums[..., _BCE] / N
         if self.variant == "official":
             per = w * bce
         else:
             s = self.smooth
             dice = 1 - (2 * sums[..., _SIGY] + s) / (sums[..., _SIG] + sums[..., _Y] + s)
-            count = Bn * N
+            count = z.shape[0] * N
             mean_g, mean_g2 = sums[..., _G].sum(0) / count, sums[..., _G2].sum(0) / count
             R = (mean_g**2 + (mean_g2 - self.sigma0**2) ** 2).sum()
             per = w * (self.lambda_bce * bce + dice) + self.beta * R
@@ -241,10 +246,7 @@ class DUOLoss(nn.Module):
             yf = y.to(z.dtype)
             if not bool(((yf >= 0) & (yf <= 1)).all()):
                 raise ValueError("target: values must lie in [0, 1]")
-        S = self._scale(z).to(z.dtype)  # once: the loss's weights and the logged scales
-        per = T.duo_loss_torch(z, n, y, self._c0, self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta,
-                               self.smooth, self.layout, self.detach_scale, self.variant, S=S)
-        return per, S.detach(), 1.0 / (1.0 + self.alpha * S.detach())
+        return self._from_sums(z, T.duo_sums(z, n, y, self._c0, self.variant, self.tau))
 
 
 class NoiseHead(nn.Module):

@@ -1,4 +1,5 @@
-"""Adversarial symmetric matrices for the eigensolver's tests and ``bench/stress_spectra.py``.
+"""Test material: adversarial symmetric matrices for the eigensolver's tests and ``bench/stress_spectra.py``,
+and the DUO loss's independent oracle (``duo_loss_reference``).
 
 Each kind is a spectrum that has broken real eigensolvers: exact zeros (rank-deficient Grams), one
 non-zero eigenvalue, all equal, tight clusters, repeated values, a dynamic range of 1e-30..1e30, entries
@@ -9,6 +10,9 @@ orthogonal ``Q``, or a Gram ``X Xᵀ`` built the way the kernels build one.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from . import _torch_impl as T
 
 KINDS = ("random", "zeros", "rank1", "equal", "cluster", "repeated", "range", "tiny", "huge", "indefinite",
          "gram", "diagonal", "wilkinson", "zero")
@@ -88,3 +92,34 @@ def matrix(rng: np.random.Generator, n: int, kind: str, haar: bool = True) -> np
             a = reflected(rng, lam)
     return (a + a.T) / 2.0
 
+
+def duo_loss_reference(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth=1e-5,
+                       layout="D_HW", detach_scale=False, variant="paper", eps=1e-8):
+    """The DUO loss straight from docs/method.md §3, composed of torch ops independently of ``DUOLoss``: the
+    tests' oracle for both of its paths.
+
+    ``z``, ``n``: ``[B, K, *spatial]`` logits; ``y``: one-hot ``[B, K, *spatial]`` in [0, 1]; classes ``c0..K-1``
+    are included. Returns the per-(b, c) losses ``[B, K - c0]``, whose mean is the loss.
+    """
+    import torch.nn.functional as F
+
+    zc, nc, yc = z[:, c0:], n[:, c0:], y[:, c0:].to(z.dtype)
+    Bn, C = zc.shape[:2]
+    zf, nf, yf = (t.reshape(Bn, C, -1) for t in (zc, nc, yc))
+    if variant == "official":
+        # The authors' snippet: detached soft target, BCE only, w from the snippet's S.
+        yt = (yf - torch.sigmoid(nf) * yf).detach()
+        S = T.semantic_scale(zc, layout, False, eps, "official", True).to(z.dtype)
+        S = S.detach() if detach_scale else S
+        return F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1) / (1 + alpha * S)
+    g = torch.tanh(nf)
+    yt = torch.clamp(yf - tau * g, 0, 1)
+    bce = F.binary_cross_entropy_with_logits(zf, yt, reduction="none").mean(-1)
+    s = torch.sigmoid(zf)
+    dice = 1 - (2 * (s * yt).sum(-1) + smooth) / (s.sum(-1) + yt.sum(-1) + smooth)
+    S = T.semantic_scale(zc, layout, True, eps, "paper", False)
+    S = torch.where(torch.isnan(S), torch.zeros_like(S), S)
+    if detach_scale:
+        S = S.detach()
+    R = (g.mean(dim=(0, 2)) ** 2 + ((g * g).mean(dim=(0, 2)) - sigma0**2) ** 2).sum()
+    return (lambda_bce * bce + dice) / (1 + alpha * S) + beta * R

@@ -157,6 +157,28 @@ def make_inputs(shape, seed, dtype, onehot_labels):
     return z, n, y
 
 
+@FEW
+@given(duo_problems(), st.booleans(), st.sampled_from(["paper", "official"]))
+def test_both_paths_equal_the_independent_reference(problem, include_background, variant):
+    """The fused kernel and the torch sums share the loss's formula (DUOLoss._from_sums); the oracle composes
+    the loss on its own (auvcore.testing.duo_loss_reference), so it checks that formula too, with gradients."""
+    from auvcore import testing
+
+    shape, seed = problem
+    z, n, y = make_inputs(shape, seed, torch.float64, False)
+    ref = testing.duo_loss_reference(z, n, y, c0=0 if include_background else 1, variant=variant)
+    ref_grads = torch.autograd.grad(ref.sum(), (z, n), allow_unused=True)
+    for backend in ("cpp", "torch"):
+        per = DUOLoss(include_background=include_background, variant=variant, backend=backend,
+                      reduction="none")(z, n, y)
+        torch.testing.assert_close(per, ref, rtol=1e-10, atol=1e-12)
+        for g, r in zip(torch.autograd.grad(per.sum(), (z, n), allow_unused=True), ref_grads):
+            if r is None:
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-12)
+
+
 def both_backends(shape, seed, dtype, to_onehot_y, **kw):
     z, n, y = make_inputs(shape, seed, dtype, to_onehot_y)
     out = []
