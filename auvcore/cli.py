@@ -208,7 +208,10 @@ def run(argv=None) -> int:
             data = build_demo(out / "data", n_cases=args.cases, source=args.source)
         except ImportError as e:  # the source's package is not installed: say which extra brings it
             raise ValueError(str(e)) from e
-        print(f"[2/4] scoring with {args.encoder} ({args.layer or 'default layer'}, {args.mode}, {args.input})", flush=True)
+        from .encoders import encoder_options
+
+        layer = encoder_options(args.encoder, layer=args.layer).get("layer", "-")
+        print(f"[2/4] scoring with {args.encoder} ({layer}, {args.mode}, {args.input})", flush=True)
         _score(args, data, out / "run")
         print("[3/4] filtering", flush=True)
         filter_run(out / "run", args.quantile)
