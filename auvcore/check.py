@@ -39,7 +39,7 @@ def encoder_grid(encoder: str, layer: str | None) -> tuple[tuple[float, float, f
     """The voxel spacing an encoder reads and the stride of its feature grid, without building it."""
     from .encoders import encoder_options
 
-    if encoder == "sam2":  # decoded maps on the input grid
+    if encoder in ("sam2", "litemedsam"):  # decoded maps on the native input grid
         return None, None
     layer = encoder_options(encoder, layer=layer)["layer"]
     if encoder == "merlin":

@@ -126,17 +126,35 @@ def _stored_fingerprint(run: Path, case_id: str) -> str | None:
 
 def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: str = "raw") -> dict:
     """Per-class semantic scale S, voxel counts, energy spectra, class-mean embeddings (Mahalanobis
-    baseline) and intensity variance (variance baseline) of one loaded case."""
+    baseline) and intensity variance (variance baseline) of one loaded case.
+
+    Encoders that decode class maps themselves from box prompts (``decodes_with_prompts``: LiteMedSAM) give
+    their own maps ``[1, K, X, Y, Z]`` in decoded mode, scored per axial slice (``Z [1, K, D=Z, X, Y]``,
+    layout ``"D_HW"``), and their image embeddings in masked mode; any other encoder's decoded maps are
+    prototype-similarity maps of its embeddings."""
     from .baselines import intensity_variance
     from .encoders import class_means, encode_case, prototype_maps
     from .scale import masked_semantic_scale, semantic_scale
 
-    feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
+    prompted = getattr(encoder, "decodes_with_prompts", False)
+    if prompted:
+        enc = encoder.with_output("decoded" if mode == "decoded" else "embedding")
+        feats, lab = enc.encode(volume, input=input, num_classes=num_classes)
+    else:
+        feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
     counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
     label_counts = np.bincount(np.asarray(volume.label).reshape(-1), minlength=num_classes)[:num_classes]
     if mode == "masked":
         S = masked_semantic_scale(feats, lab, num_classes)[0].double().numpy()
         spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
+    elif prompted:
+        # decoded by the model itself: one row per axial slice; classes absent from the case -> NaN
+        maps = feats.permute(0, 1, 4, 2, 3)
+        S = semantic_scale(maps, layout="D_HW")[0].double().numpy()
+        spec = energy_spectrum(maps)[0].numpy()
+        absent = counts < 2
+        S[absent] = np.nan
+        spec[absent] = np.nan
     else:
         # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
         maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)

