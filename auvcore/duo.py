@@ -22,7 +22,7 @@ from . import _torch_impl as T
 from .scale import semantic_scale
 
 VARIANTS = {"paper": 0, "official": 1}
-REDUCTIONS = ("mean", "none")
+REDUCTIONS = ("mean", "sum", "none")
 _HALF = (torch.float16, torch.bfloat16)
 _BCE, _SIGY, _SIG, _Y, _G, _G2 = range(6)
 
@@ -67,17 +67,24 @@ class DUOLoss(nn.Module):
 
     Args:
         num_classes: K; checked against ``seg_logits.shape[1]`` if given.
-        include_background: include channel 0 in the loss and in R (MONAI's convention: excluded).
+        include_background: include channel 0 in the loss and in R (excluded by default; MONAI's losses include it).
         to_onehot_y: ``target`` holds class indices ``[B, 1, *spatial]`` (or ``[B, *spatial]``) that are
             compared with each class on the fly (no one-hot tensor is built on the native path).
-        alpha, lambda_bce, tau, sigma0, beta, smooth: α, λ, τ, σ0, β and the Dice smoothing s.
+        alpha, lambda_bce, tau, sigma0, beta: α, λ, τ, σ0 and β.
+        smooth: the Dice smoothing s, added to the numerator and the denominator (default 1e-5).
+        smooth_nr, smooth_dr: MONAI's names: the numerator's and the denominator's smoothing separately,
+            ``Dice = 1 − (2 Σσ(z)ỹ + smooth_nr) / (Σσ(z) + Σỹ + smooth_dr)``; each defaults to ``smooth``
+            (give either ``smooth`` or these two).
         layout: how S reads a 3-D class map (``"D_HW"``, ``"H_DW"``, ``"W_DH"``); 2-D maps use m = H, n = W.
         detach_scale: stop the gradient through S (by default S is differentiable, a regulariser).
         variant: ``"paper"`` (docs/method.md §3) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
             ``ỹ = stopgrad(y − σ(n)·y)``, no R, and S of the snippet (``variant="official"``: no centering,
             energy on σ + 1e-6), not detached. Its noise head receives no gradient by construction.
-        reduction: ``"mean"`` (a scalar) or ``"none"``: the per-(b, c) losses ``[B, K']`` over the included
-            classes, ``w·L_seg + β·R`` each, so that their mean is the ``"mean"`` loss.
+        reduction: ``"mean"`` (a scalar), ``"sum"`` (a scalar: the sum of the ``"none"`` values) or ``"none"``:
+            the per-(b, c) losses ``[B, K']`` over the included classes, ``w·L_seg + β·R`` each, so that their
+            mean is the ``"mean"`` loss. MONAI's ``LossReduction`` members are accepted too.
+        sigmoid, softmax: MONAI's activation switches, accepted for drop-in use: DUO reads logits and applies a
+            sigmoid per class itself, so only ``sigmoid=True`` and ``softmax=False`` are valid.
         backend: ``"auto"`` (native on CPU, torch elsewhere), ``"cpp"`` or ``"torch"``.
         num_threads: CPU threads of the native path (default ``torch.get_num_threads()``).
         mode, preset: the deprecated names of ``layout`` and ``variant``.
@@ -88,17 +95,20 @@ class DUOLoss(nn.Module):
 
     def __init__(self, num_classes: int | None = None, include_background: bool = False, to_onehot_y: bool = False,
                  alpha: float = 0.5, lambda_bce: float = 1.0, tau: float = 0.5, sigma0: float = 0.1,
-                 beta: float = 0.1, smooth: float = 1e-5, layout: str = "D_HW", detach_scale: bool = False,
+                 beta: float = 0.1, smooth: float | None = None, layout: str = "D_HW", detach_scale: bool = False,
                  variant: str = "paper", reduction: str = "mean", backend: str = "auto",
-                 num_threads: int | None = None, mode: str | None = None, preset: str | None = None):
+                 num_threads: int | None = None, mode: str | None = None, preset: str | None = None,
+                 smooth_nr: float | None = None, smooth_dr: float | None = None, sigmoid: bool = True,
+                 softmax: bool = False):
         super().__init__()
+        reduction = getattr(reduction, "value", reduction)  # MONAI's LossReduction enum
         layout, layout_name = B.renamed("layout", layout, "D_HW", "mode", mode)
         variant, variant_name = B.renamed("variant", variant, "paper", "preset", preset)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
         for name, v in (("include_background", include_background), ("to_onehot_y", to_onehot_y),
-                        ("detach_scale", detach_scale)):
+                        ("detach_scale", detach_scale), ("sigmoid", sigmoid), ("softmax", softmax)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
         _check_number("alpha", alpha)
@@ -106,7 +116,20 @@ class DUOLoss(nn.Module):
         _check_number("tau", tau)
         _check_number("sigma0", sigma0)
         _check_number("beta", beta)
+        if not sigmoid:
+            raise ValueError("sigmoid: DUO takes logits and applies a sigmoid per class itself (docs/method.md §3); "
+                             "sigmoid=False (probabilities as input) is not supported")
+        if softmax:
+            raise ValueError("softmax: DUO's BCE and Dice use a sigmoid per class, not a softmax over classes; "
+                             "pass logits with softmax=False")
+        if smooth is not None and (smooth_nr is not None or smooth_dr is not None):
+            raise ValueError("smooth: give either smooth or smooth_nr/smooth_dr, not both")
+        smooth = 1e-5 if smooth is None else smooth
+        smooth_nr = smooth if smooth_nr is None else smooth_nr
+        smooth_dr = smooth if smooth_dr is None else smooth_dr
         _check_number("smooth", smooth)
+        _check_number("smooth_nr", smooth_nr)
+        _check_number("smooth_dr", smooth_dr)
         if layout not in T.LAYOUTS:
             raise ValueError(f"{layout_name}: expected one of {tuple(T.LAYOUTS)}, got {layout!r}")
         if variant not in VARIANTS:
@@ -117,8 +140,9 @@ class DUOLoss(nn.Module):
             raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', got {backend!r}")
         B.threads(num_threads)
         self.num_classes, self.include_background, self.to_onehot_y = num_classes, include_background, to_onehot_y
-        self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta, self.smooth = (
-            float(alpha), float(lambda_bce), float(tau), float(sigma0), float(beta), float(smooth))
+        self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta = (
+            float(alpha), float(lambda_bce), float(tau), float(sigma0), float(beta))
+        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
         self.layout, self.detach_scale, self.variant, self.reduction = layout, detach_scale, variant, reduction
         self.backend, self.num_threads = backend, num_threads
         self.last_weights: torch.Tensor | None = None
@@ -176,7 +200,9 @@ class DUOLoss(nn.Module):
                 B.resolve("cpp", z)  # raises the reason
             per, S, w = (self._native if be == "cpp" else self._torch)(z, n, y)
         self.last_scales, self.last_weights = S.detach(), w.detach()
-        return per if self.reduction == "none" else per.mean()
+        if self.reduction == "none":
+            return per
+        return per.sum() if self.reduction == "sum" else per.mean()
 
     @property
     def _c0(self) -> int:
@@ -222,8 +248,7 @@ class DUOLoss(nn.Module):
         if self.variant == "official":
             per = w * bce
         else:
-            s = self.smooth
-            dice = 1 - (2 * sums[..., _SIGY] + s) / (sums[..., _SIG] + sums[..., _Y] + s)
+            dice = 1 - (2 * sums[..., _SIGY] + self.smooth_nr) / (sums[..., _SIG] + sums[..., _Y] + self.smooth_dr)
             count = z.shape[0] * N
             mean_g, mean_g2 = sums[..., _G].sum(0) / count, sums[..., _G2].sum(0) / count
             R = (mean_g**2 + (mean_g2 - self.sigma0**2) ** 2).sum()

@@ -409,7 +409,7 @@ def test_bad_inputs_name_the_argument(backend):
 
 def test_bad_arguments():
     for kw, name in ((dict(alpha=-1), "alpha"), (dict(tau=float("nan")), "tau"), (dict(preset="x"), "preset"),
-                     (dict(reduction="sum"), "reduction"), (dict(mode="DHW"), "mode"), (dict(num_classes=0),
+                     (dict(reduction="max"), "reduction"), (dict(mode="DHW"), "mode"), (dict(num_classes=0),
                      "num_classes"), (dict(backend="gpu"), "backend"), (dict(beta=True), "beta")):
         with pytest.raises(ValueError, match=name):
             DUOLoss(**kw)
@@ -418,3 +418,58 @@ def test_bad_arguments():
     z = torch.randn(1, 1, 4, 4)
     with pytest.raises(ValueError, match="no class"):
         DUOLoss()(z, z, z.clamp(0, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MONAI's argument conventions
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_monai_smooth_nr_dr_and_sum(backend):
+    """smooth_nr/smooth_dr enter the Dice as MONAI's DiceLoss does; "sum" is the sum of the "none" values."""
+    z, n, y = make_inputs((2, 3, 5, 6), 5, torch.float64, False)
+    n = torch.zeros_like(n)  # ĝ = 0: ỹ = y, the Dice alone is left with α = λ = β = 0
+    kw = dict(alpha=0.0, lambda_bce=0.0, beta=0.0, include_background=True, reduction="none", backend=backend)
+    s, yt = torch.sigmoid(z), y.to(z.dtype)
+    I, P, Y = ((s * yt).flatten(2).sum(-1), s.flatten(2).sum(-1), yt.flatten(2).sum(-1))
+    per = DUOLoss(smooth_nr=0.3, smooth_dr=2.0, **kw)(z, n, y)
+    assert torch.allclose(per, 1 - (2 * I + 0.3) / (P + Y + 2.0), rtol=1e-12)
+    # both default to smooth; smooth_nr = smooth_dr = s is smooth = s
+    assert torch.allclose(DUOLoss(smooth=0.7, **kw)(z, n, y), DUOLoss(smooth_nr=0.7, smooth_dr=0.7, **kw)(z, n, y))
+    assert torch.allclose(DUOLoss(**kw)(z, n, y), DUOLoss(smooth=1e-5, **kw)(z, n, y))
+    z, n, y = make_inputs((2, 3, 5, 6), 6, torch.float64, False)
+    none = DUOLoss(reduction="none", backend=backend)(z, n, y)
+    total = DUOLoss(reduction="sum", backend=backend)(z, n, y)
+    assert total.shape == () and torch.allclose(total, none.sum(), rtol=1e-14)
+    g_sum = torch.autograd.grad(total, z)[0]
+    g_mean = torch.autograd.grad(DUOLoss(backend=backend)(z, n, y), z)[0]
+    assert torch.allclose(g_sum, g_mean * none.numel(), rtol=1e-10)
+
+
+def test_monai_argument_names_and_refusals():
+    z, n, y = make_inputs((1, 3, 4, 5), 7, torch.float64, True)
+    ref = DUOLoss(to_onehot_y=True)(z, n, y)
+    # MONAI's DiceCELoss(sigmoid=True, to_onehot_y=True, include_background=False, reduction="mean") spelled alike
+    same = DUOLoss(to_onehot_y=True, sigmoid=True, softmax=False, include_background=False, reduction="mean",
+                   smooth_nr=1e-5, smooth_dr=1e-5)(z, n, y)
+    assert torch.equal(ref, same)
+    with pytest.raises(ValueError, match="sigmoid"):
+        DUOLoss(sigmoid=False)
+    with pytest.raises(ValueError, match="softmax"):
+        DUOLoss(softmax=True)
+    with pytest.raises(ValueError, match="smooth"):
+        DUOLoss(smooth=1e-3, smooth_nr=1e-5)
+    for kw in (dict(smooth_nr=-1.0), dict(smooth_dr=float("inf"))):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            DUOLoss(**kw)
+    with pytest.raises(TypeError, match="softmax"):
+        DUOLoss(softmax=0)
+
+
+def test_monai_loss_reduction_enum():
+    monai_utils = pytest.importorskip("monai.utils", reason="monai not installed (pip install auvcore[monai])")
+    z, n, y = make_inputs((1, 3, 4, 5), 8, torch.float64, True)
+    for member, name in ((monai_utils.LossReduction.SUM, "sum"), (monai_utils.LossReduction.NONE, "none")):
+        a = DUOLoss(to_onehot_y=True, reduction=member)
+        assert a.reduction == name and type(a.reduction) is str
+        assert torch.equal(a(z, n, y), DUOLoss(to_onehot_y=True, reduction=name)(z, n, y))
