@@ -74,11 +74,18 @@ def has_cuda_kernels() -> bool:
 
 
 def view(t: torch.Tensor | None):
-    """The native ArrayView of a tensor: pointer, dtype, shape and strides, no copy. ``None`` gives the empty
-    view (pointer 0) that an op reads as "this optional output is not wanted"."""
+    """The native ArrayView of a tensor: pointer, dtype, shape, strides and device (-1 for host memory, else
+    the CUDA device's index), no copy; C++ checks every view against what its op reads or writes. ``None``
+    gives the empty view (pointer 0) that an op reads as "this optional output is not wanted"."""
     if t is None:
         return _C.ArrayView(0, _C.DType.f64, [], [])
-    return _C.ArrayView(t.data_ptr(), getattr(_C.DType, _DTYPES[t.dtype]), list(t.shape), list(t.stride()))
+    if t.device.type == "cpu":
+        device = -1
+    elif t.device.type == "cuda":
+        device = t.device.index
+    else:
+        raise ValueError(f"auvcore's kernels read CPU or CUDA memory, got a tensor on {t.device}")
+    return _C.ArrayView(t.data_ptr(), getattr(_C.DType, _DTYPES[t.dtype]), list(t.shape), list(t.stride()), device)
 
 
 def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:

@@ -1,8 +1,9 @@
 """The CUDA kernels of the semantic scale (docs/method.md §1), called from ``auvcore.scale`` when ``backend="cuda"``
 (or ``"auto"`` with CUDA tensors).
 
-Tensors cross into the extension as pointer + shape + strides, read in place on the caller's current stream.
-Outputs are allocated here with torch on the input's device. CuPy arrays (or anything with
+Tensors cross into the extension as views (pointer + shape + strides + dtype + device), read in place on the
+caller's current stream. Outputs are allocated here with torch on the input's device, and C++ checks each one's
+size, dtype, layout and device against what the kernel will write before it runs. CuPy arrays (or anything with
 ``__cuda_array_interface__`` / ``__dlpack__``) are wrapped zero-copy, and then CuPy's current stream is used.
 
 The only host synchronisation is the error check at the end: NaN/Inf inputs (unless ``nan_to_num``) and
@@ -61,8 +62,8 @@ def _decoded_gram(z: torch.Tensor, layout: str, center: bool, nan_to_num: bool, 
     p = min(m, n)
     G = torch.empty(Bn * K, p, p, dtype=torch.float64, device=z.device)
     flags = torch.zeros(Bn * K, dtype=torch.int32, device=z.device)
-    B._C.cuda_decoded_gram(B.view(z), T.LAYOUTS[layout], bool(center), bool(nan_to_num), G.data_ptr(), flags.data_ptr(),
-                           stream, z.device.index)
+    B._C.cuda_decoded_gram(B.view(z), T.LAYOUTS[layout], bool(center), bool(nan_to_num), B.view(G), B.view(flags),
+                           stream)
     return G, flags, p
 
 
@@ -84,8 +85,8 @@ def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
         G, flags, p = _decoded_gram(z, layout, center, nan_to_num, s)
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
-        B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, float(eps), T.VARIANTS[variant],
-                                  flags.data_ptr(), S.data_ptr(), 0, s, dev.index)
+        B._C.cuda_scale_from_gram(B.view(G), B.view(None), p, float(eps), T.VARIANTS[variant], B.view(flags),
+                                  B.view(S), B.view(None), s)
         if not nan_to_num and not _capturing(dev) and bool(flags.any()):
             raise B.non_finite("z")
     return S.view(Bn, K)
@@ -110,10 +111,10 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
         flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
         label_error = torch.zeros(2, dtype=torch.int64, device=dev)
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
-        B._C.cuda_masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), G.data_ptr(),
-                              counts.data_ptr(), flags.data_ptr(), label_error.data_ptr(), s, dev.index)
-        B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, C, counts.data_ptr(), 0, float(eps), 0, flags.data_ptr(),
-                                  S.data_ptr(), 0, s, dev.index)
+        B._C.cuda_masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), B.view(G),
+                              B.view(counts), B.view(flags), B.view(label_error), s)
+        B._C.cuda_scale_from_gram(B.view(G), B.view(counts), 0, float(eps), 0, B.view(flags), B.view(S),
+                                  B.view(None), s)
         if not _capturing(dev):
             # One transfer for both checks: [any NaN/Inf, label error flag, offending label].
             status = torch.cat([flags.any().view(1).to(torch.int64), label_error]).tolist()
@@ -137,6 +138,5 @@ def gram_and_eigenvalues(z, layout: str = "D_HW", center: bool = True, nan_to_nu
         Gout = G.clone()
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
         ev = torch.empty(Bn * K, p, dtype=torch.float64, device=dev)
-        B._C.cuda_scale_from_gram(G.data_ptr(), Bn * K, p, 0, p, 1e-8, 0, 0, S.data_ptr(), ev.data_ptr(), s,
-                                  dev.index)
+        B._C.cuda_scale_from_gram(B.view(G), B.view(None), p, 1e-8, 0, B.view(None), B.view(S), B.view(ev), s)
     return Gout.view(Bn, K, p, p), ev.view(Bn, K, p)

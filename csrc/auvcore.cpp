@@ -1,5 +1,7 @@
-// The Python module: one thin dispatch point. Each op takes ArrayViews of the caller's memory, its inputs and
-// the outputs Python allocated alike; no tensor library is linked.
+// The Python module, the only pybind11 file: one thin dispatch point for the CPU ops and (in the CUDA build)
+// the CUDA ops. Each op takes ArrayViews of the caller's memory, its inputs and the outputs Python allocated
+// alike, and checks every buffer against what the op will write before the op runs; no tensor library is
+// linked.
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -9,13 +11,133 @@
 #include "auvcore/eigh.h"
 #include "auvcore/gram.h"
 #include "auvcore/scale.h"
+#ifdef AUVCORE_WITH_CUDA
+#include <cmath>
+
+#include "cuda/sturm.h"  // the multisection steps, for the host builds below
+#include "auvcore/scale_cuda.h"
+#endif
 
 namespace py = pybind11;
 using namespace auvcore;
 
 namespace auvcore {
-// The CUDA ops register themselves (csrc/cuda/bindings_cuda.cpp, or a stub in a CPU-only build).
-void register_cuda(py::module_& m);
+namespace {
+
+// The CUDA ops, or in a CPU-only build (no CUDA toolkit) only the flag that says they are absent.
+void register_cuda(py::module_& m) {
+#ifndef AUVCORE_WITH_CUDA
+  m.attr("with_cuda") = false;
+#else
+  m.attr("with_cuda") = true;
+  m.attr("cuda_max_gram_size") = cuda::kMaxEighSize;
+
+  m.def("cuda_device_count", &cuda::device_count,
+        "Number of usable CUDA devices; 0 when there is no driver or GPU (never raises).");
+  m.def("cuda_device_supported", &cuda::device_supported, py::arg("device"),
+        "Whether the kernels in this build can run on that device (False for too old a GPU; never raises).");
+
+  // The device an op runs on is its first input's; every other view must be on it. `stream` is the caller's
+  // cudaStream_t as an int (0 = legacy default stream). As on the CPU side, `buffer` checks each output's
+  // dtype, layout, shape and device against what the kernel will write before anything runs.
+  auto device_of = [](const ArrayView& v, const char* name) {
+    require(v.device != kHost, std::string(name) + ": expected CUDA device memory, got host memory");
+    return v.device;
+  };
+  m.def(
+      "cuda_decoded_gram",
+      [device_of](const ArrayView& z, int mode, bool center, bool nan_to_num, const ArrayView& G,
+                  const ArrayView& flags, std::uintptr_t stream) {
+        auto [m_, n_] = decoded_shape(z, mode);
+        const int64_t BK = z.shape[0] * z.shape[1], p = std::min(m_, n_);
+        const int dev = device_of(z, "z");
+        double* g = buffer<double>(G, DType::F64, {BK, p, p}, "G", false, dev);
+        int32_t* fl = buffer<int32_t>(flags, DType::I32, {BK}, "flags", false, dev);
+        py::gil_scoped_release nogil;
+        cuda::decoded_gram(z, mode, center, nan_to_num, g, fl, stream, dev);
+      },
+      py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("nan_to_num"), py::arg("G"), py::arg("flags"),
+      py::arg("stream"));
+
+  m.def(
+      "cuda_masked_gram",
+      [device_of](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num,
+                  const ArrayView& G, const ArrayView& counts, const ArrayView& flags, const ArrayView& label_error,
+                  std::uintptr_t stream) {
+        check_masked_args(f, labels, K);
+        const int64_t BK = f.shape[0] * K, C = f.shape[1];
+        const int dev = device_of(f, "features");
+        require_on(labels, dev, "labels");
+        double* g = buffer<double>(G, DType::F64, {BK, C, C}, "G", false, dev);
+        int64_t* cnt = buffer<int64_t>(counts, DType::I64, {BK}, "counts", false, dev);
+        int32_t* fl = buffer<int32_t>(flags, DType::I32, {BK}, "flags", false, dev);
+        int64_t* le = buffer<int64_t>(label_error, DType::I64, {2}, "label_error", false, dev);
+        py::gil_scoped_release nogil;
+        cuda::masked_gram(f, labels, K, center, nan_to_num, g, cnt, fl, le, stream, dev);
+      },
+      py::arg("features"), py::arg("labels"), py::arg("num_classes"), py::arg("center"), py::arg("nan_to_num"),
+      py::arg("G"), py::arg("counts"), py::arg("flags"), py::arg("label_error"), py::arg("stream"));
+
+  // G [count, p, p] (overwritten) gives count and p. The ranks: min(counts[i], p) with counts [count], else r
+  // for all; flags [count] (optional) marks the matrices whose S is NaN; evals [count, p] (optional).
+  m.def(
+      "cuda_scale_from_gram",
+      [device_of](const ArrayView& G, const ArrayView& counts, int64_t r, double eps, int variant,
+                  const ArrayView& flags, const ArrayView& S, const ArrayView& evals, std::uintptr_t stream) {
+        require(G.dim() == 3 && G.shape[1] == G.shape[2], "G: expected [count, p, p]");
+        const int64_t count = G.shape[0], p = G.shape[1];
+        const int dev = device_of(G, "G");
+        double* g = buffer<double>(G, DType::F64, {count, p, p}, "G", false, dev);
+        const int64_t* cnt = buffer<int64_t>(counts, DType::I64, {count}, "counts", true, dev);
+        const int32_t* fl = buffer<int32_t>(flags, DType::I32, {count}, "flags", true, dev);
+        double* s = buffer<double>(S, DType::F64, {count}, "S", false, dev);
+        double* ev = buffer<double>(evals, DType::F64, {count, p}, "evals", true, dev);
+        py::gil_scoped_release nogil;
+        cuda::scale_from_gram(g, count, p, cnt, r, eps, variant, fl, s, ev, stream, dev);
+      },
+      py::arg("G"), py::arg("counts"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("flags"),
+      py::arg("S"), py::arg("evals"), py::arg("stream"));
+
+  // Host builds of the solver's serial pieces, for tests on machines without a GPU.
+  m.def(
+      "_cuda_host_tridiag_eigvalsh",
+      [](const std::vector<double>& d, const std::vector<double>& e, int lanes) {
+        const int n = (int)d.size();
+        if (n == 0) throw ArgumentError("d: expected at least one entry");
+        if ((int)e.size() != n - 1) throw ArgumentError("e: expected len(d) - 1 entries");
+        std::vector<double> e2(n, 0.0), out(n);
+        double gl = 1e300, gu = -1e300, me2 = 0.0;
+        for (int j = 0; j < n; ++j) {
+          const double el = j > 0 ? std::fabs(e[j - 1]) : 0.0, er = j + 1 < n ? std::fabs(e[j]) : 0.0;
+          gl = std::fmin(gl, d[j] - el - er);
+          gu = std::fmax(gu, d[j] + el + er);
+          if (j + 1 < n) e2[j] = e[j] * e[j];
+          me2 = std::fmax(me2, e2[j]);
+        }
+        if (lanes < 1 || lanes > 32 || (lanes & (lanes - 1))) throw ArgumentError("lanes: expected 1, 2, 4, .., 32");
+        const cuda::Bracket br = cuda::bracket_from(gl, gu, me2, n);
+        const int steps = cuda::multisect_steps(br.hi - br.lo, br.abstol, lanes);
+        for (int j = 0; j < n; ++j)
+          out[j] = cuda::multisect_eigenvalue(d.data(), e2.data(), n, j, br.lo, br.hi, br.pivmin, lanes, steps);
+        return out;
+      },
+      py::arg("d"), py::arg("e"), py::arg("lanes") = 1,
+      "Ascending eigenvalues of a symmetric tridiagonal matrix by the CUDA kernel's multisection steps\n"
+      "(`lanes` probes per step, as the lanes of a warp share an eigenvalue on the GPU).");
+  m.def("_cuda_host_multisect_lanes", &cuda::multisect_lanes, py::arg("n"), py::arg("threads"));
+
+  m.def(
+      "_cuda_host_entropy",
+      [](const std::vector<double>& lam_desc, int64_t r, double eps, int variant) {
+        if (r < 2 || r > (int64_t)lam_desc.size()) return std::nan("");
+        return entropy_scale(lam_desc.data(), r, eps, variant, nullptr);
+      },
+      py::arg("lam_desc"), py::arg("r"), py::arg("eps"), py::arg("variant"),
+      "S from descending eigenvalues with the formula the CUDA kernel shares (entropy.h), summed serially.");
+#endif
+}
+
+}  // namespace
 }  // namespace auvcore
 
 PYBIND11_MODULE(_C, m) {
@@ -27,23 +149,30 @@ PYBIND11_MODULE(_C, m) {
       .value("i8", DType::I8).value("u8", DType::U8).value("i16", DType::I16).value("i32", DType::I32)
       .value("i64", DType::I64);
 
+  // `device`: kHost (-1) for host memory, else the CUDA device's index.
   py::class_<ArrayView>(m, "ArrayView")
-      .def(py::init([](std::uintptr_t ptr, DType dtype, std::vector<int64_t> shape, std::vector<int64_t> strides) {
+      .def(py::init([](std::uintptr_t ptr, DType dtype, std::vector<int64_t> shape, std::vector<int64_t> strides,
+                       int device) {
              if (shape.size() != strides.size()) throw ArgumentError("ArrayView: shape and strides differ in length");
+             if (device < kHost) throw ArgumentError("ArrayView: device must be -1 (host) or a CUDA device index");
              ArrayView v;
              v.ptr = ptr;
              v.dtype = dtype;
              v.shape = std::move(shape);
              v.strides = std::move(strides);
+             v.device = device;
              return v;
            }),
-           py::arg("ptr"), py::arg("dtype"), py::arg("shape"), py::arg("strides"));
+           py::arg("ptr"), py::arg("dtype"), py::arg("shape"), py::arg("strides"), py::arg("device") = kHost)
+      .def_readonly("device", &ArrayView::device);
 
-  // Outputs are ArrayViews of buffers Python allocated; `buffer` checks each one's dtype, layout and shape
-  // against what the op will write before the op runs.
+  // The CPU ops. Inputs must be host memory; outputs are ArrayViews of buffers Python allocated, and
+  // `buffer` checks each one's dtype, layout, shape and memory against what the op will write before the op
+  // runs.
   m.def(
       "decoded_gram",
       [](const ArrayView& z, int mode, bool center, bool nan_to_num, const ArrayView& G, int threads, bool in_double) {
+        require_on(z, kHost, "z");
         auto [m, n] = decoded_shape(z, mode);
         const int64_t p = std::min(m, n);
         double* g = buffer<double>(G, DType::F64, {z.shape[0] * z.shape[1], p, p}, "G");
@@ -58,6 +187,8 @@ PYBIND11_MODULE(_C, m) {
       [](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, const ArrayView& G,
          const ArrayView& counts, int threads) {
         check_masked_args(f, labels, K);
+        require_on(f, kHost, "features");
+        require_on(labels, kHost, "labels");
         const int64_t BK = f.shape[0] * K, C = f.shape[1];
         double* g = buffer<double>(G, DType::F64, {BK, C, C}, "G");
         int64_t* cnt = buffer<int64_t>(counts, DType::I64, {BK}, "counts");
@@ -72,6 +203,8 @@ PYBIND11_MODULE(_C, m) {
       [](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double eps,
          const ArrayView& S, const ArrayView& counts, const ArrayView& spectrum, int threads) {
         check_masked_args(f, labels, K);
+        require_on(f, kHost, "features");
+        require_on(labels, kHost, "labels");
         const int64_t BK = f.shape[0] * K, C = f.shape[1];
         double* s = buffer<double>(S, DType::F64, {BK}, "S");
         int64_t* cnt = buffer<int64_t>(counts, DType::I64, {BK}, "counts");
@@ -148,6 +281,9 @@ PYBIND11_MODULE(_C, m) {
     a.preset = static_cast<DuoPreset>(preset);
     a.tau = tau;
     check_duo_args(a);  // before the buffers' shapes are derived from z
+    require_on(z, kHost, "seg_logits");
+    require_on(n, kHost, "noise_logits");
+    require_on(y, kHost, "target");
     return a;
   };
   m.attr("duo_num_sums") = (int)kDuoSums;
@@ -172,6 +308,8 @@ PYBIND11_MODULE(_C, m) {
                          const ArrayView& dn, int threads) {
         DuoArgs a = args(z, n, y, labels, c0, preset, tau);
         const double* g = buffer<double>(grad_sums, DType::F64, sums_shape(z, c0), "grad_sums");
+        require_on(dz, kHost, "dz");
+        require_on(dn, kHost, "dn");
         py::gil_scoped_release nogil;
         duo_backward_cpu(a, g, dz, dn, threads);
       },
@@ -181,6 +319,8 @@ PYBIND11_MODULE(_C, m) {
       "scale_backward",
       [](const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, int variant, const ArrayView& evals,
          const ArrayView& evecs, const ArrayView& grad_S, const ArrayView& dz, int threads) {
+        require_on(z, kHost, "z");
+        require_on(dz, kHost, "dz");
         auto [m_, n_] = decoded_shape(z, mode);
         const int64_t BK = z.shape[0] * z.shape[1], p = std::min(m_, n_);
         const double* ev = buffer<double>(evals, DType::F64, {BK, p}, "evals");

@@ -24,6 +24,25 @@ def _no_driver() -> bool:
 no_driver = pytest.mark.skipif(not _no_driver(), reason="a CUDA driver is present on this machine")
 
 
+def as_if_on_gpu(t: torch.Tensor, device: int = 0):
+    """A view of a CPU tensor's memory that says it is on CUDA device ``device``: it passes the bindings' device
+    checks, so a test without a GPU reaches the checks behind them. Every call given one must fail before any
+    memory is touched."""
+    return B._C.ArrayView(t.data_ptr(), getattr(B._C.DType, B._DTYPES[t.dtype]), list(t.shape), list(t.stride()),
+                          device)
+
+
+def fake_buffer(shape, dtype=torch.float64, device: int = 0, strides=None):
+    """A view of no real memory (pointer 8) with this shape, contiguous unless ``strides``, for calls that must
+    fail before any memory is touched."""
+    if strides is None:  # row-major
+        strides, n = [], 1
+        for d in reversed(shape):
+            strides.insert(0, n)
+            n *= d
+    return B._C.ArrayView(8, getattr(B._C.DType, B._DTYPES[dtype]), list(shape), list(strides), device)
+
+
 def _reference(z: torch.Tensor, mode: str, center=True, eps=1e-8, variant="paper", nan_to_num=False) -> np.ndarray:
     """S [B, K] from the float64 SVD oracle, one class matrix at a time."""
     M = T.class_matrices(z.detach().cpu().to(torch.float64), mode).numpy()

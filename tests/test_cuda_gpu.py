@@ -121,8 +121,7 @@ def test_eigen_kernel_on_random_psd_matrices(p):
     S = torch.empty(3, dtype=torch.float64, device="cuda")
     ev = torch.empty(3, p, dtype=torch.float64, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
-    B._C.cuda_scale_from_gram(Gw.data_ptr(), 3, p, 0, p, 1e-8, 0, 0, S.data_ptr(), ev.data_ptr(), stream,
-                              G.device.index)
+    B._C.cuda_scale_from_gram(B.view(Gw), B.view(None), p, 1e-8, 0, B.view(None), B.view(S), B.view(ev), stream)
     torch.testing.assert_close(ev, want, rtol=0, atol=1e-11 * float(want.abs().max()))
     if p >= 2:
         Sref, _ = T.entropy_scale(want, p, 1e-8, "paper")

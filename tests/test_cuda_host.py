@@ -19,7 +19,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
-    _assert_scale_close, _reference, built_with_cuda, no_driver,
+    _assert_scale_close, _reference, as_if_on_gpu, built_with_cuda, fake_buffer, no_driver,
 )
 
 
@@ -67,9 +67,11 @@ def test_cuda_ops_without_device_raise_runtime_error_naming_the_cause():
     # Valid arguments reach the device check, which must fail cleanly (no crash, no sticky state).
     z = torch.randn(1, 2, 4, 5, 6)
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
-        B._C.cuda_decoded_gram(B.view(z), 0, True, False, 8, 8, 0, 0)
+        B._C.cuda_decoded_gram(as_if_on_gpu(z), 0, True, False, fake_buffer((2, 4, 4)),
+                               fake_buffer((2,), torch.int32), 0)
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
-        B._C.cuda_scale_from_gram(8, 1, 4, 0, 4, 1e-8, 0, 0, 8, 0, 0, 0)
+        B._C.cuda_scale_from_gram(fake_buffer((1, 4, 4)), B.view(None), 4, 1e-8, 0, B.view(None), fake_buffer((1,)),
+                                  B.view(None), 0)
     # ...and the CPU ops keep working afterwards.
     S = auvcore.semantic_scale(z, backend="cpp")
     assert torch.isfinite(S).all()
@@ -77,32 +79,93 @@ def test_cuda_ops_without_device_raise_runtime_error_naming_the_cause():
 
 @built_with_cuda
 def test_cuda_ops_validate_arguments_before_touching_the_device():
+    G, flags = fake_buffer((2, 4, 4)), fake_buffer((2,), torch.int32)  # for z [1, 2, 4, 5, 6]: B·K = 2, p = 4
     z3 = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="decoded maps"):
-        B._C.cuda_decoded_gram(B.view(z3), 0, True, False, 8, 8, 0, 0)
+        B._C.cuda_decoded_gram(as_if_on_gpu(z3), 0, True, False, G, flags, 0)
     z = torch.randn(1, 2, 4, 5, 6)
     with pytest.raises(ValueError, match="mode"):
-        B._C.cuda_decoded_gram(B.view(z), 7, True, False, 8, 8, 0, 0)
+        B._C.cuda_decoded_gram(as_if_on_gpu(z), 7, True, False, G, flags, 0)
     zi = torch.zeros(1, 2, 4, 5, 6, dtype=torch.int32)
     with pytest.raises(ValueError, match="floating"):
-        B._C.cuda_decoded_gram(B.view(zi), 0, True, False, 8, 8, 0, 0)
+        B._C.cuda_decoded_gram(as_if_on_gpu(zi), 0, True, False, G, flags, 0)
     with pytest.raises(ValueError, match="null"):
-        B._C.cuda_decoded_gram(B.view(z), 0, True, False, 0, 0, 0, 0)
+        B._C.cuda_decoded_gram(as_if_on_gpu(z), 0, True, False, B.view(None), B.view(None), 0)
     big = torch.empty(1, 1, 5000, 6000)  # p = 5000 > the eigen kernel's limit
     with pytest.raises(ValueError, match="exceeds the CUDA limit"):
-        B._C.cuda_decoded_gram(B.view(big), 0, True, False, 8, 8, 0, 0)
+        B._C.cuda_decoded_gram(as_if_on_gpu(big), 0, True, False, fake_buffer((1, 5000, 5000)),
+                               fake_buffer((1,), torch.int32), 0)
     f, lab = torch.randn(1, 3, 4, 5, 6), torch.randint(0, 2, (1, 4, 5, 7))
+    masked_out = (fake_buffer((2, 3, 3)), fake_buffer((2,), torch.int64), fake_buffer((2,), torch.int32),
+                  fake_buffer((2,), torch.int64))
     with pytest.raises(ValueError, match="labels: shape"):
-        B._C.cuda_masked_gram(B.view(f), B.view(lab), 2, True, False, 8, 8, 8, 8, 0, 0)
+        B._C.cuda_masked_gram(as_if_on_gpu(f), as_if_on_gpu(lab), 2, True, False, *masked_out, 0)
     with pytest.raises(ValueError, match="integer"):
-        B._C.cuda_masked_gram(B.view(f), B.view(f[:, 0]), 2, True, False, 8, 8, 8, 8, 0, 0)
+        B._C.cuda_masked_gram(as_if_on_gpu(f), as_if_on_gpu(f[:, 0]), 2, True, False, *masked_out, 0)
     lab = torch.randint(0, 2, (1, 4, 5, 6))
     with pytest.raises(ValueError, match="num_classes"):
-        B._C.cuda_masked_gram(B.view(f), B.view(lab), 0, True, False, 8, 8, 8, 8, 0, 0)
+        B._C.cuda_masked_gram(as_if_on_gpu(f), as_if_on_gpu(lab), 0, True, False, *masked_out, 0)
     with pytest.raises(ValueError, match="p: expected"):
-        B._C.cuda_scale_from_gram(8, 1, 0, 0, 4, 1e-8, 0, 0, 8, 0, 0, 0)
+        B._C.cuda_scale_from_gram(fake_buffer((1, 0, 0)), B.view(None), 4, 1e-8, 0, B.view(None), fake_buffer((1,)),
+                                  B.view(None), 0)
     with pytest.raises(ValueError, match="variant"):
-        B._C.cuda_scale_from_gram(8, 1, 4, 0, 4, 1e-8, 5, 0, 8, 0, 0, 0)
+        B._C.cuda_scale_from_gram(fake_buffer((1, 4, 4)), B.view(None), 4, 1e-8, 5, B.view(None), fake_buffer((1,)),
+                                  B.view(None), 0)
+
+
+@built_with_cuda
+def test_cuda_ops_check_every_buffer_against_what_the_kernel_writes():
+    # A disagreement on a size, dtype, layout or device between Python and C++ raises, naming the buffer,
+    # before the kernel could write past an end or through a pointer of the wrong memory.
+    z = as_if_on_gpu(torch.randn(1, 2, 4, 5, 6))  # B·K = 2, p = 4
+    G, flags = fake_buffer((2, 4, 4)), fake_buffer((2,), torch.int32)
+    for bad, msg in ((fake_buffer((2, 5, 5)), r"G: expected shape \[2, 4, 4\], got \[2, 5, 5\]"),
+                     (fake_buffer((2, 4, 4), torch.float32), "G: wrong dtype"),
+                     (fake_buffer((2, 4, 4), strides=(32, 8, 2)), "G: expected a contiguous buffer"),
+                     (B.view(torch.empty(2, 4, 4, dtype=torch.float64)),
+                      "G: expected memory of CUDA device 0, got host memory"),
+                     (fake_buffer((2, 4, 4), device=1),
+                      "G: expected memory of CUDA device 0, got memory of CUDA device 1")):
+        with pytest.raises(ValueError, match=msg):
+            B._C.cuda_decoded_gram(z, 0, True, False, bad, flags, 0)
+    with pytest.raises(ValueError, match=r"flags: expected shape \[2\], got \[3\]"):
+        B._C.cuda_decoded_gram(z, 0, True, False, G, fake_buffer((3,), torch.int32), 0)
+    with pytest.raises(ValueError, match="flags: wrong dtype"):
+        B._C.cuda_decoded_gram(z, 0, True, False, G, fake_buffer((2,), torch.int64), 0)
+    with pytest.raises(ValueError, match="z: expected CUDA device memory, got host memory"):
+        B._C.cuda_decoded_gram(B.view(torch.randn(1, 2, 4, 5, 6)), 0, True, False, G, flags, 0)
+
+    f, lab = as_if_on_gpu(torch.randn(2, 3, 4, 5)), torch.randint(0, 4, (2, 4, 5))  # K = 4: B·K = 8, C = 3
+    out = {"G": fake_buffer((8, 3, 3)), "counts": fake_buffer((8,), torch.int64),
+           "flags": fake_buffer((8,), torch.int32), "label_error": fake_buffer((2,), torch.int64)}
+    for name, bad in (("G", fake_buffer((8, 4, 4))), ("counts", fake_buffer((7,), torch.int64)),
+                      ("flags", fake_buffer((8,), torch.int64)), ("label_error", fake_buffer((1,), torch.int64))):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            B._C.cuda_masked_gram(f, as_if_on_gpu(lab), 4, True, False, *{**out, name: bad}.values(), 0)
+    with pytest.raises(ValueError, match="labels: expected memory of CUDA device 0, got host memory"):
+        B._C.cuda_masked_gram(f, B.view(lab), 4, True, False, *out.values(), 0)
+
+    args = {"G": fake_buffer((3, 4, 4)), "counts": fake_buffer((3,), torch.int64), "r": 0, "eps": 1e-8,
+            "variant": 0, "flags": fake_buffer((3,), torch.int32), "S": fake_buffer((3,)),
+            "evals": fake_buffer((3, 4)), "stream": 0}
+    for name, bad in (("G", fake_buffer((3, 4, 5))), ("counts", fake_buffer((3,), torch.int32)),
+                      ("flags", fake_buffer((4,), torch.int32)), ("S", fake_buffer((4,))),
+                      ("evals", fake_buffer((3, 5))), ("S", fake_buffer((3,), device=2))):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            B._C.cuda_scale_from_gram(**{**args, name: bad})
+    with pytest.raises(ValueError, match="S: this buffer is required"):
+        B._C.cuda_scale_from_gram(**{**args, "S": B.view(None)})
+
+
+def test_cpu_ops_refuse_device_memory():
+    if not auvcore.has_native():
+        pytest.skip("native module not built")
+    z = torch.randn(1, 2, 4, 5, 6)
+    G = torch.empty(2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="z: expected host memory, got memory of CUDA device 0"):
+        B._C.decoded_gram(as_if_on_gpu(z), 0, True, False, B.view(G), 1, False)
+    with pytest.raises(ValueError, match="G: expected host memory, got memory of CUDA device 0"):
+        B._C.decoded_gram(B.view(z), 0, True, False, as_if_on_gpu(G), 1, False)
 
 
 def test_auto_on_cpu_tensors_uses_the_cpu_kernels(monkeypatch):

@@ -14,11 +14,15 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I8 = 4, U8 = 5, I1
 
 inline bool is_floating(DType t) { return t == DType::F16 || t == DType::BF16 || t == DType::F32 || t == DType::F64; }
 
+// Where a view's memory lives: kHost, or the index of the CUDA device it was allocated on.
+constexpr int kHost = -1;
+
 struct ArrayView {
   std::uintptr_t ptr = 0;
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
   std::vector<int64_t> strides;  // in elements, may be any sign
+  int device = kHost;
 
   int64_t dim() const { return static_cast<int64_t>(shape.size()); }
   int64_t numel() const {
@@ -38,14 +42,27 @@ inline void require(bool ok, const std::string& msg) {
   if (!ok) throw ArgumentError(msg);
 }
 
+inline std::string memory_name(int device) {
+  return device == kHost ? std::string("host memory") : "memory of CUDA device " + std::to_string(device);
+}
+
+// A kernel reads or writes a view only where it runs: host memory for the CPU ops, the op's device for the
+// CUDA ops. A view on the wrong side is an ArgumentError naming it, never a dereference of a foreign pointer.
+inline void require_on(const ArrayView& v, int device, const char* name) {
+  require(v.device == device, std::string(name) + ": expected " + memory_name(device) + ", got " +
+                                  memory_name(v.device));
+}
+
 // A buffer the caller allocated for an op (an output, or what an earlier op wrote), checked before anything
-// is read or written: its dtype, a contiguous row-major layout and the exact shape the op needs. A wrong
-// size is an ArgumentError naming the buffer, never a write past its end. An empty view (pointer 0) means
-// "not wanted" where `optional`, and gives nullptr.
+// is read or written: its dtype, a contiguous row-major layout, the exact shape the op needs and the memory
+// it lives in (`device`: kHost for the CPU ops, the CUDA device for the CUDA ops). A wrong size is an
+// ArgumentError naming the buffer, never a write past its end. An empty view (pointer 0) means "not wanted"
+// where `optional`, and gives nullptr.
 template <typename T>
-T* buffer(const ArrayView& v, DType dtype, const std::vector<int64_t>& shape, const char* name, bool optional = false) {
+T* buffer(const ArrayView& v, DType dtype, const std::vector<int64_t>& shape, const char* name, bool optional = false,
+          int device = kHost) {
   if (v.ptr == 0) {
-    require(optional, std::string(name) + ": this buffer is required");
+    require(optional, std::string(name) + ": this buffer is required (got a null pointer)");
     return nullptr;
   }
   auto str = [](const std::vector<int64_t>& s) {
@@ -60,6 +77,7 @@ T* buffer(const ArrayView& v, DType dtype, const std::vector<int64_t>& shape, co
     require(shape[d] <= 1 || v.strides[d] == stride, std::string(name) + ": expected a contiguous buffer");
     stride *= shape[d];
   }
+  require_on(v, device, name);
   return reinterpret_cast<T*>(v.ptr);
 }
 
