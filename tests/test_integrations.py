@@ -37,6 +37,7 @@ def test_import_auvcore_imports_no_framework(tmp_path):
 # MONAI
 
 
+@pytest.mark.slow
 @needs_monai
 @needs_native
 def test_monai_example_trains_and_the_loss_decreases():
