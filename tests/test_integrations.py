@@ -140,9 +140,7 @@ def test_nnunet_full_lookup_through_nnUNet_extTrainer(monkeypatch):
 
     from auvcore.integrations import nnunet as integ
 
-    monkeypatch.setenv("nnUNet_extTrainer", str(integ.TRAINER_DIR))
-    import nnunetv2.paths as paths
-    monkeypatch.setattr(paths.nnUNet_extTrainer, "get", lambda: str(integ.TRAINER_DIR), raising=False)
+    monkeypatch.setenv("nnUNet_extTrainer", str(integ.TRAINER_DIR))  # nnunetv2.paths reads it when asked
     assert recursive_find_trainer_class_by_name("nnUNetTrainerDUO") is integ.nnUNetTrainerDUO
 
 
