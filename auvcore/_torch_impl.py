@@ -1,10 +1,7 @@
-"""Pure-PyTorch semantic perception scale: the ``backend="torch"`` fallback, the baseline the kernels must
-beat, and (``svd_reference``) the float64 SVD oracle the tests hold everything to. docs/method.md §1."""
+"""Pure-PyTorch semantic perception scale and DUO sums: the ``backend="torch"`` fallback and the baseline the
+kernels must beat. docs/method.md §1. The tests' oracles live apart from it, in ``auvcore.testing``."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 LAYOUTS = {"D_HW": 0, "H_DW": 1, "W_DH": 2}
@@ -96,27 +93,6 @@ def masked_semantic_scale(features, labels, num_classes, center=True, eps=1e-8, 
     r = torch.clamp(counts, max=C)
     S, p = entropy_scale(lam, r, eps, "paper")
     return (S, p) if spectrum else S
-
-
-def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
-    """The oracle: S of one class matrix M (m x n) from float64 singular values, straight from docs/method.md §1."""
-    M = np.asarray(M, dtype=np.float64)
-    m, n = M.shape
-    r = min(m, n)
-    if r < 2:
-        return float("nan")
-    if variant == "official":
-        sigma = np.linalg.svd(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), compute_uv=False)
-        q = sigma + OFFICIAL_SHIFT
-        p = q / q.sum()
-    else:
-        if center:
-            M = M - M.mean(axis=0, keepdims=True)
-        sigma = np.linalg.svd(M, compute_uv=False)
-        energy = sigma**2
-        p = energy / (energy.sum() + eps)
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(r))
 
 
 def duo_sums(z, n, y, c0, variant, tau):

@@ -1,5 +1,6 @@
-"""Test material: adversarial symmetric matrices for the eigensolver's tests and ``bench/stress_spectra.py``,
-and the DUO loss's independent oracle (``duo_loss_reference``).
+"""Test material: the oracles the tests hold every backend to (``svd_reference``, the float64 SVD of S, and
+``duo_loss_reference``, the DUO loss), and adversarial symmetric matrices for the eigensolver's tests and
+``bench/stress_spectra.py``. Nothing in the package imports this module.
 
 Each kind is a spectrum that has broken real eigensolvers: exact zeros (rank-deficient Grams), one
 non-zero eigenvalue, all equal, tight clusters, repeated values, a dynamic range of 1e-30..1e30, entries
@@ -9,10 +10,34 @@ orthogonal ``Q``, or a Gram ``X Xᵀ`` built the way the kernels build one.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import _torch_impl as T
+
+
+def svd_reference(M, center=True, eps=1e-8, variant="paper") -> float:
+    """The oracle: S of one class matrix M (m x n) from float64 singular values, straight from docs/method.md §1."""
+    M = np.asarray(M, dtype=np.float64)
+    m, n = M.shape
+    r = min(m, n)
+    if r < 2:
+        return float("nan")
+    if variant == "official":
+        sigma = np.linalg.svd(np.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0), compute_uv=False)
+        q = sigma + T.OFFICIAL_SHIFT
+        p = q / q.sum()
+    else:
+        if center:
+            M = M - M.mean(axis=0, keepdims=True)
+        sigma = np.linalg.svd(M, compute_uv=False)
+        energy = sigma**2
+        p = energy / (energy.sum() + eps)
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / math.log(r))
+
 
 KINDS = ("random", "zeros", "rank1", "equal", "cluster", "repeated", "range", "tiny", "huge", "indefinite",
          "gram", "diagonal", "wilkinson", "zero")
