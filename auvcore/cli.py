@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by `auvcore score`")
     p.add_argument("--quantile", type=_quantile, default=0.95, help="quantile p in (0, 1] (default 0.95)")
     p.add_argument("--per-class", nargs="+", metavar="NAME", help="class names for the per-class filter")
+    p.add_argument("--score", choices=("auv", "agreement"), default="auv",
+                   help="auv (default, the paper's) or agreement: 1 - Dice between the promptable encoder's mask and "
+                        "the label (runs scored with --encoder litemedsam|sam2 --mode decoded; beyond the paper)")
 
     p = sub.add_parser("report", help="write RUN/report/index.html with the plots")
     p.add_argument("run", help="run folder written by `auvcore score`")
@@ -187,7 +190,7 @@ def run(argv=None) -> int:
     elif args.command == "filter":
         from .pipeline import filter_run
 
-        out = filter_run(args.run, args.quantile, args.per_class)
+        out = filter_run(args.run, args.quantile, args.per_class, args.score)
         print((out / "summary.json").read_text())
         print(f"kept/dropped lists and splits_final.json in {out}")
     elif args.command == "report":

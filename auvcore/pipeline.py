@@ -137,6 +137,7 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
     from .scale import masked_semantic_scale, semantic_scale
 
     prompted = getattr(encoder, "decodes_with_prompts", False)
+    agreement = np.full(num_classes, np.nan)
     if prompted:
         enc = encoder.with_output("decoded" if mode == "decoded" else "embedding")
         feats, lab = enc.encode(volume, input=input, num_classes=num_classes)
@@ -149,6 +150,7 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
         spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
     elif prompted:
         # decoded by the model itself: one row per axial slice; classes absent from the case -> NaN
+        agreement = label_agreement(feats, lab, num_classes)
         maps = feats.permute(0, 1, 4, 2, 3)
         S = semantic_scale(maps, layout="D_HW")[0].double().numpy()
         spec = energy_spectrum(maps)[0].numpy()
@@ -165,12 +167,28 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
         spec[absent] = np.nan
     return {
         "S": S,
+        "agreement": agreement,
         "counts": counts.astype(np.int64),
         "label_counts": label_counts.astype(np.int64),
         "spectrum": spec.astype(np.float32),
         "means": class_means(feats, lab, num_classes).numpy().astype(np.float32),
         "variance": intensity_variance(volume.image, volume.label, num_classes),
     }
+
+
+def label_agreement(maps: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Per-class Dice between a promptable model's mask (decoded logits > 0) and the label, ``[K]`` float64;
+    NaN for classes absent from the label. Beyond the paper: a label-QC score beside the AUV (a label that
+    the model, prompted with the label's own boxes, does not reproduce is suspect)."""
+    pred = maps[0] > 0  # [K, *grid]
+    lab = labels[0]
+    out = np.full(num_classes, np.nan)
+    for c in range(1, num_classes):
+        truth = lab == c
+        n = int(truth.sum())
+        if n:
+            out[c] = 2.0 * int((pred[c] & truth).sum()) / (int(pred[c].sum()) + n)
+    return out
 
 
 def _case_file(run: Path, case_id: str) -> Path:
@@ -357,6 +375,11 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
              "sample_scale": sample_S, "auv": auv_sample,
              "variance_score": _row_mean(_rank01(var[:, fg])) if len(rows) > 1 else np.nan,
              "mahalanobis_score": _row_mean(_rank01(np.asarray(maha)[:, fg])) if len(rows) > 1 else np.nan}
+    # label agreement (promptable encoders in decoded mode; case files written before it have none)
+    agree = np.stack([r.get("agreement", np.full(K, np.nan)) for r in rows]).astype(np.float64)
+    has_agreement = bool(np.isfinite(agree).any())
+    if has_agreement:
+        table["agreement_score"] = 1.0 - _row_mean(agree[:, fg])  # 1 − mean Dice: high = the model disagrees
     if ds.corruption:
         table["corrupted"] = [bool(ds.corruption.get(c, {}).get("corrupted", False)) for c in case_ids]
         table["corruption_kind"] = [ds.corruption.get(c, {}).get("kind") or "" for c in case_ids]
@@ -368,6 +391,8 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
         table[f"auv[{name}]"] = auv_class[:, k]
         table[f"variance[{name}]"] = var[:, k]
         table[f"mahalanobis[{name}]"] = np.asarray(maha)[:, k]
+        if has_agreement:
+            table[f"agreement[{name}]"] = agree[:, k]
     df = pd.DataFrame(table)
     path = run / TABLE
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
@@ -428,29 +453,44 @@ def nnunet_splits(case_ids: list[str], dropped: set[str], folds: int = 5, seed: 
     return out
 
 
-def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None) -> Path:
-    """Write kept.txt, dropped.txt, splits_final.json and summary.json under RUN/filter/."""
+FILTER_SCORES = {"auv": ("auv", "auv[{}]"), "agreement": ("agreement_score", "agreement[{}]")}
+
+
+def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None, score: str = "auv") -> Path:
+    """Write kept.txt, dropped.txt, splits_final.json and summary.json under RUN/filter/.
+
+    ``score``: ``"auv"`` (the paper's) or ``"agreement"`` (1 − the Dice between a promptable encoder's
+    decoded mask and the label; runs scored with ``--encoder litemedsam|sam2 --mode decoded``). Per class,
+    the agreement filter cuts 1 − that class's Dice."""
     run = Path(run)
     settings = _settings(run)
     q = A._check_quantile(quantile)
+    if score not in FILTER_SCORES:
+        raise ValueError(f"--score: expected one of {tuple(FILTER_SCORES)}, got {score!r}")
     df = read_table(run)
+    column, class_column = FILTER_SCORES[score]
+    if column not in df:
+        raise ValueError(f"--score {score}: the run has no {column!r} column (label agreement needs a run scored "
+                         "with a promptable encoder in decoded mode: --encoder litemedsam or sam2, --mode decoded)")
     names = {v: int(k) for k, v in settings["class_names"].items()}
     if per_class:
         unknown = [n for n in per_class if n not in names]
         if unknown:
             raise ValueError(f"--per-class: unknown class {unknown} (classes: {', '.join(names)})")
-        cols = np.stack([df[f"auv[{n}]"].to_numpy(dtype=np.float64) for n in per_class], axis=1)
+        cols = np.stack([df[class_column.format(n)].to_numpy(dtype=np.float64) for n in per_class], axis=1)
+        if score == "agreement":
+            cols = 1.0 - cols
         keep = A.keep_mask_per_class(cols, q, classes=list(range(len(per_class))))
         how = {"per_class": per_class}
     else:
-        keep = A.keep_mask(df["auv"].to_numpy(dtype=np.float64), q)
+        keep = A.keep_mask(df[column].to_numpy(dtype=np.float64), q)
         how = {"global": True}
     ids = df["case"].tolist()
     kept = [c for c, k in zip(ids, keep) if k]
     dropped = [c for c, k in zip(ids, keep) if not k]
     out = run / "filter"
-    summary = {"quantile": q, **how, "cases": len(ids), "kept": len(kept), "dropped": len(dropped),
-               "cut": A.inverted_cdf_quantile(df["auv"].to_numpy(dtype=np.float64), q) if not per_class else None}
+    summary = {"quantile": q, "score": score, **how, "cases": len(ids), "kept": len(kept), "dropped": len(dropped),
+               "cut": A.inverted_cdf_quantile(df[column].to_numpy(dtype=np.float64), q) if not per_class else None}
     if "corrupted" in df:
         bad = set(df.loc[df["corrupted"], "case"])
         summary["corrupted_dropped"] = len(bad & set(dropped))

@@ -20,7 +20,8 @@ from . import scores as A
 from .data.io import umask_mode
 from .pipeline import _settings, case_spectrum, read_table
 
-SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"))
+SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"),
+           ("agreement_score", "label agreement (1 − Dice; beyond the paper)"))
 
 
 def roc_curve(score: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -90,8 +91,9 @@ def _decision(run: Path, df, q: float) -> tuple[np.ndarray, str]:
     except OSError:
         kept = dropped = None
     if summary and kept is not None and summary.get("quantile") == q and sorted(kept + dropped) == sorted(ids):
-        how = (f"per-class filter on {', '.join(summary['per_class'])}" if summary.get("per_class")
-               else f"global filter, AUV cut {summary.get('cut'):.4f}")
+        by = "label agreement" if summary.get("score") == "agreement" else "AUV"
+        how = (f"per-class filter on {', '.join(summary['per_class'])} by {by}" if summary.get("per_class")
+               else f"global filter, {by} cut {summary.get('cut'):.4f}")
         return np.isin(ids, dropped), f"The filter's decision (<code>auvcore filter</code>: {html.escape(how)}, quantile {q:g})"
     why = ("no filter has been run" if not summary else
            "the filter ran at another quantile or before the table changed; run <code>auvcore filter</code> again")
@@ -190,6 +192,8 @@ def write_report(run, quantile: float | None = None) -> Path:
         pos = df["corrupted"].to_numpy(dtype=bool)
         fig, ax = plt.subplots(figsize=(4.8, 4.4))
         for col, label in SCORERS:
+            if col not in df:  # label agreement: promptable encoders in decoded mode only
+                continue
             score = df[col].to_numpy(dtype=np.float64)
             fpr, tpr, auc = roc_curve(score, pos)
             metrics.append((label, auc, _precision_at(score, pos, q)))

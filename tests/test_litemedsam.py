@@ -223,3 +223,62 @@ def test_cuda_device_runs_like_cpu(case):
     a = cpu(x, case.label, spacing=case.spacing, num_classes=K)
     b = gpu(x, case.label, spacing=case.spacing, num_classes=K)
     assert b.device.type == "cpu" and torch.allclose(a, b, atol=1e-2)
+
+
+def test_label_agreement_is_the_dice_of_the_decoded_mask():
+    from auvcore.pipeline import label_agreement
+
+    lab = torch.zeros(1, 6, 5, 4, dtype=torch.int64)
+    lab[0, :3, :, :2] = 1  # 30 voxels
+    lab[0, 4:, :, :] = 2  # 20 voxels
+    maps = torch.full((1, 4, 6, 5, 4), -1.0)
+    maps[0, 1][lab[0] == 1] = 1.0  # class 1 exactly
+    maps[0, 2, 4:, :, :2] = 1.0  # half of class 2, nothing else: Dice 2·10 / (10 + 20)
+    a = label_agreement(maps, lab, 4)
+    assert np.isnan(a[0]) and a[1] == 1.0 and a[2] == pytest.approx(2 / 3) and np.isnan(a[3])
+
+
+def test_agreement_column_filter_and_report(case, tmp_path, capsys):
+    """`score --encoder litemedsam --mode decoded` writes the label-agreement columns; `filter --score agreement`
+    cuts on them; a run without them is refused with the reason."""
+    import json
+
+    import nibabel as nib
+    import pandas as pd
+
+    from auvcore.cli import main
+
+    ds = tmp_path / "ds"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    aff = np.diag([*SPACING, 1.0])
+    for i in range(3):
+        lab = case.label[:, :, 2:5].copy()
+        if i == 2:
+            lab[lab == 2] = 0  # a class missing from one case: NaN agreement, not counted in the mean
+        img = case.image[:, :, 2:5] + np.random.default_rng(i).normal(0, 10, lab.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, aff), ds / "imagesTr" / f"c{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), ds / "labelsTr" / f"c{i}.nii.gz")
+    names = {"background": 0, "a": 1, "b": 2, "c": 3, "d": 4}
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": names, "numTraining": 3,
+                                                 "file_ending": ".nii.gz"}))
+    out = tmp_path / "r"
+    assert main(["score", str(ds), "--encoder", "litemedsam", "--weights", "random", "--mode", "decoded",
+                 "--out", str(out), "--no-progress"]) == 0
+    df = pd.read_parquet(out / "scores.parquet").set_index("case")
+    per = df[[f"agreement[{n}]" for n in ("a", "b", "c", "d")]].to_numpy(dtype=float)
+    assert ((per[~np.isnan(per)] >= 0) & (per[~np.isnan(per)] <= 1)).all()
+    assert np.isnan(per[:, 3]).all() and np.isnan(df.loc["c2", "agreement[b]"])
+    np.testing.assert_allclose(df["agreement_score"], 1 - np.nanmean(per, axis=1))
+    assert main(["filter", str(out), "--score", "agreement", "--quantile", "0.5"]) == 0
+    summary = json.loads((out / "filter" / "summary.json").read_text())
+    dropped = (out / "filter" / "dropped.txt").read_text().split()
+    assert summary["score"] == "agreement" and dropped == [df["agreement_score"].idxmax()]
+    assert main(["report", str(out)]) == 0
+    assert "global filter, label agreement cut" in (out / "report" / "index.html").read_text()
+    masked = tmp_path / "m"
+    assert main(["score", str(ds), "--encoder", "litemedsam", "--weights", "random", "--out", str(masked),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["filter", str(masked), "--score", "agreement"]) == 2
+    assert "no 'agreement_score' column" in capsys.readouterr().err
