@@ -7,10 +7,9 @@ if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "")
 endif()
 enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
-# Host-side CUDA sources (the pybind11 bindings) are plain C++: the host compiler builds them faster and
-# without nvcc's front end in the way of pybind11's templates.
-file(GLOB AUVCORE_CUDA_HOST_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cpp)
-target_sources(_C PRIVATE ${AUVCORE_CUDA_SOURCES} ${AUVCORE_CUDA_HOST_SOURCES})
+# csrc/cuda holds only kernels; their pybind11 bindings are in csrc/auvcore.cpp under AUVCORE_WITH_CUDA (built by
+# the host compiler, without nvcc's front end in the way of pybind11's templates).
+target_sources(_C PRIVATE ${AUVCORE_CUDA_SOURCES})
 target_compile_definitions(_C PRIVATE AUVCORE_WITH_CUDA=1)
 # IEEE division and square root, no flush to zero (nvcc defaults, spelled out): S is compared with a float64
 # reference at 1e-4 and the bisection relies on exact comparisons near 0.
