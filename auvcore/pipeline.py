@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import scores as A
-from .check import case_errors
+from .app.check import case_errors
 from .data.io import umask_mode
 from .scale import energy_spectrum
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from auvcore.cli import main
+from auvcore.app.cli import main
 from auvcore.data.demo import build_demo
 
 N_CASES = 10

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("pandas")
 import auvcore.data as D
-from auvcore.cli import main
+from auvcore.app.cli import main
 from auvcore.data.demo import KINDS, SOURCES, _applicable, _corrupt, _SPECS, build_demo, load_source
 from auvcore.data.io import read_image
 
@@ -117,7 +117,7 @@ def test_cohort_main_job_end_to_end(cohort, tmp_path):
     import pandas as pd
 
     from auvcore.pipeline import filter_run, score_dataset
-    from auvcore.report import write_report
+    from auvcore.app.report import write_report
 
     source, root = cohort
     run = tmp_path / "run"

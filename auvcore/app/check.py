@@ -37,18 +37,18 @@ def case_errors(case, label: np.ndarray, ds) -> list[str]:
 
 def encoder_grid(encoder: str, layer: str | None) -> tuple[tuple[float, float, float] | None, tuple | None]:
     """The voxel spacing an encoder reads and the stride of its feature grid, without building it."""
-    from .encoders import encoder_options
+    from ..encoders import encoder_options
 
     if encoder in ("sam2", "litemedsam"):  # decoded maps on the native input grid
         return None, None
     layer = encoder_options(encoder, layer=layer)["layer"]
     if encoder == "merlin":
-        from .encoders import merlin
+        from ..encoders import merlin
 
         if layer not in merlin.STRIDES:
             raise ValueError(f"--layer: expected one of {tuple(merlin.STRIDES)}, got {layer!r}")
         return merlin.SPACING, merlin.STRIDES[layer]
-    from .encoders import random3d
+    from ..encoders import random3d
 
     if layer not in random3d.LAYERS:
         raise ValueError(f"--layer: expected one of {random3d.LAYERS}, got {layer!r}")
@@ -61,8 +61,8 @@ def check_dataset(dataset, encoder: str = "merlin", layer: str | None = None, li
     """The cases of ``dataset`` and every problem found in them (errors and warnings)."""
     from tqdm import tqdm
 
-    from .data import discover, load_case
-    from .encoders import labels_to_grid
+    from ..data import discover, load_case
+    from ..encoders import labels_to_grid
 
     ds = discover(dataset)
     cases = ds.cases[:limit] if limit else ds.cases
