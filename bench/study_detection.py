@@ -2,7 +2,7 @@
 
 For every source and draw (``build_demo(source=..., seed=draw)``: 24 cases varied from one real volume, a
 quarter of them with a recorded label corruption of one of six kinds), every scoring configuration runs as
-``auvcore score`` would (``auvcore.pipeline.score_dataset``; resumable, so an interrupted study continues),
+``auvcore score`` would (``auvcore.app.scoring.score_dataset``; resumable, so an interrupted study continues),
 and every score of its table is compared with the corruption record:
 
 * the AUV of each configuration (encoder, layer, masked/decoded, raw/normalized input; the ``sum``
@@ -105,7 +105,7 @@ def run_study(out: Path, sources, draws, configs, cases, fraction, progress):
 
     from auvcore import scores as A
     from auvcore.data import build_demo
-    from auvcore.pipeline import score_dataset
+    from auvcore.app.scoring import score_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []  # one per (source, draw, case)

@@ -186,7 +186,7 @@ def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch)
     after the data is mended retries exactly the failed cases."""
     import nibabel as nib
 
-    import auvcore.pipeline as P
+    import auvcore.app.scoring as P
 
     d = tmp_path / "data"
     shutil.copytree(data, d)

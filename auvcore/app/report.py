@@ -18,7 +18,8 @@ import numpy as np
 
 from .. import scores as A
 from ..data.io import umask_mode
-from ..pipeline import _settings, case_spectrum, read_table
+from .run import read_settings
+from .table import case_spectrum, read_table
 
 SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"),
            ("agreement_score", "label agreement (1 − Dice; beyond the paper)"))
@@ -110,7 +111,7 @@ def write_report(run, quantile: float | None = None) -> Path:
     import matplotlib.ticker
 
     run = Path(run)
-    settings = _settings(run)
+    settings = read_settings(run)
     df = read_table(run)
     if quantile is None:
         quantile = _filter_summary(run).get("quantile", 0.95)
