@@ -1,10 +1,10 @@
 // Fused DUO loss kernels (docs/method.md §3).
-#include "auvcore/duo.h"
-
 // The per-voxel loops select between both sides of a ternary; with trapping math GCC keeps them as branches
-// and does not vectorise. No FP exception state is read anywhere in the library.
+// and does not vectorise. No FP exception state is read anywhere in the library. Set before duo.h, whose
+// per-voxel formulas are inlined into those loops.
 #pragma GCC optimize("no-trapping-math")
 
+#include "auvcore/duo.h"
 
 #include <algorithm>
 #include <atomic>
@@ -53,88 +53,11 @@ void dispatch(const DuoArgs& a, Fn&& fn) {
 }
 
 
-// Per-voxel math. Double inputs use libm (the float64 oracle tests hold them to 1e-10). Float inputs use
-// branch-free versions that the compiler vectorises: exp on x <= 0 (Cody-Waite reduction and the Cephes
-// polynomial, about 1 ulp), log1p on [0, 1] (atanh series, exact to float rounding) and tanh (series near
-// 0, from that exp elsewhere; relative error ~1e-7).
+// The per-voxel formulas live in auvcore/duo.h (shared with the CUDA kernels).
 #define AUVCORE_INLINE inline __attribute__((always_inline))
-
-// Builtins rather than std:: wrappers: a wrapper compiled for the default target is not inlined into the
-// per-ISA builds, and a call in the loop keeps it scalar.
-AUVCORE_INLINE float abs_(float x) { return __builtin_fabsf(x); }
-AUVCORE_INLINE double abs_(double x) { return __builtin_fabs(x); }
-template <typename T>
-AUVCORE_INLINE T max_(T a, T b) { return a > b ? a : b; }
-template <typename T>
-AUVCORE_INLINE T min_(T a, T b) { return a < b ? a : b; }
-
-AUVCORE_INLINE double exp_nonpos(double x) { return std::exp(x); }
-AUVCORE_INLINE double log1p_01(double e) { return std::log1p(e); }
-AUVCORE_INLINE double tanh_(double x) { return std::tanh(x); }
-
-AUVCORE_INLINE float exp_nonpos(float x) {
-  x = max_(x, -87.0f);
-  const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * r * r + r + 1.0f;
-  return q * __builtin_bit_cast(float, ((int32_t)k + 127) << 23);
-}
-AUVCORE_INLINE float log1p_01(float e) {
-  const float s = e / (2.0f + e), s2 = s * s;  // log(1 + e) = 2 atanh(s), s in [0, 1/3]
-  float q = 1.0f / 15;
-  q = q * s2 + 1.0f / 13;
-  q = q * s2 + 1.0f / 11;
-  q = q * s2 + 1.0f / 9;
-  q = q * s2 + 1.0f / 7;
-  q = q * s2 + 1.0f / 5;
-  q = q * s2 + 1.0f / 3;
-  q = q * s2 + 1.0f;
-  return 2.0f * s * q;
-}
-AUVCORE_INLINE float tanh_(float x) {
-  // Near 0 the Taylor series keeps the relative accuracy that the sign of ỹ's clamp argument, y − τ ĝ,
-  // depends on (the gradient mask flips there); elsewhere (1 − t)/(1 + t), t = e^{−2|x|}.
-  const float x2 = x * x;
-  const float small = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835)))));
-  const float t = exp_nonpos(-2.0f * abs_(x));
-  const float big = __builtin_copysignf((1.0f - t) / (1.0f + t), x);
-  return abs_(x) < 0.25f ? small : big;
-}
-
-// The values every pass needs at one voxel: σ(z), softplus(z), ĝ and ỹ.
-template <typename T>
-struct Voxel {
-  T sig, softplus, g, yt;
-  bool inside;  // ỹ's clamp passes the gradient (torch.clamp: lo <= x <= hi)
-};
-
-template <typename T>
-AUVCORE_INLINE Voxel<T> voxel(T z, T n, T y, DuoPreset preset, T tau, bool need_softplus) {
-  Voxel<T> v;
-  const T e = exp_nonpos(-abs_(z));
-  const T inv = T(1) / (T(1) + e);
-  v.sig = z >= T(0) ? inv : e * inv;
-  v.softplus = need_softplus ? max_(z, T(0)) + log1p_01(e) : T(0);
-  if (preset == DuoPreset::Paper) {
-    v.g = tanh_(n);
-    const T x = y - tau * v.g;
-    v.inside = x >= T(0) && x <= T(1);
-    v.yt = min_(max_(x, T(0)), T(1));
-  } else {
-    const T en = exp_nonpos(-abs_(n));
-    const T sn = n >= T(0) ? T(1) / (T(1) + en) : en / (T(1) + en);
-    v.g = T(0);
-    v.inside = false;
-    v.yt = y - sn * y;
-  }
-  return v;
-}
+using duo::abs_;
+using duo::Voxel;
+using duo::voxel;
 
 constexpr int kLanes = 16, kFlush = 64;
 
@@ -152,12 +75,9 @@ AUVCORE_INLINE void forward_voxel(T zv, T nv, Y raw, int64_t c, int64_t K, T tau
   bad_finite |= (int)!(abs_(zv) <= std::numeric_limits<T>::max()) |
                 (int)!(abs_(nv) <= std::numeric_limits<T>::max());
   const Voxel<T> v = voxel<T>(zv, nv, yv, kPreset, tau, true);
-  acc[kBCE][j] += v.softplus - zv * v.yt;
-  acc[kSigY][j] += v.sig * v.yt;
-  acc[kSig][j] += v.sig;
-  acc[kY][j] += v.yt;
-  acc[kG][j] += v.g;
-  acc[kG2][j] += v.g * v.g;
+  T terms[kDuoSums];
+  duo::sum_terms(v, zv, terms);
+  for (int k = 0; k < kDuoSums; ++k) acc[k][j] += terms[k];
 }
 
 // The sums of one (b, c) over voxels [t0, t1). flags: 1 = a non-finite logit, 2 = a target out of range.
@@ -212,15 +132,9 @@ AUVCORE_INLINE void backward_chunk_body(const T* z, int64_t zs, const T* n, int6
     const Y raw = y[t * ys];
     const T yv = kLabels ? ((int64_t)raw == c ? T(1) : T(0)) : (T)raw;
     const Voxel<T> v = voxel<T>(zv, nv, yv, kPreset, tau, false);
-    const T dsig = v.sig * (T(1) - v.sig);
-    // d/dz of: softplus(z) − z ỹ,  σ(z) ỹ,  σ(z)
-    dz[t * dzs] = gb * (v.sig - v.yt) + (gsy * v.yt + gs) * dsig;
-    if (kPreset == DuoPreset::Paper && want_dn) {  // a loop invariant: the compiler unswitches it
-      // ỹ = clamp(y − τ ĝ): d/dỹ of the sums, then dỹ/dĝ = −τ inside the clamp; ĝ and ĝ² directly.
-      const T dyt = -gb * zv + gsy * v.sig + gy;
-      const T dg = (v.inside ? -tau * dyt : T(0)) + gg + gg2 * T(2) * v.g;
-      dn[t * dns] = dg * (T(1) - v.g * v.g);
-    }
+    dz[t * dzs] = duo::grad_z(v, gb, gsy, gs);
+    if (kPreset == DuoPreset::Paper && want_dn)  // a loop invariant: the compiler unswitches it
+      dn[t * dns] = duo::grad_n(v, zv, tau, gb, gsy, gy, gg, gg2);
   }
 }
 
@@ -388,19 +302,6 @@ void backward_impl(const DuoArgs& a, const double* gsums, const ArrayView& dz, c
 }
 
 }  // namespace
-
-void check_duo_args(const DuoArgs& a) {
-  require(a.z.dim() == 3, "seg_logits: expected [B, K, N] view");
-  require(a.z.dtype == DType::F32 || a.z.dtype == DType::F64, "seg_logits: expected float32 or float64");
-  require(a.n.shape == a.z.shape, "noise_logits: shape differs from seg_logits");
-  require(a.n.dtype == a.z.dtype, "noise_logits: dtype differs from seg_logits");
-  if (a.labels)
-    require(a.y.dim() == 2 && a.y.shape[0] == a.z.shape[0] && a.y.shape[1] == a.z.shape[2],
-            "target: expected [B, N] class indices");
-  else
-    require(a.y.shape == a.z.shape, "target: shape differs from seg_logits");
-  require(a.c0 >= 0 && a.c0 < a.z.shape[1], "include_background: no class left to include");
-}
 
 void duo_forward_cpu(const DuoArgs& a, double* sums, int num_threads) {
   check_duo_args(a);
