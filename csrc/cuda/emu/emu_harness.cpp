@@ -6,6 +6,7 @@
 #include <string>
 
 #include "auvcore/array.h"
+#include "auvcore/duo_cuda.h"
 #include "auvcore/scale_cuda.h"
 #include "cuda_runtime.h"
 
@@ -32,6 +33,19 @@ int guarded(char* err, int errlen, F f) {
     std::strncpy(err, e.what(), errlen - 1);
     return 2;
   }
+}
+DuoArgs duo_args(void* z, void* n, int zdtype, const int64_t* shape, const int64_t* zstrides,
+                 const int64_t* nstrides, void* y, int ydtype, int ydim, const int64_t* yshape,
+                 const int64_t* ystrides, int labels, int64_t c0, int preset, double tau) {
+  DuoArgs a;
+  a.z = make_view(z, zdtype, 3, shape, zstrides);
+  a.n = make_view(n, zdtype, 3, shape, nstrides);
+  a.y = make_view(y, ydtype, ydim, yshape, ystrides);
+  a.labels = labels != 0;
+  a.c0 = c0;
+  a.preset = static_cast<DuoPreset>(preset);
+  a.tau = tau;
+  return a;
 }
 }  // namespace
 
@@ -60,6 +74,29 @@ int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* coun
                         const int32_t* flags, double* S, double* evals, char* err, int errlen) {
   return guarded(err, errlen, [&] {
     cuda::scale_from_gram(G, count, p, counts, r, eps, variant, flags, S, evals, 0, 0);
+  });
+}
+
+int emu_duo_forward(void* z, void* n, int zdtype, const int64_t* shape, const int64_t* zstrides,
+                    const int64_t* nstrides, void* y, int ydtype, int ydim, const int64_t* yshape,
+                    const int64_t* ystrides, int labels, int64_t c0, int preset, double tau, double* sums,
+                    int64_t* status, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    cuda::duo_forward(duo_args(z, n, zdtype, shape, zstrides, nstrides, y, ydtype, ydim, yshape, ystrides, labels,
+                               c0, preset, tau),
+                      sums, status, 0, 0);
+  });
+}
+
+int emu_duo_backward(void* z, void* n, int zdtype, const int64_t* shape, const int64_t* zstrides,
+                     const int64_t* nstrides, void* y, int ydtype, int ydim, const int64_t* yshape,
+                     const int64_t* ystrides, int labels, int64_t c0, int preset, double tau, const double* grad_sums,
+                     void* dz, const int64_t* dzstrides, void* dn, const int64_t* dnstrides, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    cuda::duo_backward(duo_args(z, n, zdtype, shape, zstrides, nstrides, y, ydtype, ydim, yshape, ystrides, labels,
+                                c0, preset, tau),
+                       grad_sums, make_view(dz, zdtype, 3, shape, dzstrides),
+                       make_view(dn, zdtype, 3, shape, dn ? dnstrides : zstrides), 0, 0);
   });
 }
 }
