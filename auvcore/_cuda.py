@@ -140,3 +140,58 @@ def gram_and_eigenvalues(z, layout: str = "D_HW", center: bool = True, nan_to_nu
         ev = torch.empty(Bn * K, p, dtype=torch.float64, device=dev)
         B._C.cuda_scale_from_gram(B.view(G), B.view(None), p, 1e-8, 0, B.view(None), B.view(S), B.view(ev), s)
     return Gout.view(Bn, K, p, p), ev.view(Bn, K, p)
+
+
+def _raise_duo_status(status, y, labels: bool, K: int, N: int):
+    """The CPU kernel's errors from the forward's status [flags, first bad target index]."""
+    flags, first = status
+    if flags & 1:
+        raise ValueError("seg_logits: contains NaN or Inf")
+    if flags & 2:
+        raise ValueError("noise_logits: contains NaN or Inf")
+    if flags & 4:
+        if labels:
+            b, t = divmod(first, N)
+            value = int(y[b, t])
+            raise ValueError(f"target: label value {value} is outside 0..{K - 1} (num_classes={K})")
+        bk, t = divmod(first, N)
+        b, c = divmod(bk, K)
+        raise ValueError(f"target: values must lie in [0, 1], found {float(y[b, c, t]):.6f}")
+
+
+def duo_sums(z, n, y, labels: bool, c0: int, variant: int, tau: float) -> torch.Tensor:
+    """The six per-(b, c) sums ``[B, K - c0, 6]`` (float64) of the fused DUO loss (csrc/cuda/duo_cuda.cu, the
+    twin of the CPU kernel that ``auvcore.duo`` calls as ``_C.duo_forward``) on z's device and current stream,
+    bit-identical from run to run. ``z``, ``n``: ``[B, K, N]`` of one floating dtype (float16/bfloat16 read as
+    such, computed in float32); ``y``: ``[B, K, N]`` targets in [0, 1] or, with ``labels``, ``[B, N]`` class
+    indices; ``variant``: 0 paper, 1 official. NaN/Inf logits and targets out of range raise the CPU kernel's
+    errors (one small device-to-host read; skipped while a CUDA graph is captured)."""
+    _require_kernels()
+    _require_device_supported(z)
+    Bn, K, N = (int(d) for d in z.shape)
+    dev = z.device
+    with torch.cuda.device(dev):
+        s = torch.cuda.current_stream(dev).cuda_stream
+        sums = torch.empty(Bn, K - int(c0), B._C.duo_num_sums, dtype=torch.float64, device=dev)
+        status = torch.empty(2, dtype=torch.int64, device=dev)
+        B._C.cuda_duo_forward(B.view(z), B.view(n), B.view(y), bool(labels), int(c0), int(variant), float(tau),
+                              B.view(sums), B.view(status), s)
+        if not _capturing(dev):
+            _raise_duo_status(status.tolist(), y, bool(labels), K, N)
+    return sums
+
+
+def duo_backward(z, n, y, labels: bool, c0: int, variant: int, tau: float, grad_sums: torch.Tensor,
+                 want_dn: bool = True):
+    """dz, dn ``[B, K, N]`` of z's dtype from dL/d(sums) in one elementwise pass on z's device and current
+    stream; dn is None unless ``want_dn`` (zeros with the official variant, whose ỹ is detached)."""
+    _require_kernels()
+    g = grad_sums.to(device=z.device, dtype=torch.float64).contiguous()
+    dev = z.device
+    with torch.cuda.device(dev):
+        s = torch.cuda.current_stream(dev).cuda_stream
+        dz = torch.empty(z.shape, dtype=z.dtype, device=dev)
+        dn = torch.empty(z.shape, dtype=z.dtype, device=dev) if want_dn else None
+        B._C.cuda_duo_backward(B.view(z), B.view(n), B.view(y), bool(labels), int(c0), int(variant), float(tau),
+                               B.view(g), B.view(dz), B.view(dn), s)
+    return dz, dn

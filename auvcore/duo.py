@@ -4,11 +4,14 @@ The native path (``backend="cpp"``, the default on CPU) runs the full-size part 
 logits, noise logits and targets gives six sums per (sample, class); the backward is one elementwise pass
 from the gradients of those sums; nothing full-size is saved for the backward. The Dice ratio, the weights
 from the semantic scale S, the noise constraint R and the mean are then plain autograd on B x K numbers.
+On CUDA tensors (``backend="auto"`` with a CUDA build, or ``"cuda"``) the same two passes run as CUDA
+kernels (``csrc/cuda/duo_cuda.cu`` through ``_cuda.duo_sums``/``duo_backward``), deterministic run to run.
 ``backend="torch"`` computes the same six sums with torch ops (``_torch_impl.duo_sums``), which also
 runs on any device.
 
-float16/bfloat16 logits (e.g. under ``torch.autocast``) are cast to float32 first: the loss is computed
-and returned in float32, and the cast copies the two logit tensors.
+float16/bfloat16 logits (e.g. under ``torch.autocast``) give a float32 loss. The CPU kernel and the torch
+path cast both logit tensors to float32 first (a copy); the CUDA kernels read them as they are and compute
+in float32 (only S reads a float32 copy of the segmentation logits).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _backend as B
+from . import _cuda
 from . import _torch_impl as T
 from .scale import semantic_scale
 
@@ -32,8 +36,11 @@ class _FusedSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, n, y, labels, c0, variant, tau, nt):
-        sums = torch.empty(z.shape[0], z.shape[1] - c0, B._C.duo_num_sums, dtype=torch.float64)
-        B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(sums), nt)
+        if z.is_cuda:
+            sums = _cuda.duo_sums(z, n, y, labels, c0, variant, tau)
+        else:
+            sums = torch.empty(z.shape[0], z.shape[1] - c0, B._C.duo_num_sums, dtype=torch.float64)
+            B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(sums), nt)
         ctx.save_for_backward(z, n, y)  # the inputs themselves: references, not copies
         ctx.args = (labels, c0, variant, tau, nt)
         return sums
@@ -43,9 +50,12 @@ class _FusedSums(torch.autograd.Function):
     def backward(ctx, grad_sums):
         z, n, y = ctx.saved_tensors
         labels, c0, variant, tau, nt = ctx.args
+        want_dn = ctx.needs_input_grad[1] and variant == VARIANTS["paper"]
+        if z.is_cuda:
+            dz, dn = _cuda.duo_backward(z, n, y, labels, c0, variant, tau, grad_sums, want_dn)
+            return dz, dn, None, None, None, None, None, None
         g = grad_sums.to(torch.float64).contiguous()
         dz = torch.empty(z.shape, dtype=z.dtype)
-        want_dn = ctx.needs_input_grad[1] and variant == VARIANTS["paper"]
         dn = torch.empty(z.shape, dtype=z.dtype) if want_dn else None
         B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(g), B.view(dz),
                           B.view(dn), nt)
@@ -85,7 +95,8 @@ class DUOLoss(nn.Module):
             mean is the ``"mean"`` loss. MONAI's ``LossReduction`` members are accepted too.
         sigmoid, softmax: MONAI's activation switches, accepted for drop-in use: DUO reads logits and applies a
             sigmoid per class itself, so only ``sigmoid=True`` and ``softmax=False`` are valid.
-        backend: ``"auto"`` (native on CPU, torch elsewhere), ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"`` (the C++ kernels on CPU, the CUDA kernels on CUDA tensors where the build has them
+            for the GPU, else torch), ``"cpp"``, ``"cuda"`` or ``"torch"``.
         num_threads: CPU threads of the native path (default ``torch.get_num_threads()``).
         mode, preset: the deprecated names of ``layout`` and ``variant``.
 
@@ -136,8 +147,8 @@ class DUOLoss(nn.Module):
             raise ValueError(f"{variant_name}: expected one of {tuple(VARIANTS)}, got {variant!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in ("auto", "cpp", "torch"):
-            raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', got {backend!r}")
+        if backend not in ("auto", "cpp", "cuda", "torch"):
+            raise ValueError(f"backend: expected 'auto', 'cpp', 'cuda' or 'torch', got {backend!r}")
         B.threads(num_threads)
         self.num_classes, self.include_background, self.to_onehot_y = num_classes, include_background, to_onehot_y
         self.alpha, self.lambda_bce, self.tau, self.sigma0, self.beta = (
@@ -192,17 +203,34 @@ class DUOLoss(nn.Module):
         z, n, y = seg_logits, noise_logits, target
         self._check(z, n, y)
         with torch.autocast(device_type=z.device.type, enabled=False):
+            be = self._path(z)
+            zs = None  # a float32 copy of half logits for S, where the fused kernel reads the halves themselves
             if z.dtype in _HALF or n.dtype in _HALF or n.dtype != z.dtype:
                 dt = torch.float64 if torch.float64 in (z.dtype, n.dtype) else torch.float32
-                z, n = z.to(dt), n.to(dt)
-            be = "cpp" if self.backend in ("auto", "cpp") and z.device.type == "cpu" and B.has_native() else "torch"
-            if self.backend == "cpp" and be != "cpp":
-                B.resolve("cpp", z)  # raises the reason
-            per, S, w = (self._native if be == "cpp" else self._torch)(z, n, y)
+                if be == "cuda" and z.dtype in _HALF and n.dtype == z.dtype:
+                    zs = z.to(dt)
+                else:
+                    z, n = z.to(dt), n.to(dt)
+            per, S, w = self._torch(z, n, y) if be == "torch" else self._native(z, n, y, zs)
         self.last_scales, self.last_weights = S.detach(), w.detach()
         if self.reduction == "none":
             return per
         return per.sum() if self.reduction == "sum" else per.mean()
+
+    def _path(self, z) -> str:
+        """Which kernels run: 'cpp' (CPU tensors, native build), 'cuda' (CUDA tensors, a CUDA build with code
+        for the GPU) or 'torch'; an explicit 'cpp'/'cuda' that cannot run raises the reason."""
+        if self.backend == "torch":
+            return "torch"
+        if self.backend == "cuda":
+            return B.resolve("cuda", z)
+        if z.device.type == "cpu" and B.has_native():
+            return "cpp"
+        if self.backend == "cpp":
+            B.resolve("cpp", z)  # raises the reason
+        if z.device.type == "cuda" and B.resolve("auto", z) == "cuda":
+            return "cuda"
+        return "torch"
 
     @property
     def _c0(self) -> int:
@@ -221,7 +249,7 @@ class DUOLoss(nn.Module):
         S = S[:, self._c0:]
         return torch.where(torch.isnan(S), torch.zeros_like(S), S)
 
-    def _native(self, z, n, y):
+    def _native(self, z, n, y, zs=None):
         Bn, K = z.shape[:2]
         if self.to_onehot_y:
             y3 = y.reshape(Bn, -1)
@@ -236,7 +264,7 @@ class DUOLoss(nn.Module):
         nt = B.threads(self.num_threads)
         sums = _FusedSums.apply(z.reshape(Bn, K, -1), n.reshape(Bn, K, -1), y3, self.to_onehot_y, self._c0,
                                 VARIANTS[self.variant], self.tau, nt)
-        return self._from_sums(z, sums)
+        return self._from_sums(z if zs is None else zs, sums)
 
     def _from_sums(self, z, sums):
         """The per-(b, c) losses, S and w from the six sums of either path: the loss's formula, once."""

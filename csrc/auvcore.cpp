@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "cuda/sturm.h"  // the multisection steps, for the host builds below
+#include "auvcore/duo_cuda.h"
 #include "auvcore/scale_cuda.h"
 #endif
 
@@ -23,6 +24,27 @@ using namespace auvcore;
 
 namespace auvcore {
 namespace {
+
+// The DUO ops' arguments, checked (shapes, dtypes; halves only for the CUDA kernels) before any buffer's
+// shape is derived from them.
+DuoArgs duo_args(const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
+                 double tau, bool half_ok) {
+  require(preset == 0 || preset == 1, "preset: expected 0 (paper) or 1 (official)");
+  DuoArgs a;
+  a.z = z;
+  a.n = n;
+  a.y = y;
+  a.labels = labels;
+  a.c0 = c0;
+  a.preset = static_cast<DuoPreset>(preset);
+  a.tau = tau;
+  check_duo_args(a, half_ok);
+  return a;
+}
+
+std::vector<int64_t> duo_sums_shape(const ArrayView& z, int64_t c0) {
+  return std::vector<int64_t>{z.shape[0], z.shape[1] - c0, (int64_t)kDuoSums};
+}
 
 // The CUDA ops, or in a CPU-only build (no CUDA toolkit) only the flag that says they are absent.
 void register_cuda(py::module_& m) {
@@ -97,6 +119,43 @@ void register_cuda(py::module_& m) {
       },
       py::arg("G"), py::arg("counts"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("flags"),
       py::arg("S"), py::arg("evals"), py::arg("stream"));
+
+  // The fused DUO loss (duo_cuda.h): z, n [B, K, N] of one dtype (float16, bfloat16, float32 or float64), y
+  // [B, K, N] targets or [B, N] class indices, every view on z's device. sums [B, K - c0, 6] float64 and status
+  // [2] int64 are written in full (status: non-finite/out-of-range bits, the first bad target's flat index).
+  m.def(
+      "cuda_duo_forward",
+      [device_of](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
+                  double tau, const ArrayView& sums, const ArrayView& status, std::uintptr_t stream) {
+        DuoArgs a = duo_args(z, n, y, labels, c0, preset, tau, true);
+        const int dev = device_of(z, "seg_logits");
+        require_on(n, dev, "noise_logits");
+        require_on(y, dev, "target");
+        double* s = buffer<double>(sums, DType::F64, duo_sums_shape(z, c0), "sums", false, dev);
+        int64_t* st = buffer<int64_t>(status, DType::I64, {cuda::kDuoStatus}, "status", false, dev);
+        py::gil_scoped_release nogil;
+        cuda::duo_forward(a, s, st, stream, dev);
+      },
+      py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
+      py::arg("sums"), py::arg("status"), py::arg("stream"));
+  // dz (required) and dn (optional: an empty view) [B, K, N] contiguous, of z's dtype, on z's device.
+  m.def(
+      "cuda_duo_backward",
+      [device_of](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
+                  double tau, const ArrayView& grad_sums, const ArrayView& dz, const ArrayView& dn,
+                  std::uintptr_t stream) {
+        DuoArgs a = duo_args(z, n, y, labels, c0, preset, tau, true);
+        const int dev = device_of(z, "seg_logits");
+        require_on(n, dev, "noise_logits");
+        require_on(y, dev, "target");
+        const double* g = buffer<double>(grad_sums, DType::F64, duo_sums_shape(z, c0), "grad_sums", false, dev);
+        buffer<unsigned char>(dz, z.dtype, z.shape, "dz", false, dev);
+        buffer<unsigned char>(dn, z.dtype, z.shape, "dn", true, dev);
+        py::gil_scoped_release nogil;
+        cuda::duo_backward(a, g, dz, dn, stream, dev);
+      },
+      py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
+      py::arg("grad_sums"), py::arg("dz"), py::arg("dn"), py::arg("stream"));
 
   // Host builds of the solver's serial pieces, for tests on machines without a GPU.
   m.def(
@@ -271,25 +330,14 @@ PYBIND11_MODULE(_C, m) {
 
   auto args = [](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0, int preset,
                  double tau) {
-    require(preset == 0 || preset == 1, "preset: expected 0 (paper) or 1 (official)");
-    DuoArgs a;
-    a.z = z;
-    a.n = n;
-    a.y = y;
-    a.labels = labels;
-    a.c0 = c0;
-    a.preset = static_cast<DuoPreset>(preset);
-    a.tau = tau;
-    check_duo_args(a);  // before the buffers' shapes are derived from z
+    DuoArgs a = duo_args(z, n, y, labels, c0, preset, tau, false);  // before the buffers' shapes come from z
     require_on(z, kHost, "seg_logits");
     require_on(n, kHost, "noise_logits");
     require_on(y, kHost, "target");
     return a;
   };
   m.attr("duo_num_sums") = (int)kDuoSums;
-  auto sums_shape = [](const ArrayView& z, int64_t c0) {
-    return std::vector<int64_t>{z.shape[0], z.shape[1] - c0, (int64_t)kDuoSums};
-  };
+  auto sums_shape = duo_sums_shape;
   m.def(
       "duo_forward",
       [args, sums_shape](const ArrayView& z, const ArrayView& n, const ArrayView& y, bool labels, int64_t c0,

@@ -209,3 +209,144 @@ def test_auto_uses_cuda_for_cuda_tensors():
     supported = B._C.cuda_device_supported(z.device.index)
     assert supported == (torch.cuda.get_device_capability(z.device) >= (8, 0))
     assert B.resolve("auto", z) == ("cuda" if supported else "torch")
+
+
+# ---- the fused DUO loss (csrc/cuda/duo_cuda.cu) ---------------------------------------------------------------
+
+def _duo_inputs(Bn, K, spatial, dtype, seed, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    n = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    y = torch.randint(0, K, (Bn, 1) + spatial, generator=g)
+    if not labels:
+        y = torch.nn.functional.one_hot(y[:, 0], K).movedim(-1, 1).float().contiguous()
+    return z, n, y
+
+
+def _duo_step(loss, z, n, y, device):
+    zz = z.to(device).requires_grad_()
+    nn_ = n.to(device).requires_grad_()
+    out = loss(zz, nn_, y.to(device))
+    out.backward()
+    return out.detach().cpu(), zz.grad.cpu(), nn_.grad.cpu()
+
+
+def _count_fused_calls(monkeypatch):
+    from auvcore import _cuda
+
+    calls = []
+    real = _cuda.duo_sums
+    monkeypatch.setattr(_cuda, "duo_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.cuda
+@gpu
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(Bn=st.integers(1, 2), K=st.integers(2, 5), D=st.integers(2, 9), H=st.integers(2, 9), W=st.integers(2, 9),
+       dtype=st.sampled_from([torch.float32, torch.float64]), labels=st.booleans(),
+       variant=st.sampled_from(["paper", "official"]), background=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_duo_loss_auto_on_cuda_matches_cpu(monkeypatch, Bn, K, D, H, W, dtype, labels, variant, background, seed):
+    z, n, y = _duo_inputs(Bn, K, (D, H, W), dtype, seed, labels)
+    loss = auvcore.DUOLoss(to_onehot_y=labels, variant=variant, include_background=background)
+    calls = _count_fused_calls(monkeypatch)
+    got = _duo_step(loss, z, n, y, "cuda")
+    assert calls, "backend='auto' on CUDA tensors must use the CUDA fused kernels"
+    want = _duo_step(loss, z, n, y, "cpu")
+    # float64: 1e-10 on the fused part; the loss and gradients include S and its backward (eigvalsh autograd on
+    # CUDA, the analytic backward on CPU), held to 1e-8 as in tests/test_duo.py.
+    rel = 1e-5 if dtype == torch.float32 else 1e-8
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("labels", [True, False])
+def test_duo_fused_sums_and_backward_match_the_cpu_kernel_and_are_bit_identical(dtype, labels):
+    from auvcore import _cuda
+
+    Bn, K, c0 = 2, 5, 1
+    z, n, y = _duo_inputs(Bn, K, (37, 41, 43), dtype, 3, labels)  # N = 65231: 8 chunks per (b, c), odd tail
+    z3, n3 = z.reshape(Bn, K, -1), n.reshape(Bn, K, -1)
+    y3 = y.reshape(Bn, -1) if labels else y.reshape(Bn, K, -1)
+    zc, nc = (z3, n3) if dtype in (torch.float32, torch.float64) else (z3.float(), n3.float())
+    want = torch.empty(Bn, K - c0, 6, dtype=torch.float64)
+    B._C.duo_forward(B.view(zc), B.view(nc), B.view(y3), labels, c0, 0, 0.5, B.view(want), 1)
+    zg, ng, yg = z3.cuda(), n3.cuda(), y3.cuda()
+    runs = [_cuda.duo_sums(zg, ng, yg, labels, c0, 0, 0.5) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    rel = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(runs[0].cpu(), want, rtol=rel, atol=rel * float(want.abs().max()))
+
+    grad = torch.randn(Bn, K - c0, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dz, dn = torch.empty(zc.shape, dtype=zc.dtype), torch.empty(zc.shape, dtype=zc.dtype)
+    B._C.duo_backward(B.view(zc), B.view(nc), B.view(y3), labels, c0, 0, 0.5, B.view(grad), B.view(dz), B.view(dn), 1)
+    g1 = _cuda.duo_backward(zg, ng, yg, labels, c0, 0, 0.5, grad.cuda())
+    g2 = _cuda.duo_backward(zg, ng, yg, labels, c0, 0, 0.5, grad.cuda())
+    assert torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
+    assert g1[0].dtype == dtype
+    tol = dict(rtol=rel, atol=rel * float(grad.abs().max())) if dtype in (torch.float32, torch.float64) else \
+        dict(rtol=2e-3 if dtype == torch.float16 else 1.6e-2, atol=1e-6)
+    torch.testing.assert_close(g1[0].cpu().to(zc.dtype), dz.to(dtype).to(zc.dtype), **tol)
+    torch.testing.assert_close(g1[1].cpu().to(zc.dtype), dn.to(dtype).to(zc.dtype), **tol)
+
+
+@pytest.mark.cuda
+@gpu
+def test_duo_loss_on_cuda_is_bit_identical_run_to_run():
+    # H·W <= 512: S's Gram is one chunk per class (its float64 atomics then add onto zero in one order), so
+    # the whole loss, not only the fused part, must repeat bit for bit.
+    z, n, y = _duo_inputs(2, 4, (24, 16, 20), torch.float32, 1)
+    loss = auvcore.DUOLoss(to_onehot_y=True)
+    first = _duo_step(loss, z, n, y, "cuda")
+    for _ in range(3):
+        again = _duo_step(loss, z, n, y, "cuda")
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_duo_loss_half_logits_on_cuda(dtype):
+    z, n, y = _duo_inputs(2, 3, (8, 9, 10), dtype, 2)
+    loss = auvcore.DUOLoss(to_onehot_y=True)
+    got = _duo_step(loss, z, n, y, "cuda")
+    want = _duo_step(loss, z, n, y, "cpu")  # the CPU path widens the halves to float32
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4 * float(b.abs().max().float()))
+    # under autocast (bf16 logits from a convolution) the loss is float32 and the gradient reaches the weights
+    conv = torch.nn.Conv3d(2, 6, 1).cuda()
+    x = torch.randn(2, 2, 8, 9, 10, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = conv(x)
+        val = loss(out[:, :3], out[:, 3:], y.cuda())
+    assert val.dtype == torch.float32 and torch.isfinite(val)
+    val.backward()
+    assert torch.isfinite(conv.weight.grad).all()
+
+
+@pytest.mark.cuda
+@gpu
+def test_duo_loss_cuda_errors_and_stream():
+    z, n, y = _duo_inputs(1, 3, (5, 6, 7), torch.float32, 0)
+    loss = auvcore.DUOLoss(to_onehot_y=True)
+    bad = z.clone()
+    bad[0, 1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="seg_logits: contains NaN or Inf"):
+        loss(bad.cuda(), n.cuda(), y.cuda())
+    yb = y.clone()
+    yb[0, 0, 1, 1, 1] = 7
+    with pytest.raises(ValueError, match=r"target: label value 7 is outside 0..2 \(num_classes=3\)"):
+        loss(z.cuda(), n.cuda(), yb.cuda())
+    want = loss(z.cuda(), n.cuda(), y.cuda())
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = loss(z.cuda(), n.cuda(), y.cuda())
+    s.synchronize()
+    assert torch.equal(got.cpu(), want.cpu())

@@ -259,3 +259,94 @@ def test_host_entropy_formula_matches_the_svd_oracle(m, n, seed, variant, center
         assert math.isnan(got)
     else:
         assert abs(got - want) < 1e-12
+
+
+@built_with_cuda
+def test_cuda_duo_ops_check_every_view():
+    # z, n [1, 3, 10] (B = 1, K = 3, N = 10), labels [1, 10], c0 = 1: sums [1, 2, 6], status [2].
+    z = torch.randn(1, 3, 10)
+    zg, ng, lab = as_if_on_gpu(z), as_if_on_gpu(z.clone()), as_if_on_gpu(torch.zeros(1, 10, dtype=torch.int64))
+    sums, status = fake_buffer((1, 2, 6)), fake_buffer((2,), torch.int64)
+    fwd = {"z": zg, "n": ng, "y": lab, "labels": True, "c0": 1, "preset": 0, "tau": 0.5, "sums": sums,
+           "status": status, "stream": 0}
+    for name, bad, msg in (
+            ("z", B.view(z), "seg_logits: expected CUDA device memory, got host memory"),
+            ("z", as_if_on_gpu(torch.zeros(1, 3, 10, dtype=torch.int32)), "seg_logits: expected float16"),
+            ("n", B.view(z), "noise_logits: expected memory of CUDA device 0, got host memory"),
+            ("n", as_if_on_gpu(torch.randn(1, 3, 10, dtype=torch.float64)), "noise_logits: dtype differs"),
+            ("n", as_if_on_gpu(torch.randn(1, 3, 11)), "noise_logits: shape differs"),
+            ("y", as_if_on_gpu(torch.zeros(1, 10, dtype=torch.int64), device=1),
+             "target: expected memory of CUDA device 0, got memory of CUDA device 1"),
+            ("y", as_if_on_gpu(torch.zeros(1, 11, dtype=torch.int64)), r"target: expected \[B, N\] class indices"),
+            ("c0", 3, "include_background"),
+            ("preset", 2, "preset"),
+            ("sums", fake_buffer((1, 3, 6)), r"sums: expected shape \[1, 2, 6\], got \[1, 3, 6\]"),
+            ("sums", fake_buffer((1, 2, 6), torch.float32), "sums: wrong dtype"),
+            ("sums", fake_buffer((1, 2, 6), strides=(12, 1, 2)), "sums: expected a contiguous buffer"),
+            ("sums", B.view(torch.empty(1, 2, 6, dtype=torch.float64)),
+             "sums: expected memory of CUDA device 0, got host memory"),
+            ("sums", B.view(None), "sums: this buffer is required"),
+            ("status", fake_buffer((2,), torch.int32), "status: wrong dtype"),
+            ("status", fake_buffer((3,), torch.int64), r"status: expected shape \[2\], got \[3\]")):
+        with pytest.raises(ValueError, match=msg):
+            B._C.cuda_duo_forward(**{**fwd, name: bad})
+    with pytest.raises(ValueError, match="target: shape differs"):
+        B._C.cuda_duo_forward(**{**fwd, "labels": False})
+
+    bwd = {k: v for k, v in fwd.items() if k not in ("sums", "status")}
+    bwd.update(grad_sums=fake_buffer((1, 2, 6)), dz=fake_buffer((1, 3, 10), torch.float32),
+               dn=fake_buffer((1, 3, 10), torch.float32))
+    for name, bad, msg in (
+            ("grad_sums", fake_buffer((1, 2, 5)), r"grad_sums: expected shape \[1, 2, 6\]"),
+            ("grad_sums", fake_buffer((1, 2, 6), device=1), "grad_sums: expected memory of CUDA device 0"),
+            ("dz", B.view(None), "dz: this buffer is required"),
+            ("dz", fake_buffer((1, 3, 10), torch.float64), "dz: wrong dtype"),
+            ("dz", fake_buffer((1, 3, 9), torch.float32), r"dz: expected shape \[1, 3, 10\], got \[1, 3, 9\]"),
+            ("dz", fake_buffer((1, 3, 10), torch.float32, strides=(60, 20, 2)), "dz: expected a contiguous buffer"),
+            ("dn", fake_buffer((1, 3, 10), torch.float16), "dn: wrong dtype"),
+            ("dn", B.view(torch.empty(1, 3, 10)), "dn: expected memory of CUDA device 0, got host memory"),
+            ("z", B.view(z), "seg_logits: expected CUDA device memory")):
+        with pytest.raises(ValueError, match=msg):
+            B._C.cuda_duo_backward(**{**bwd, name: bad})
+
+
+@built_with_cuda
+@no_driver
+def test_cuda_duo_ops_without_device_raise_runtime_error():
+    # Valid arguments (float16 logits included: the CUDA kernels read them) reach the device check.
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        z = as_if_on_gpu(torch.zeros(2, 3, 10, dtype=dt))
+        y = as_if_on_gpu(torch.zeros(2, 3, 10, dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            B._C.cuda_duo_forward(z, z, y, False, 0, 1, 0.5, fake_buffer((2, 3, 6)), fake_buffer((2,), torch.int64), 0)
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            B._C.cuda_duo_backward(z, z, y, False, 0, 1, 0.5, fake_buffer((2, 3, 6)), fake_buffer((2, 3, 10), dt),
+                                   B.view(None), 0)
+    # The CPU kernel still takes only float32/float64 logits (DUOLoss widens halves for it).
+    zh = torch.zeros(1, 2, 5, dtype=torch.float16)
+    with pytest.raises(ValueError, match="seg_logits: expected float32 or float64"):
+        B._C.duo_forward(B.view(zh), B.view(zh), B.view(torch.zeros(1, 5, dtype=torch.int64)), True, 0, 0, 0.5,
+                         B.view(torch.empty(1, 2, 6, dtype=torch.float64)), 1)
+
+
+def test_duo_loss_on_cpu_tensors_does_not_touch_the_cuda_kernels(monkeypatch):
+    if not auvcore.has_native():
+        pytest.skip("native module not built")
+    from auvcore import _cuda
+
+    def boom(*a, **k):
+        raise AssertionError("the CUDA path must not run for CPU tensors")
+
+    monkeypatch.setattr(_cuda, "duo_sums", boom)
+    monkeypatch.setattr(_cuda, "duo_backward", boom)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 5, 6, generator=g, requires_grad=True)
+    n = torch.randn(2, 3, 4, 5, 6, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (2, 1, 4, 5, 6), generator=g)
+    auvcore.DUOLoss(to_onehot_y=True)(z, n, y).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(n.grad).all()
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors|no CUDA device|built without CUDA"):
+        try:
+            auvcore.DUOLoss(to_onehot_y=True, backend="cuda")(z, n, y)
+        except RuntimeError as e:  # no device (or no CUDA build): the reason, as a RuntimeError
+            raise ValueError(str(e)) from e
