@@ -78,7 +78,7 @@ def auv(sample_scales):
     return _back(np.stack([_normalised_log(a[:, k]) for k in range(a.shape[1])], axis=1), was_torch)
 
 
-def _check_quantile(q) -> float:
+def check_quantile(q) -> float:
     q = float(q)
     if not 0.0 < q <= 1.0:
         raise ValueError(f"quantile: expected a value in (0, 1], got {q}")
@@ -97,7 +97,7 @@ def keep_mask(auv_values, quantile: float = 0.95):
     """Global filter (eq. 7–8): keep case i iff AUV_i <= Q(quantile). Cases with NaN AUV (no scored class)
     are kept: there is no evidence against them. Returns a bool mask [N]."""
     a, was_torch = _to_numpy(auv_values, "auv", (1,))
-    q = _check_quantile(quantile)
+    q = check_quantile(quantile)
     cut = inverted_cdf_quantile(a, q)
     keep = np.isnan(a) | (a <= cut)
     return _back(keep, was_torch)
@@ -107,7 +107,7 @@ def keep_mask_per_class(class_auv, quantile: float = 0.95, classes=None):
     """Per-class filter (eq. 9): keep case i iff for every selected class c present in i (non-NaN AUV),
     AUV_{i,c} <= Q_c(quantile). ``class_auv`` is [N, K]; ``classes`` defaults to the foreground 1..K-1."""
     a, was_torch = _to_numpy(class_auv, "class_auv", (2,))
-    q = _check_quantile(quantile)
+    q = check_quantile(quantile)
     keep = np.ones(a.shape[0], dtype=bool)
     for c in _select(a.shape[1], classes):
         col = a[:, c]

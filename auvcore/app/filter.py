@@ -38,7 +38,7 @@ def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None, 
     the agreement filter cuts 1 − that class's Dice."""
     run = Path(run)
     settings = read_settings(run)
-    q = A._check_quantile(quantile)
+    q = A.check_quantile(quantile)
     if score not in FILTER_SCORES:
         raise ValueError(f"--score: expected one of {tuple(FILTER_SCORES)}, got {score!r}")
     df = read_table(run)

@@ -115,7 +115,7 @@ def write_report(run, quantile: float | None = None) -> Path:
     df = read_table(run)
     if quantile is None:
         quantile = _filter_summary(run).get("quantile", 0.95)
-    q = A._check_quantile(quantile)
+    q = A.check_quantile(quantile)
     auv = df["auv"].to_numpy(dtype=np.float64)
     cut = A.inverted_cdf_quantile(auv, q)
     dropped, decision = _decision(run, df, q)

@@ -59,10 +59,10 @@ def _require_sam2():
 def build_model(config: str, checkpoint, device="cpu"):
     """The SAM2 model of ``config`` (a sam2 config name or a local YAML file) with the weights of
     ``checkpoint``, loaded strictly, in eval mode on ``device``."""
-    compose, instantiate, OmegaConf, _ = _require_sam2()
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {ckpt} (SAM2Encoder never downloads weights)")
+    compose, instantiate, OmegaConf, _ = _require_sam2()
     if Path(config).suffix in (".yaml", ".yml") and Path(config).is_file():
         cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist([o.lstrip("+") for o in POSTPROCESSING]))
     else:
@@ -104,8 +104,8 @@ class SAM2Encoder(SlicePromptEncoder):
             raise ValueError(f"mode: {mode!r} contradicts output={output!r} (mode is the earlier name of output)")
         self._init_options(device, output or mode or "decoded", window, box_margin, prompts, min_pixels, fill,
                            batch_size)
-        *_, Predictor = _require_sam2()
         self.model = build_model(config, checkpoint, self.device)
+        *_, Predictor = _require_sam2()
         self.predictor = Predictor(self.model)
         # sam2 1.1's image predictor assumes a 1024-pixel input (its backbone feature sizes are constants); a
         # model with another input size (MedSAM2's 512) needs them from its own image_size
