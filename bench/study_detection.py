@@ -48,22 +48,11 @@ SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest")
 
 
 def auroc(score, pos):
-    """AUROC with ties counted one half; NaN scores rank lowest (a case without a score is not flagged)."""
-    s = np.where(np.isnan(score), -np.inf, score)
-    P, N = int(pos.sum()), int((~pos).sum())
-    if P == 0 or N == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    xs = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[pos].sum() - P * (P + 1) / 2) / (P * N))
+    """AUROC with ties counted one half (the report's); NaN scores rank lowest (a case without a score is not
+    flagged)."""
+    from auvcore.app.report import roc_curve
+
+    return roc_curve(np.where(np.isnan(score), -np.inf, score), pos)[2]
 
 
 def average_precision(score, pos):
