@@ -5,6 +5,12 @@ kernel + analytic S backward) side by side with the pure-torch composition of th
     python bench/bench_duo.py                 # B=2 K=4 96³ float32, integer labels (to_onehot_y=True)
     python bench/bench_duo.py --target onehot # the same with a float one-hot target
     python bench/bench_duo.py --quick         # small sizes, a smoke run
+    python bench/bench_duo.py --device cuda --K 14 --size 128   # GPU: see gpu_main
+
+On a GPU (``--device cuda``) it compares, side by side in one run, plain Dice+BCE (torch), ``DUOLoss`` on the
+CUDA fused kernels (``backend="auto"``) and ``DUOLoss(backend="torch")``: forward + backward time (CUDA
+events, median) and peak allocated memory on top of the inputs (issue 12's targets: DUO ≤ 1.3× the time and
+≤ 1.2× the memory of Dice+BCE).
 
 Peak memory: each variant runs in a fresh child process with glibc's mmap threshold pinned low, so that
 every large tensor is its own mapping and the resident set follows live memory; the peak is VmHWM (reset
@@ -73,6 +79,53 @@ def peak_memory(args, backend):
     return json.loads(out.strip().splitlines()[-1])["peak_extra_mib"]
 
 
+def dice_bce(z, y_onehot, smooth=1e-5):
+    """The plain baseline: BCE with logits plus soft Dice per (b, c), mean over both."""
+    s = torch.sigmoid(z)
+    dims = tuple(range(2, z.dim()))
+    dice = 1 - (2 * (s * y_onehot).sum(dims) + smooth) / (s.sum(dims) + y_onehot.sum(dims) + smooth)
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, y_onehot) + dice.mean()
+
+
+def gpu_main(args):
+    """Time and peak memory of one forward + backward on a CUDA device, each variant after a warm-up."""
+    dev = torch.device("cuda")
+    z, n, y = (t.to(dev) for t in inputs(args.B, args.K, args.size, args.target))
+    z, n = z.detach().requires_grad_(), n.detach().requires_grad_()
+    labels = args.target == "labels"
+    onehot = torch.nn.functional.one_hot(y[:, 0], args.K).movedim(-1, 1).float() if labels else y
+    variants = {
+        "Dice+BCE (torch)": lambda: dice_bce(z, onehot),
+        "DUOLoss (CUDA fused)": lambda l=DUOLoss(to_onehot_y=labels): l(z, n, y),
+        "DUOLoss (torch path)": lambda l=DUOLoss(to_onehot_y=labels, backend="torch"): l(z, n, y),
+    }
+    res = {}
+    for name, fn in variants.items():
+        for _ in range(2):  # warm-up: kernels loaded, allocator and workspace pools filled
+            z.grad = n.grad = None
+            fn().backward()
+        times = []
+        for _ in range(args.repeat):
+            z.grad = n.grad = None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn().backward()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1))
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        res[name] = (statistics.median(times), peak)
+    ref_t, ref_m = res["Dice+BCE (torch)"]
+    shape = f"B={args.B} K={args.K} {args.size}³ float32, target={args.target}"
+    print(f"DUO loss forward+backward on {torch.cuda.get_device_name(dev)}, {shape}")
+    print(f"{'':24}{'median [ms]':>12}{'peak extra [MiB]':>18}{'time ratio':>12}{'memory ratio':>14}")
+    for name, (t, m) in res.items():
+        print(f"{name:24}{t:>12.2f}{m:>18.1f}{t / ref_t:>11.2f}x{m / ref_m:>13.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--B", type=int, default=2)
@@ -81,12 +134,15 @@ def main():
     ap.add_argument("--target", choices=["labels", "onehot"], default="labels")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--child", choices=["cpp", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.size, args.repeat = 32, 3
     if args.child:
         return child(args)
+    if args.device == "cuda":
+        return gpu_main(args)
 
     z, n, y = inputs(args.B, args.K, args.size, args.target)
     fused = DUOLoss(to_onehot_y=args.target == "labels")
