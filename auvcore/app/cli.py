@@ -27,6 +27,16 @@ def _quantile(s: str) -> float:
     return q
 
 
+def _workers(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 0, got {s!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 0, got {n}")
+    return n
+
+
 def _encoders() -> tuple:
     from ..encoders import ENCODERS
 
@@ -51,6 +61,16 @@ def _add_score_args(p, dataset: bool = True):
     p.add_argument("--seed", type=int, help="merlin (random weights), random3d: weight seed (default 0)")
     p.add_argument("--force", action="store_true",
                    help="start the run folder over (delete its results) instead of resuming it")
+    p.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the encoder and S run (default cpu; auto: a GPU when one is usable; under torchrun, "
+                        "cuda and auto mean cuda:LOCAL_RANK). Not part of the run's settings: a run may be resumed "
+                        "on another device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the encoder's forward precision (default float32; S is always taken in float32)")
+    p.add_argument("--workers", type=_workers, default=0, metavar="N",
+                   help="read and resample cases in N worker processes ahead of the encoder (default 0: in the "
+                        "main process)")
+    p.add_argument("--timing", metavar="FILE", help=argparse.SUPPRESS)  # bench: the time split as JSON
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -127,12 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args, dataset, out):
+    import json
+
     from .scoring import score_dataset
 
-    return score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
-                         input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
-                         limit=getattr(args, "limit", None), progress=not args.no_progress, force=args.force,
-                         checkpoint=args.checkpoint, config=args.config)
+    timing = {}
+    table = score_dataset(dataset, out, encoder=args.encoder, layer=args.layer, weights=args.weights, mode=args.mode,
+                          input=args.input, reduction=args.reduction, seed=args.seed, csv=getattr(args, "csv", False),
+                          limit=getattr(args, "limit", None), progress=not args.no_progress, force=args.force,
+                          checkpoint=args.checkpoint, config=args.config, device=args.device, dtype=args.dtype,
+                          workers=args.workers, timing=timing)
+    if args.timing:  # one file per rank under torchrun: FILE.rank<r>.json
+        path = Path(args.timing)
+        if timing.get("world", 1) > 1:
+            path = path.with_name(f"{path.stem}.rank{timing['rank']}{path.suffix or '.json'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(timing, indent=1))
+    return table
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 # Exit codes: 0 all cases scored, 2 bad invocation (nothing scored), 3 some cases failed (the table holds the
@@ -183,6 +224,8 @@ def run(argv=None) -> int:
                   file=sys.stderr)
             return EXIT_CASES_FAILED
         table = _score(args, args.dataset, args.out)
+        if _rank() != 0:  # under torchrun rank 0 speaks for the run
+            return 0
         print(f"scores: {table}")
         return _failures(args.out)
     elif args.command == "check":

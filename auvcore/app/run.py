@@ -153,7 +153,8 @@ def record_failure(run: Path, case_id: str, e: Exception) -> str:
     """Write the case's error file and its run.log line; return the message to show."""
     msg = f"{type(e).__name__}: {e}"
     expected = isinstance(e, EXPECTED_ERRORS)
-    tb = "" if expected else traceback.format_exc()
+    # an error raised in a loader process carries its traceback as text (app/distributed.py)
+    tb = "" if expected else getattr(e, "auvcore_traceback", None) or traceback.format_exc()
     atomic_text(error_file(run, case_id), json.dumps({"error": msg, "bug": not expected}, indent=1))
     with open(run / "run.log", "a", encoding="utf-8") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} case {case_id} failed: {msg}\n{tb}")

@@ -2,47 +2,62 @@
 from __future__ import annotations
 
 import json
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..scale import energy_spectrum
-from .check import case_errors
-from .run import (SETTINGS_KEYS, atomic_text, case_file, check_same_settings, clear_run, error_file, fingerprint,
+from .run import (SETTINGS_KEYS, TABLE, atomic_text, case_file, check_same_settings, clear_run, error_file, fingerprint,
                   record_failure, save_result, stored_fingerprint)
 from .table import write_table
 
 
-def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: str = "raw") -> dict:
+def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: str = "raw",
+               timing: dict | None = None) -> dict:
     """Per-class semantic scale S, voxel counts, energy spectra, class-mean embeddings (Mahalanobis
     baseline) and intensity variance (variance baseline) of one loaded case.
 
     Encoders that decode class maps themselves from box prompts (``decodes_with_prompts``: LiteMedSAM) give
     their own maps ``[1, K, X, Y, Z]`` in decoded mode, scored per axial slice (``Z [1, K, D=Z, X, Y]``,
     layout ``"D_HW"``), and their image embeddings in masked mode; any other encoder's decoded maps are
-    prototype-similarity maps of its embeddings."""
+    prototype-similarity maps of its embeddings.
+
+    S is computed on the encoder's device (``encoder.device``: the CUDA kernels for a GPU encoder), in
+    float32; the spectra, class means and baselines on the CPU. ``timing`` (a dict) accumulates the seconds
+    spent in the encoder (``encode_s``: preprocessing, forward, labels onto the grid), in S (``S_s``) and in the
+    rest (``other_s``)."""
     from ..baselines import intensity_variance
     from ..encoders import class_means, encode_case, prototype_maps
     from ..scale import masked_semantic_scale, semantic_scale
 
+    timing = {} if timing is None else timing
+    device = torch.device(getattr(encoder, "device", None) or "cpu")
     prompted = getattr(encoder, "decodes_with_prompts", False)
     agreement = np.full(num_classes, np.nan)
-    if prompted:
-        enc = encoder.with_output("decoded" if mode == "decoded" else "embedding")
-        feats, lab = enc.encode(volume, input=input, num_classes=num_classes)
-    else:
-        feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
+    t0 = time.perf_counter()
+    with _forward_precision(encoder):
+        if prompted:
+            enc = encoder.with_output("decoded" if mode == "decoded" else "embedding")
+            feats, lab = enc.encode(volume, input=input, num_classes=num_classes)
+        else:
+            feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
+    feats, lab = feats.float().cpu(), lab.cpu()  # a no-op for CPU encoders
+    t1 = time.perf_counter()
     counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
     label_counts = np.bincount(np.asarray(volume.label).reshape(-1), minlength=num_classes)[:num_classes]
     if mode == "masked":
-        S = masked_semantic_scale(feats, lab, num_classes)[0].double().numpy()
+        S = masked_semantic_scale(feats.to(device), lab.to(device), num_classes)[0].double().cpu().numpy()
+        t2 = time.perf_counter()
         spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
     elif prompted:
         # decoded by the model itself: one row per axial slice; classes absent from the case -> NaN
-        agreement = label_agreement(feats, lab, num_classes)
         maps = feats.permute(0, 1, 4, 2, 3)
-        S = semantic_scale(maps, layout="D_HW")[0].double().numpy()
+        S = semantic_scale(maps.to(device), layout="D_HW")[0].double().cpu().numpy()
+        t2 = time.perf_counter()
+        agreement = label_agreement(feats, lab, num_classes)
         spec = energy_spectrum(maps)[0].numpy()
         absent = counts < 2
         S[absent] = np.nan
@@ -50,12 +65,13 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
     else:
         # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
         maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)
-        S = semantic_scale(maps)[0].double().numpy()
+        S = semantic_scale(maps.to(device))[0].double().cpu().numpy()
+        t2 = time.perf_counter()
         spec = energy_spectrum(maps)[0].numpy()
         absent = counts < 2
         S[absent] = np.nan
         spec[absent] = np.nan
-    return {
+    out = {
         "S": S,
         "agreement": agreement,
         "counts": counts.astype(np.int64),
@@ -64,6 +80,10 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
         "means": class_means(feats, lab, num_classes).numpy().astype(np.float32),
         "variance": intensity_variance(volume.image, volume.label, num_classes),
     }
+    t3 = time.perf_counter()
+    for k, dt in (("encode_s", t1 - t0), ("S_s", t2 - t1), ("other_s", t3 - t2)):
+        timing[k] = timing.get(k, 0.0) + dt
+    return out
 
 
 def label_agreement(maps: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -84,74 +104,163 @@ def label_agreement(maps: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = None, weights: str | None = None,
                   mode: str = "masked", input: str = "raw", reduction: str = "mean", seed: int | None = None,
                   csv: bool = False, limit: int | None = None, progress: bool = True, force: bool = False,
-                  checkpoint: str | None = None, config: str | None = None) -> Path:
+                  checkpoint: str | None = None, config: str | None = None, device: str = "cpu",
+                  dtype: str = "float32", workers: int = 0, timing: dict | None = None) -> Path:
     """Score every case of ``dataset`` into the run folder ``out`` (resumable); returns the table path.
 
     A case is scored again when its stored result is missing, failed, or stale (its files or the settings
     changed since). Nothing is written before the arguments, the data set and the encoder are checked.
     ``force`` starts the run folder over. ``layer``, ``weights``, ``seed`` (merlin, random3d) and
-    ``checkpoint``, ``config`` (sam2) go to the encoders that take them (:data:`ENCODER_OPTIONS`)."""
-    from ..data import discover, load_case
+    ``checkpoint``, ``config`` (sam2) go to the encoders that take them (:data:`ENCODER_OPTIONS`).
+
+    How the run is computed: ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) holds the encoder and S,
+    ``dtype`` (``float32``, ``bfloat16``) is the encoder's forward precision (S is taken in float32),
+    ``workers`` processes read the cases ahead of the encoder (0: this process). None of them is part of the
+    run's settings or the cases' fingerprints: a run may be resumed on another device (see
+    ``app/distributed.py``). Under ``torchrun`` (``WORLD_SIZE > 1``) the cases to score are shared out over
+    the ranks (rank r takes the r-th, (r+N)-th, ... of them); rank 0 alone writes settings.json (before the
+    others start) and the table (after they are all done); every rank returns the table's path.
+
+    ``timing`` (a dict) receives this rank's seconds: ``setup_s`` (data set, encoder), ``load_s`` (reading and
+    resampling, summed over the loader processes), ``load_wait_s`` (the scoring loop waiting for a loaded case),
+    ``encode_s``, ``S_s``, ``other_s`` (:func:`score_case`), ``write_s`` (case files), ``table_s``, ``total_s``,
+    with ``cases`` (scored by this rank), ``rank``, ``world``, ``device``, ``workers``."""
+    from ..data import discover
     from ..encoders import encoder_options, get_encoder
+    from .distributed import Ranks, resolve_device, resolve_dtype
 
-    if mode not in ("masked", "decoded"):
-        raise ValueError(f"--mode: expected 'masked' or 'decoded', got {mode!r}")
-    if input not in ("raw", "normalized"):
-        raise ValueError(f"--input: expected 'raw' or 'normalized', got {input!r}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"--reduction: expected 'mean' or 'sum', got {reduction!r}")
-    ds = discover(dataset)
-    cases = ds.cases[:limit] if limit else ds.cases
-    run = Path(out)
-    if checkpoint is not None:
-        checkpoint = str(Path(checkpoint).resolve())
-    kw = encoder_options(encoder, layer=layer, weights=weights, seed=seed, checkpoint=checkpoint, config=config)
-    settings = {**{k: None for k in SETTINGS_KEYS}, "dataset": str(ds.root.resolve()), "encoder": encoder,
-                **kw, "mode": mode, "input": input, "reduction": reduction, "num_classes": ds.num_classes,
-                "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality}
-    if run.exists() and not run.is_dir():
-        raise ValueError(f"--out: {run} is a file, not a folder")
-    if (run / "settings.json").exists() and not force:
-        check_same_settings(run, settings)
-    elif run.exists() and any(run.iterdir()) and not force:
-        raise ValueError(f"--out: {run} exists and is not an auvcore run folder; use an empty or new folder")
-    fingerprints = {c.case_id: fingerprint(c, settings) for c in cases}
-    stale = force or not (run / "settings.json").exists()
-    todo = [c for c in cases if stale or stored_fingerprint(run, c.case_id) != fingerprints[c.case_id]]
-    enc = None
-    if todo:  # built before anything is written: a bad --layer or --weights leaves the folder as it was
-        try:
-            enc = get_encoder(encoder, **kw)
-        except ImportError as e:  # an optional encoder's package is missing: say which extra brings it
-            raise ValueError(f"--encoder {encoder}: {e}") from e
-    if force:
-        clear_run(run)
-    # Rewritten each time: class names may have changed with the data set (its cases are then stale too).
-    atomic_text(run / "settings.json", json.dumps(settings, indent=2))
-
-    if todo:
-        bar = _progress(len(cases), len(cases) - len(todo), progress)
-        for case in todo:
-            case_file(run, case.case_id).unlink(missing_ok=True)  # a stale result must not outlive a failure
-            # One bad case never stops the run: its error is recorded and the next case goes on.
+    timing = {} if timing is None else timing
+    t_start = time.perf_counter()
+    ranks = Ranks().start()
+    try:
+        error = None
+        try:  # every check before anything is written, on every rank; then the ranks agree to go on
+            if mode not in ("masked", "decoded"):
+                raise ValueError(f"--mode: expected 'masked' or 'decoded', got {mode!r}")
+            if input not in ("raw", "normalized"):
+                raise ValueError(f"--input: expected 'raw' or 'normalized', got {input!r}")
+            if reduction not in ("mean", "sum"):
+                raise ValueError(f"--reduction: expected 'mean' or 'sum', got {reduction!r}")
+            if isinstance(workers, bool) or int(workers) != workers or workers < 0:
+                raise ValueError(f"--workers: expected 0 or more, got {workers!r}")
+            dev = resolve_device(device, ranks.local_rank, ranks.world)
+            torch_dtype = resolve_dtype(dtype)
+            ds = discover(dataset)
+            cases = ds.cases[:limit] if limit else ds.cases
+            run = Path(out)
+            if checkpoint is not None:
+                checkpoint = str(Path(checkpoint).resolve())
+            kw = encoder_options(encoder, layer=layer, weights=weights, seed=seed, checkpoint=checkpoint,
+                                 config=config)
+            settings = {**{k: None for k in SETTINGS_KEYS}, "dataset": str(ds.root.resolve()), "encoder": encoder,
+                        **kw, "mode": mode, "input": input, "reduction": reduction, "num_classes": ds.num_classes,
+                        "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality}
+            if run.exists() and not run.is_dir():
+                raise ValueError(f"--out: {run} is a file, not a folder")
+            if (run / "settings.json").exists() and not force:
+                check_same_settings(run, settings)
+            elif run.exists() and any(run.iterdir()) and not force:
+                raise ValueError(f"--out: {run} exists and is not an auvcore run folder; use an empty or new folder")
+            fingerprints = {c.case_id: fingerprint(c, settings) for c in cases}
+            todo = None
+            if ranks.main:  # what is left to do, as rank 0 sees it before anything is written
+                stale = force or not (run / "settings.json").exists()
+                todo = [c.case_id for c in cases
+                        if stale or stored_fingerprint(run, c.case_id) != fingerprints[c.case_id]]
+        except (ValueError, FileNotFoundError, KeyError, NotADirectoryError, OSError) as e:
+            error = e
+        ranks.agree(error)
+        todo = ranks.broadcast(todo)
+        by_id = {c.case_id: c for c in cases}
+        mine = [by_id[c] for c in todo[ranks.rank::ranks.world]]
+        enc = None
+        if mine:  # built before anything is written: a bad --layer or --weights leaves the folder as it was
             try:
-                vol = load_case(case, spacing=enc.spacing, modality=ds.modality or "CT")
-                errors = case_errors(case, vol.label, ds)
-                if errors:
-                    raise ValueError("; ".join(errors))
-                result = score_case(enc, vol, ds.num_classes, mode, input)
-            except Exception as e:  # noqa: BLE001 - recorded per case, see record_failure
-                msg = record_failure(run, case.case_id, e)
-                bar.write(f"auvcore: case {case.case_id} failed: {msg}")
-            else:
-                save_result(run, case.case_id, {**result, "fingerprint": np.array(fingerprints[case.case_id])})
-                error_file(run, case.case_id).unlink(missing_ok=True)
-            bar.update(1)
-        bar.close()
-    return write_table(run, [c.case_id for c in cases], ds, csv=csv)
+                enc = _build_encoder(get_encoder, encoder, kw, dev, torch_dtype)
+            except ImportError as e:  # an optional encoder's package is missing: say which extra brings it
+                error = ValueError(f"--encoder {encoder}: {e}")
+                error.__cause__ = e
+            except (ValueError, FileNotFoundError, KeyError, NotADirectoryError, OSError) as e:
+                error = e
+        ranks.agree(error)
+        if ranks.main:
+            if force:
+                clear_run(run)
+            # Rewritten each time: class names may have changed with the data set (its cases are then stale too).
+            atomic_text(run / "settings.json", json.dumps(settings, indent=2))
+        ranks.barrier()  # the others start once settings.json is there
+        timing.update(setup_s=time.perf_counter() - t_start, rank=ranks.rank, world=ranks.world, device=str(dev),
+                      dtype=dtype, workers=int(workers), cases=0)
+        for k in ("load_s", "load_wait_s", "encode_s", "S_s", "other_s", "write_s"):
+            timing.setdefault(k, 0.0)
+
+        if mine:
+            _score_cases(run, mine, enc, ds, mode, input, fingerprints, int(workers), timing,
+                         _progress(len(mine) if ranks.distributed else len(cases),
+                                   0 if ranks.distributed else len(cases) - len(todo),
+                                   progress and ranks.main,
+                                   f"scoring (rank 0 of {ranks.world})" if ranks.distributed else "scoring"))
+        ranks.barrier()  # every rank is done with its cases
+        t = time.perf_counter()
+        table = run / TABLE
+        if ranks.main:
+            table = write_table(run, [c.case_id for c in cases], ds, csv=csv)
+        ranks.barrier()  # the others return once the table is there
+        timing["table_s"] = time.perf_counter() - t
+        timing["total_s"] = time.perf_counter() - t_start
+        return table
+    finally:
+        ranks.close()
 
 
-def _progress(total: int, done: int, enabled: bool):
+def _build_encoder(get_encoder, name: str, kw: dict, device, dtype):
+    """The encoder on ``device``; ``dtype`` goes to encoders that take one (merlin, random3d: weights and
+    activations in it), the others get a ``forward_dtype`` for :func:`_forward_precision`."""
+    takes_dtype = name in ("merlin", "random3d")
+    extra = {"dtype": dtype} if takes_dtype else {}
+    enc = get_encoder(name, **kw, device=device, **extra)
+    enc.forward_dtype = None if takes_dtype or dtype == torch.float32 else dtype
+    return enc
+
+
+def _forward_precision(enc):
+    """Autocast of the encoder's forward to its ``forward_dtype`` where its weights are not cast (sam2,
+    litemedsam); nothing else (S, spectra, means) runs under it."""
+    dt = getattr(enc, "forward_dtype", None)
+    if dt is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(enc.device).type, dtype=dt)
+
+
+def _score_cases(run, cases, enc, ds, mode, input, fingerprints, workers, timing, bar):
+    from .distributed import loaded_cases
+
+    t = time.perf_counter()
+    for case, vol, err, load_s in loaded_cases(cases, enc.spacing, ds.modality or "CT", ds, workers):
+        timing["load_wait_s"] += time.perf_counter() - t
+        timing["load_s"] += load_s
+        case_file(run, case.case_id).unlink(missing_ok=True)  # a stale result must not outlive a failure
+        # One bad case never stops the run: its error is recorded and the next case goes on.
+        try:
+            if err is not None:
+                raise err
+            result = score_case(enc, vol, ds.num_classes, mode, input, timing=timing)
+        except Exception as e:  # noqa: BLE001 - recorded per case, see record_failure
+            msg = record_failure(run, case.case_id, e)
+            bar.write(f"auvcore: case {case.case_id} failed: {msg}")
+        else:
+            t = time.perf_counter()
+            save_result(run, case.case_id, {**result, "fingerprint": np.array(fingerprints[case.case_id])})
+            error_file(run, case.case_id).unlink(missing_ok=True)
+            timing["write_s"] += time.perf_counter() - t
+            timing["cases"] += 1
+        del vol, err
+        bar.update(1)
+        t = time.perf_counter()
+    bar.close()
+
+
+def _progress(total: int, done: int, enabled: bool, desc: str = "scoring"):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="case", desc="scoring", disable=not enabled, smoothing=0.1)
+    return tqdm(total=total, initial=done, unit="case", desc=desc, disable=not enabled, smoothing=0.1)
