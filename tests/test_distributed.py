@@ -1,0 +1,182 @@
+"""How the main job runs: --device, --dtype, --workers and the torchrun scale-out give the table of a plain
+one-process CPU run (the random-weight encoder on a tiny demo data set)."""
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from auvcore.app.cli import main
+from auvcore.app.distributed import portable_error, resolve_device
+from auvcore.data.demo import build_demo
+
+N_CASES = 6
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo") / "data", n_cases=N_CASES, corrupt_fraction=0.3, seed=1,
+                      size_mm=(120.0, 120.0, 72.0))
+
+
+@pytest.fixture(scope="module")
+def ref(data, tmp_path_factory):
+    """The plain run: no --device, --workers or ranks."""
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    assert main(["score", str(data), "--encoder", "random3d", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def score(data, out, *extra):
+    return main(["score", str(data), "--encoder", "random3d", "--out", str(out), "--no-progress", *extra])
+
+
+def same_run(a: Path, b: Path):
+    """Equal tables, byte-identical case arrays, the same failure records."""
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "scores.parquet"), pd.read_parquet(b / "scores.parquet"))
+    files = sorted(p.name for p in (a / "cases").iterdir())
+    assert files == sorted(p.name for p in (b / "cases").iterdir())
+    for name in files:
+        if name.endswith(".npz"):
+            with np.load(a / "cases" / name) as x, np.load(b / "cases" / name) as y:
+                assert x.files == y.files
+                for k in x.files:
+                    assert x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes(), (name, k)
+        else:
+            assert (a / "cases" / name).read_text() == (b / "cases" / name).read_text()
+    assert json.loads((a / "settings.json").read_text())["dataset"] == json.loads(
+        (b / "settings.json").read_text())["dataset"]
+
+
+def log_lines(run: Path) -> list:
+    """run.log without its time stamps."""
+    p = run / "run.log"
+    return [line.split(" ", 2)[2] if line[:2] == "20" else line for line in p.read_text().splitlines()] \
+        if p.exists() else []
+
+
+def test_device_cpu_is_the_default(data, ref, tmp_path):
+    assert score(data, tmp_path / "cpu", "--device", "cpu", "--dtype", "float32") == 0
+    same_run(ref, tmp_path / "cpu")
+    # device and dtype are not settings: a run scored without them resumes with them (nothing to redo)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cpu" / "cases").iterdir()}
+    assert score(data, tmp_path / "cpu", "--device", "auto" if not torch.cuda.is_available() else "cpu") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cpu" / "cases").iterdir()} == stamps
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "cuda:0"])
+def test_cuda_without_a_gpu_is_refused(data, tmp_path, capsys, device):
+    out = tmp_path / "r"
+    assert score(data, out, "--device", device) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: " in err and "use --device cpu" in err
+    assert not out.exists()
+
+
+def test_bad_device_is_refused(data, tmp_path, capsys):
+    assert score(data, tmp_path / "r", "--device", "tpu") == 2
+    assert "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        score(data, tmp_path / "r", "--workers", "-1")
+    assert not (tmp_path / "r").exists()
+
+
+def test_device_index_beyond_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 2 CUDA device\(s\) \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:7")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    # under torchrun, cuda and auto mean this rank's GPU
+    assert resolve_device("auto", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 needs cuda:2"):
+        resolve_device("cuda", local_rank=2, world_size=3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", local_rank=1, world_size=2) == torch.device("cpu")
+
+
+def test_workers_give_the_same_run_and_failures(data, tmp_path):
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (d / "labelsTr").glob("*.nii.gz"))
+    img = d / "imagesTr" / f"{ids[2]}_0000.nii.gz"
+    img.write_bytes(img.read_bytes()[:200])  # truncated gzip
+    assert score(d, tmp_path / "w0", "--workers", "0") == 3
+    assert score(d, tmp_path / "w2", "--workers", "2") == 3
+    same_run(tmp_path / "w0", tmp_path / "w2")
+    err = json.loads((tmp_path / "w2" / "cases" / f"{ids[2]}.error.json").read_text())
+    assert err["bug"] is False and ids[2] in err["error"]
+    assert log_lines(tmp_path / "w0") == log_lines(tmp_path / "w2") and len(log_lines(tmp_path / "w2")) == 1
+
+
+def test_an_error_from_a_worker_keeps_its_name_and_traceback():
+    class Odd(ValueError):  # a local class: cannot be pickled by reference
+        def __init__(self, a, b):
+            super().__init__(f"{a} and {b}")
+
+    try:
+        raise Odd(1, 2)
+    except Odd as e:
+        back = pickle.loads(pickle.dumps(portable_error(e)))
+    assert type(back).__name__ == "Odd" and isinstance(back, ValueError) and str(back) == "1 and 2"
+    assert "raise Odd(1, 2)" in back.auvcore_traceback
+    try:
+        raise IndexError("a bug")
+    except IndexError as e:
+        back = pickle.loads(pickle.dumps(portable_error(e)))
+    assert type(back) is IndexError and "raise IndexError" in back.auvcore_traceback
+
+
+def torchrun(args, cwd, timeout=240):
+    return subprocess.run(TORCHRUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_gloo_ranks_give_the_table_of_one_process(data, ref, tmp_path):
+    out = tmp_path / "ranks"
+    p = torchrun(["-m", "auvcore", "score", str(data), "--encoder", "random3d", "--out", str(out), "--no-progress",
+                  "--timing", str(tmp_path / "t.json")], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("scores: ") == 1  # rank 0 speaks for the run
+    same_run(ref, out)
+    t = [json.loads((tmp_path / f"t.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [x["rank"] for x in t] == [0, 1] and all(x["world"] == 2 for x in t)
+    assert sum(x["cases"] for x in t) == N_CASES and all(x["cases"] == N_CASES // 2 for x in t)
+
+
+KILLER = """
+import os, signal, sys
+import auvcore.app.scoring as S
+real = S.save_result
+def save_result(run, case_id, result):
+    real(run, case_id, result)
+    if os.environ["RANK"] == "1":  # rank 1 dies right after its first case
+        os.kill(os.getpid(), signal.SIGKILL)
+S.save_result = save_result
+from auvcore.app.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_rank_leaves_its_cases_and_the_rerun_finishes(data, ref, tmp_path):
+    out = tmp_path / "r"
+    args = ["score", str(data), "--encoder", "random3d", "--out", str(out), "--no-progress"]
+    (tmp_path / "killer.py").write_text(KILLER)
+    p = torchrun([str(tmp_path / "killer.py"), *args], cwd=tmp_path)
+    assert p.returncode != 0
+    assert not (out / "scores.parquet").exists()
+    done = {f.name: f.stat().st_mtime_ns for f in (out / "cases").glob("*.npz")}
+    ids = sorted(c.name[: -len(".nii.gz")] for c in (Path(data) / "labelsTr").glob("*.nii.gz"))
+    assert f"{ids[1]}.npz" in done and 1 <= len(done) < N_CASES  # rank 1's first case
+    p = torchrun(["-m", "auvcore", *args], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    same_run(ref, out)
+    assert {n: (out / "cases" / n).stat().st_mtime_ns for n in done} == done  # finished cases were kept
