@@ -166,14 +166,23 @@ def _score(args, dataset, out):
     return table
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 without)."""
+def _env(name: str) -> int:
     import os
 
     try:
-        return int(os.environ.get("RANK", "0") or 0)
+        return int(os.environ.get(name) or 0)
     except ValueError:
         return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without)."""
+    return _env("RANK")
+
+
+def _world() -> int:
+    """The number of ranks under torchrun (1 without)."""
+    return max(1, _env("WORLD_SIZE"))
 
 
 # Exit codes: 0 all cases scored, 2 bad invocation (nothing scored), 3 some cases failed (the table holds the
@@ -242,6 +251,9 @@ def run(argv=None) -> int:
         print(f"report: {write_report(args.run, args.quantile)}")
     elif args.command == "demo":
         from ..data.demo import build_demo
+
+        if _world() > 1:
+            raise ValueError("demo runs in one process; under torchrun use `auvcore score` on a data set")
         from .filter import filter_run
         from .report import write_report
 

@@ -174,6 +174,8 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
         by_id = {c.case_id: c for c in cases}
         mine = [by_id[c] for c in todo[ranks.rank::ranks.world]]
         enc = None
+        if dev.type == "cuda":  # kernels and libraries that use the current device find this rank's GPU
+            torch.cuda.set_device(dev)
         if mine:  # built before anything is written: a bad --layer or --weights leaves the folder as it was
             try:
                 enc = _build_encoder(get_encoder, encoder, kw, dev, torch_dtype)
