@@ -115,5 +115,18 @@ __device__ double block_reduce(double v, double* red) {
 }
 #endif
 
+// A host-side check before a launch: `p` must be memory the kernel can read (device or managed), else an
+// ArgumentError naming the argument instead of an illegal-address error later.
+inline void require_device_pointer(const void* p, const char* name) {
+  cudaPointerAttributes attr;
+  cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw ArgumentError(std::string(name) + ": not a pointer the CUDA runtime knows (" + cudaGetErrorString(err) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw ArgumentError(std::string(name) + ": expected CUDA device memory");
+}
+
 }  // namespace cuda
 }  // namespace auvcore

@@ -264,17 +264,6 @@ __global__ void __launch_bounds__(kThreads) duo_backward_kernel(const KernelArgs
 
 // ---- host side -------------------------------------------------------------------------------------------
 
-void require_device_memory(const void* p, const char* name) {
-  cudaPointerAttributes attr;
-  cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw ArgumentError(std::string(name) + ": not a pointer the CUDA runtime knows (" + cudaGetErrorString(err) + ")");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    throw ArgumentError(std::string(name) + ": expected CUDA device memory");
-}
-
 // The arguments both passes share, checked; the grid's extent in units of (b, class, chunk).
 KernelArgs kernel_args(const DuoArgs& a, int64_t classes) {
   check_duo_args(a, /*half_ok=*/true);
@@ -328,9 +317,9 @@ void duo_forward(const DuoArgs& a, double* sums, int64_t* status, std::uintptr_t
 
   require_device(device);
   DeviceGuard guard(device);
-  require_device_memory(k.z, "seg_logits");
-  require_device_memory(k.n, "noise_logits");
-  require_device_memory(k.y, "target");
+  require_device_pointer(k.z, "seg_logits");
+  require_device_pointer(k.n, "noise_logits");
+  require_device_pointer(k.y, "target");
   const cudaStream_t s = as_stream(stream);
   Workspace ws(device, s);
   k.partial = ws.alloc_n<double>(units * kDuoSums);
@@ -365,11 +354,11 @@ void duo_backward(const DuoArgs& a, const double* grad_sums, const ArrayView& dz
 
   require_device(device);
   DeviceGuard guard(device);
-  require_device_memory(k.z, "seg_logits");
-  require_device_memory(k.n, "noise_logits");
-  require_device_memory(k.y, "target");
-  require_device_memory(k.dz, "dz");
-  if (k.dn) require_device_memory(k.dn, "dn");
+  require_device_pointer(k.z, "seg_logits");
+  require_device_pointer(k.n, "noise_logits");
+  require_device_pointer(k.y, "target");
+  require_device_pointer(k.dz, "dz");
+  if (k.dn) require_device_pointer(k.dn, "dn");
   const cudaStream_t s = as_stream(stream);
   with_dtype(a.z.dtype, [&](auto tag) {
     using In = decltype(tag);

@@ -512,17 +512,6 @@ void launch_finalize(double* G, int64_t p, int64_t jobs, const double* sums, con
   AUV_CUDA_CHECK_LAUNCH("finalize_kernel");
 }
 
-void require_device_pointer(const void* p, const char* name) {
-  cudaPointerAttributes attr;
-  cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw ArgumentError(std::string(name) + ": not a pointer the CUDA runtime knows (" + cudaGetErrorString(err) + ")");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    throw ArgumentError(std::string(name) + ": expected CUDA device memory");
-}
-
 }  // namespace
 
 void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int32_t* flags,
