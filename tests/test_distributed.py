@@ -62,13 +62,16 @@ def log_lines(run: Path) -> list:
         if p.exists() else []
 
 
-def test_device_cpu_is_the_default(data, ref, tmp_path):
+def test_device_cpu_is_the_default(data, ref, tmp_path, capsys):
     assert score(data, tmp_path / "cpu", "--device", "cpu", "--dtype", "float32") == 0
     same_run(ref, tmp_path / "cpu")
     # device and dtype are not settings: a run scored without them resumes with them (nothing to redo)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cpu" / "cases").iterdir()}
     assert score(data, tmp_path / "cpu", "--device", "auto" if not torch.cuda.is_available() else "cpu") == 0
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cpu" / "cases").iterdir()} == stamps
+    # bfloat16 changes S: it is a setting, and a float32 run is not resumed in it
+    assert score(data, tmp_path / "cpu", "--dtype", "bfloat16") == 2
+    assert "dtype: None -> 'bfloat16'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -68,7 +68,7 @@ def read_settings(run: Path) -> dict:
 
 def check_same_settings(run: Path, new: dict) -> None:
     old = read_settings(run)
-    diff = [k for k in SETTINGS_KEYS if old.get(k) != new.get(k)]
+    diff = [k for k in (*SETTINGS_KEYS, "dtype") if old.get(k) != new.get(k)]
     if diff:
         what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise ValueError(f"--out: {run} holds a run with other settings ({what}); use another --out folder, "
@@ -106,7 +106,9 @@ def fingerprint(case, settings: dict) -> str:
             h.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns};".encode())
         except (OSError, TypeError):
             h.update(f"{p}|missing;".encode())
-    keys = (*SETTINGS_KEYS, "num_classes", "modality")
+    # the encoder's forward precision changes S (bfloat16: by 1-2 %); float32, the default, is left out of the
+    # hash so that runs scored before --dtype existed stay valid
+    keys = (*SETTINGS_KEYS, "num_classes", "modality") + (("dtype",) if settings.get("dtype") else ())
     h.update(json.dumps({k: settings.get(k) for k in keys}, sort_keys=True).encode())
     return h.hexdigest()[:20]
 

@@ -115,9 +115,10 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
 
     How the run is computed: ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) holds the encoder and S,
     ``dtype`` (``float32``, ``bfloat16``) is the encoder's forward precision (S is taken in float32),
-    ``workers`` processes read the cases ahead of the encoder (0: this process). None of them is part of the
-    run's settings or the cases' fingerprints: a run may be resumed on another device (see
-    ``app/distributed.py``). Under ``torchrun`` (``WORLD_SIZE > 1``) the cases to score are shared out over
+    ``workers`` processes read the cases ahead of the encoder (0: this process). Device and workers are not
+    part of the run's settings or the cases' fingerprints: a run may be resumed on another device (see
+    ``app/distributed.py``). A ``dtype`` other than float32 is (it changes S): a run is not resumed in
+    another precision. Under ``torchrun`` (``WORLD_SIZE > 1``) the cases to score are shared out over
     the ranks (rank r takes the r-th, (r+N)-th, ... of them); rank 0 alone writes settings.json (before the
     others start) and the table (after they are all done); every rank returns the table's path.
 
@@ -154,7 +155,8 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
                                  config=config)
             settings = {**{k: None for k in SETTINGS_KEYS}, "dataset": str(ds.root.resolve()), "encoder": encoder,
                         **kw, "mode": mode, "input": input, "reduction": reduction, "num_classes": ds.num_classes,
-                        "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality}
+                        "class_names": {str(k): v for k, v in ds.class_names.items()}, "modality": ds.modality,
+                        "dtype": None if dtype == "float32" else dtype}  # see fingerprint
             if run.exists() and not run.is_dir():
                 raise ValueError(f"--out: {run} is a file, not a folder")
             if (run / "settings.json").exists() and not force:
