@@ -1,8 +1,11 @@
 """Shared by the CUDA tests (host, emulated, GPU): markers and the float64 oracle."""
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +85,31 @@ def _masked_case(Bn, C, K, shape, dtype, seed, channels_last=False, absent=()):
     if channels_last:
         f = f.movedim(1, -1).contiguous().movedim(-1, 1)
     return f, lab
+
+
+# ---- the host emulation of the CUDA kernels (test_cuda_emulated.py, test_cuda_duo_emulated.py) ---------------
+_spec = importlib.util.spec_from_file_location(
+    "build_emu", Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "emu" / "build_emu.py")
+build_emu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_emu)
+
+
+def emu_library(tmp_path_factory) -> ctypes.CDLL:
+    """The emulated kernels' shared library (built once per source hash); skips without a C++20 compiler."""
+    try:
+        return ctypes.CDLL(str(build_emu.build(tmp_path_factory.getbasetemp())))
+    except build_emu.EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
+def i64(xs):
+    return (ctypes.c_int64 * max(len(xs), 1))(*xs)
+
+
+def ptr(t):
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def check_rc(rc, err):
+    if rc:
+        raise (ValueError if rc == 1 else RuntimeError)(err.value.decode())

@@ -6,9 +6,7 @@ that a GPU's weaker memory ordering could expose.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,12 +20,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cuda_common import built_with_cuda  # noqa: E402
+from cuda_common import built_with_cuda, check_rc, emu_library, i64, ptr  # noqa: E402
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_spec = importlib.util.spec_from_file_location("build_emu", _CSRC / "cuda" / "emu" / "build_emu.py")
-build_emu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_emu)
 
 _EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.int8: 4, torch.uint8: 5,
            torch.int16: 6, torch.int32: 7, torch.int64: 8}
@@ -40,28 +34,12 @@ pytestmark = built_with_cuda
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    try:
-        return ctypes.CDLL(str(build_emu.build(tmp_path_factory.getbasetemp())))
-    except build_emu.EmulationUnavailable as e:
-        pytest.skip(str(e))
-
-
-def _i64(xs):
-    return (ctypes.c_int64 * max(len(xs), 1))(*xs)
-
-
-def _p(t):
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
-
-
-def _check(rc, err):
-    if rc:
-        raise (ValueError if rc == 1 else RuntimeError)(err.value.decode())
+    return emu_library(tmp_path_factory)
 
 
 def _common(z, n, y):
-    return (_p(z), _p(n), _EMU_DT[z.dtype], _i64(z.shape), _i64(z.stride()), _i64(n.stride()), _p(y),
-            _EMU_DT[y.dtype], y.dim(), _i64(y.shape), _i64(y.stride()))
+    return (ptr(z), ptr(n), _EMU_DT[z.dtype], i64(z.shape), i64(z.stride()), i64(n.stride()), ptr(y),
+            _EMU_DT[y.dtype], y.dim(), i64(y.shape), i64(y.stride()))
 
 
 def emu_forward(lib, z, n, y, labels, c0, preset, tau=0.5):
@@ -70,8 +48,8 @@ def emu_forward(lib, z, n, y, labels, c0, preset, tau=0.5):
     sums = torch.full((Bn, K - c0, 6), float("nan"), dtype=torch.float64)  # must be overwritten
     status = torch.full((2,), 7, dtype=torch.int64)
     err = ctypes.create_string_buffer(512)
-    _check(lib.emu_duo_forward(*_common(z, n, y), int(labels), ctypes.c_int64(c0), int(preset), ctypes.c_double(tau),
-                               _p(sums), _p(status), err, 512), err)
+    check_rc(lib.emu_duo_forward(*_common(z, n, y), int(labels), ctypes.c_int64(c0), int(preset), ctypes.c_double(tau),
+                               ptr(sums), ptr(status), err, 512), err)
     return sums, status.tolist()
 
 
@@ -82,9 +60,9 @@ def emu_backward(lib, z, n, y, labels, c0, preset, grad, tau=0.5, want_dn=True, 
         dz = torch.full(z.shape[:2] + (2 * z.shape[2],), float("nan"), dtype=z.dtype)[..., ::2]
         dn = torch.full(z.shape[:2] + (2 * z.shape[2],), float("nan"), dtype=z.dtype)[..., ::2] if want_dn else None
     err = ctypes.create_string_buffer(512)
-    _check(lib.emu_duo_backward(*_common(z, n, y), int(labels), ctypes.c_int64(c0), int(preset),
-                                ctypes.c_double(tau), _p(grad.contiguous()), _p(dz), _i64(dz.stride()), _p(dn),
-                                _i64(dn.stride() if dn is not None else dz.stride()), err, 512), err)
+    check_rc(lib.emu_duo_backward(*_common(z, n, y), int(labels), ctypes.c_int64(c0), int(preset),
+                                ctypes.c_double(tau), ptr(grad.contiguous()), ptr(dz), i64(dz.stride()), ptr(dn),
+                                i64(dn.stride() if dn is not None else dz.stride()), err, 512), err)
     return dz, dn
 
 

@@ -5,9 +5,7 @@ memory ordering could expose.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,13 +20,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
-    _assert_scale_close, _masked_case, _rand, _reference, built_with_cuda,
+    _assert_scale_close, _masked_case, _rand, _reference, built_with_cuda, check_rc, emu_library, i64, ptr,
 )
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_spec = importlib.util.spec_from_file_location("build_emu", _CSRC / "cuda" / "emu" / "build_emu.py")
-build_emu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_emu)
 
 _EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.int8: 4, torch.uint8: 5,
            torch.int16: 6, torch.int32: 7, torch.int64: 8}
@@ -36,25 +30,9 @@ _EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64:
 
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
-    try:
-        lib = ctypes.CDLL(str(build_emu.build(tmp_path_factory.getbasetemp())))
-    except build_emu.EmulationUnavailable as e:
-        pytest.skip(str(e))
+    lib = emu_library(tmp_path_factory)
     yield lib
     lib.emu_set_optin(227 * 1024)
-
-
-def _i64(xs):
-    return (ctypes.c_int64 * max(len(xs), 1))(*xs)
-
-
-def _p(t):
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
-
-
-def _check(rc, err):
-    if rc:
-        raise (ValueError if rc == 1 else RuntimeError)(err.value.decode())
 
 
 def _emu_scale(lib, G, p, counts=None, r=0, eps=1e-8, variant=0, flags=None, want_evals=False):
@@ -62,8 +40,8 @@ def _emu_scale(lib, G, p, counts=None, r=0, eps=1e-8, variant=0, flags=None, wan
     S = torch.empty(count, dtype=torch.float64)
     ev = torch.empty(count, p, dtype=torch.float64) if want_evals else None
     err = ctypes.create_string_buffer(512)
-    _check(lib.emu_scale_from_gram(_p(G), ctypes.c_int64(count), ctypes.c_int64(p), _p(counts), ctypes.c_int64(r),
-                                   ctypes.c_double(eps), variant, _p(flags), _p(S), _p(ev), err, 512), err)
+    check_rc(lib.emu_scale_from_gram(ptr(G), ctypes.c_int64(count), ctypes.c_int64(p), ptr(counts), ctypes.c_int64(r),
+                                   ctypes.c_double(eps), variant, ptr(flags), ptr(S), ptr(ev), err, 512), err)
     return S, ev
 
 
@@ -76,8 +54,8 @@ def _emu_decoded(lib, z, mode="D_HW", center=True, nan_to_num=False, variant="pa
     G = torch.full((Bn * K, p, p), float("nan"), dtype=torch.float64)  # the op must overwrite every entry
     flags = torch.zeros(Bn * K, dtype=torch.int32)
     err = ctypes.create_string_buffer(512)
-    _check(lib.emu_decoded_gram(_p(z), _EMU_DT[z.dtype], z.dim(), _i64(z.shape), _i64(z.stride()), T.LAYOUTS[mode],
-                                int(center), int(nan_to_num), _p(G), _p(flags), err, 512), err)
+    check_rc(lib.emu_decoded_gram(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()), T.LAYOUTS[mode],
+                                int(center), int(nan_to_num), ptr(G), ptr(flags), err, 512), err)
     G0 = G.clone()
     S, _ = _emu_scale(lib, G, p, r=p, eps=eps, variant=T.VARIANTS[variant], flags=flags)
     return G0, S.view(Bn, K), flags.view(Bn, K)
@@ -90,9 +68,9 @@ def _emu_masked(lib, f, lab, K, center=True, nan_to_num=False):
     flags = torch.zeros(Bn * K, dtype=torch.int32)
     le = torch.zeros(2, dtype=torch.int64)
     err = ctypes.create_string_buffer(512)
-    _check(lib.emu_masked_gram(_p(f), _EMU_DT[f.dtype], f.dim(), _i64(f.shape), _i64(f.stride()), _p(lab),
-                               _EMU_DT[lab.dtype], _i64(lab.shape), _i64(lab.stride()), ctypes.c_int64(K),
-                               int(center), int(nan_to_num), _p(G), _p(counts), _p(flags), _p(le), err, 512), err)
+    check_rc(lib.emu_masked_gram(ptr(f), _EMU_DT[f.dtype], f.dim(), i64(f.shape), i64(f.stride()), ptr(lab),
+                               _EMU_DT[lab.dtype], i64(lab.shape), i64(lab.stride()), ctypes.c_int64(K),
+                               int(center), int(nan_to_num), ptr(G), ptr(counts), ptr(flags), ptr(le), err, 512), err)
     G0 = G.clone()
     S, _ = _emu_scale(lib, G, C, counts=counts, flags=flags)
     return G0, S.view(Bn, K), counts.view(Bn, K), flags.view(Bn, K), le.tolist()
