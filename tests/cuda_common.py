@@ -36,6 +36,17 @@ def as_if_on_gpu(t: torch.Tensor, device: int = 0):
                           device)
 
 
+def forbid_cuda_path(monkeypatch, *names):
+    """Make these functions of auvcore._cuda fail if called: the CPU tensors' path must not reach them."""
+    from auvcore import _cuda
+
+    def boom(*a, **k):
+        raise AssertionError("the CUDA path must not run for CPU tensors")
+
+    for name in names:
+        monkeypatch.setattr(_cuda, name, boom)
+
+
 def fake_buffer(shape, dtype=torch.float64, device: int = 0, strides=None):
     """A view of no real memory (pointer 8) with this shape, contiguous unless ``strides``, for calls that must
     fail before any memory is touched."""

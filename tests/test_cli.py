@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 
 from auvcore.app.cli import main
-from auvcore.data.demo import build_demo
+
+from cli_common import score_random3d, tiny_demo
 
 N_CASES = 10
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "data", n_cases=N_CASES, corrupt_fraction=0.3, seed=1,
-                      size_mm=(120.0, 120.0, 72.0))
+    return tiny_demo(tmp_path_factory, N_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +242,6 @@ def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch)
     assert (df["error"] == "").all() and df["auv"].notna().all()
 
 
-def _score(d, out, *extra):
-    return main(["score", str(d), "--encoder", "random3d", "--out", str(out), "--no-progress", *extra])
-
-
 def test_resume_rescores_changed_inputs_only(data, tmp_path):
     """A case whose label changed since it was scored is scored again; the others are not."""
     import nibabel as nib
@@ -253,7 +249,7 @@ def test_resume_rescores_changed_inputs_only(data, tmp_path):
     d = tmp_path / "data"
     shutil.copytree(data, d)
     out = tmp_path / "r"
-    assert _score(d, out) == 0
+    assert score_random3d(d, out) == 0
     before = pd.read_parquet(out / "scores.parquet").set_index("case")
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.npz")}
     cid = before.index[2]
@@ -266,7 +262,7 @@ def test_resume_rescores_changed_inputs_only(data, tmp_path):
     value = int(json.loads((d / "dataset.json").read_text())["labels"][name])
     arr[arr == value] = 0
     nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), lab_path)
-    assert _score(d, out) == 0
+    assert score_random3d(d, out) == 0
     after = pd.read_parquet(out / "scores.parquet").set_index("case")
     assert after.loc[cid, gone] == 0 and before.loc[cid, gone] > 0
     changed = {p.name for p in (out / "cases").glob("*.npz") if p.stat().st_mtime_ns != stamps[p.name]}
@@ -275,20 +271,20 @@ def test_resume_rescores_changed_inputs_only(data, tmp_path):
 
 def test_a_bad_argument_leaves_the_folder_usable_and_force_starts_over(data, tmp_path, capsys):
     out = tmp_path / "r"
-    assert _score(data, out, "--layer", "layer9") == 2
+    assert score_random3d(data, out, "--layer", "layer9") == 2
     assert "layer" in capsys.readouterr().err
     assert not (out / "settings.json").exists()  # nothing written: the corrected command is not refused
-    assert _score(data, out, "--limit", "3") == 0
+    assert score_random3d(data, out, "--limit", "3") == 0
     # other settings: refused, and --force names itself as the way out
-    assert _score(data, out, "--limit", "3", "--mode", "decoded") == 2
+    assert score_random3d(data, out, "--limit", "3", "--mode", "decoded") == 2
     assert "--force" in capsys.readouterr().err
-    assert _score(data, out, "--limit", "3", "--mode", "decoded", "--force") == 0
+    assert score_random3d(data, out, "--limit", "3", "--mode", "decoded", "--force") == 0
     assert json.loads((out / "settings.json").read_text())["mode"] == "decoded"
     # --force never deletes a folder that is not a run
     other = tmp_path / "not_a_run"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    assert _score(data, other, "--force") == 2
+    assert score_random3d(data, other, "--force") == 2
     assert (other / "keep.txt").read_text() == "mine"
 
 
@@ -298,7 +294,7 @@ def test_outputs_follow_the_umask(data, tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "r"
-        assert _score(data, out, "--limit", "3") == 0
+        assert score_random3d(data, out, "--limit", "3") == 0
         assert main(["filter", str(out)]) == 0
         assert main(["report", str(out)]) == 0
     finally:
@@ -335,7 +331,7 @@ def test_labels_checked_against_dataset_json_and_nan_explained(data, tmp_path, c
     lab = nib.load(d / "labelsTr" / f"{ids[0]}.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), d / "labelsTr" / f"{ids[0]}.nii.gz")
     out = tmp_path / "r"
-    assert _score(d, out) == 3
+    assert score_random3d(d, out) == 3
     err = capsys.readouterr().err
     df = pd.read_parquet(out / "scores.parquet").set_index("case")
     for cid in has_v:
@@ -349,7 +345,7 @@ def test_labels_checked_against_dataset_json_and_nan_explained(data, tmp_path, c
     for p in (empty / "labelsTr").glob("*.nii.gz"):
         lab = nib.load(p)
         nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), p)
-    assert _score(empty, tmp_path / "r_empty", "--limit", "2") == 4
+    assert score_random3d(empty, tmp_path / "r_empty", "--limit", "2") == 4
     assert "nothing useful was scored" in capsys.readouterr().err
 
 
@@ -422,8 +418,8 @@ def test_check_lists_every_problem_at_once(data, tmp_path, capsys):
     assert f"  {ids[4]}: class " in err and "vanishes at the merlin feature grid" in err
     # score --check refuses before anything is written; plain score records the same errors per case
     out = tmp_path / "r"
-    assert _score(d, out, "--check") == 3 and not out.exists()
-    assert _score(d, out) == 3
+    assert score_random3d(d, out, "--check") == 3 and not out.exists()
+    assert score_random3d(d, out) == 3
     df = pd.read_parquet(out / "scores.parquet").set_index("case")
     assert (df.loc[ids[:3], "error"] != "").all() and "NaN or Inf" in df.loc[ids[2], "error"]
     assert "at the encoder's grid" in df.loc[ids[4], "reason"]  # the one-voxel class, named
@@ -460,15 +456,15 @@ def test_csv_without_dataset_json_says_what_is_needed_then_picks_up_the_names(da
     csv.write_text("case,image,label\n" + "".join(
         f"{c},{data / 'imagesTr' / (c + '_0000.nii.gz')},{data / 'labelsTr' / (c + '.nii.gz')}\n" for c in ids))
     out = tmp_path / "r"
-    assert _score(csv, out) == 4  # every case failed: no AUV at all
+    assert score_random3d(csv, out) == 4  # every case failed: no AUV at all
     assert "the data set has no dataset.json to name its classes" in capsys.readouterr().err
     (tmp_path / "dataset.json").write_text((data / "dataset.json").read_text())
-    assert _score(csv, out) == 0  # same folder: the classes now have names and every case is scored
+    assert score_random3d(csv, out) == 0  # same folder: the classes now have names and every case is scored
     df = pd.read_parquet(out / "scores.parquet")
     assert "S[right lung]" in df and (df["error"] == "").all() and df["auv"].notna().all()
     # a case removed from the data set leaves the table
     csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")
-    assert _score(csv, out) == 0
+    assert score_random3d(csv, out) == 0
     assert sorted(pd.read_parquet(out / "scores.parquet")["case"]) == ids[:2]
 
 

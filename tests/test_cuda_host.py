@@ -20,7 +20,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
-    _assert_scale_close, _reference, as_if_on_gpu, built_with_cuda, fake_buffer, no_driver,
+    _assert_scale_close, _reference, as_if_on_gpu, built_with_cuda, fake_buffer, forbid_cuda_path, no_driver,
 )
 
 
@@ -172,13 +172,7 @@ def test_cpu_ops_refuse_device_memory():
 def test_auto_on_cpu_tensors_uses_the_cpu_kernels(monkeypatch):
     if not auvcore.has_native():
         pytest.skip("native module not built")
-    from auvcore import _cuda
-
-    def boom(*a, **k):
-        raise AssertionError("the CUDA path must not run for CPU tensors")
-
-    monkeypatch.setattr(_cuda, "semantic_scale", boom)
-    monkeypatch.setattr(_cuda, "masked_semantic_scale", boom)
+    forbid_cuda_path(monkeypatch, "semantic_scale", "masked_semantic_scale")
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 5, 6, 7, generator=g)
     assert B.resolve("auto", z) == "cpp"
@@ -332,13 +326,7 @@ def test_cuda_duo_ops_without_device_raise_runtime_error():
 def test_duo_loss_on_cpu_tensors_does_not_touch_the_cuda_kernels(monkeypatch):
     if not auvcore.has_native():
         pytest.skip("native module not built")
-    from auvcore import _cuda
-
-    def boom(*a, **k):
-        raise AssertionError("the CUDA path must not run for CPU tensors")
-
-    monkeypatch.setattr(_cuda, "duo_sums", boom)
-    monkeypatch.setattr(_cuda, "duo_backward", boom)
+    forbid_cuda_path(monkeypatch, "duo_sums", "duo_backward")
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 4, 5, 6, generator=g, requires_grad=True)
     n = torch.randn(2, 3, 4, 5, 6, generator=g, requires_grad=True)

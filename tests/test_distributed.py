@@ -14,7 +14,8 @@ import torch
 
 from auvcore.app.cli import main
 from auvcore.app.distributed import portable_error, resolve_device
-from auvcore.data.demo import build_demo
+
+from cli_common import score_random3d, tiny_demo
 
 N_CASES = 6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -22,20 +23,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "data", n_cases=N_CASES, corrupt_fraction=0.3, seed=1,
-                      size_mm=(120.0, 120.0, 72.0))
+    return tiny_demo(tmp_path_factory, N_CASES)
 
 
 @pytest.fixture(scope="module")
 def ref(data, tmp_path_factory):
     """The plain run: no --device, --workers or ranks."""
     out = tmp_path_factory.mktemp("runs") / "ref"
-    assert main(["score", str(data), "--encoder", "random3d", "--out", str(out), "--no-progress"]) == 0
+    assert score_random3d(data, out) == 0
     return out
-
-
-def score(data, out, *extra):
-    return main(["score", str(data), "--encoder", "random3d", "--out", str(out), "--no-progress", *extra])
 
 
 def same_run(a: Path, b: Path):
@@ -63,14 +59,14 @@ def log_lines(run: Path) -> list:
 
 
 def test_device_cpu_is_the_default(data, ref, tmp_path, capsys):
-    assert score(data, tmp_path / "cpu", "--device", "cpu", "--dtype", "float32") == 0
+    assert score_random3d(data, tmp_path / "cpu", "--device", "cpu", "--dtype", "float32") == 0
     same_run(ref, tmp_path / "cpu")
     # device and dtype are not settings: a run scored without them resumes with them (nothing to redo)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cpu" / "cases").iterdir()}
-    assert score(data, tmp_path / "cpu", "--device", "auto" if not torch.cuda.is_available() else "cpu") == 0
+    assert score_random3d(data, tmp_path / "cpu", "--device", "auto" if not torch.cuda.is_available() else "cpu") == 0
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cpu" / "cases").iterdir()} == stamps
     # bfloat16 changes S: it is a setting, and a float32 run is not resumed in it
-    assert score(data, tmp_path / "cpu", "--dtype", "bfloat16") == 2
+    assert score_random3d(data, tmp_path / "cpu", "--dtype", "bfloat16") == 2
     assert "dtype: None -> 'bfloat16'" in capsys.readouterr().err
 
 
@@ -78,18 +74,18 @@ def test_device_cpu_is_the_default(data, ref, tmp_path, capsys):
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "cuda:0"])
 def test_cuda_without_a_gpu_is_refused(data, tmp_path, capsys, device):
     out = tmp_path / "r"
-    assert score(data, out, "--device", device) == 2
+    assert score_random3d(data, out, "--device", device) == 2
     err = capsys.readouterr().err
     assert f"--device {device}: " in err and "use --device cpu" in err
     assert not out.exists()
 
 
 def test_bad_device_is_refused(data, tmp_path, capsys):
-    assert score(data, tmp_path / "r", "--device", "tpu") == 2
+    assert score_random3d(data, tmp_path / "r", "--device", "tpu") == 2
     assert "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     with pytest.raises(SystemExit):
-        score(data, tmp_path / "r", "--workers", "-1")
+        score_random3d(data, tmp_path / "r", "--workers", "-1")
     assert not (tmp_path / "r").exists()
 
 
@@ -113,8 +109,8 @@ def test_workers_give_the_same_run_and_failures(data, tmp_path):
     ids = sorted(p.name[: -len(".nii.gz")] for p in (d / "labelsTr").glob("*.nii.gz"))
     img = d / "imagesTr" / f"{ids[2]}_0000.nii.gz"
     img.write_bytes(img.read_bytes()[:200])  # truncated gzip
-    assert score(d, tmp_path / "w0", "--workers", "0") == 3
-    assert score(d, tmp_path / "w2", "--workers", "2") == 3
+    assert score_random3d(d, tmp_path / "w0", "--workers", "0") == 3
+    assert score_random3d(d, tmp_path / "w2", "--workers", "2") == 3
     same_run(tmp_path / "w0", tmp_path / "w2")
     err = json.loads((tmp_path / "w2" / "cases" / f"{ids[2]}.error.json").read_text())
     assert err["bug"] is False and ids[2] in err["error"]
