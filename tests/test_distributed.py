@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 
-from auvcore.app.cli import main
 from auvcore.app.distributed import portable_error, resolve_device
 
 from cli_common import score_random3d, tiny_demo
@@ -160,7 +159,6 @@ def save_result(run, case_id, result):
     if os.environ["RANK"] == "1":  # rank 1 dies right after its first case
         os.kill(os.getpid(), signal.SIGKILL)
 S.save_result = save_result
-from auvcore.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
