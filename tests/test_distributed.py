@@ -153,6 +153,7 @@ def test_two_gloo_ranks_give_the_table_of_one_process(data, ref, tmp_path):
 KILLER = """
 import os, signal, sys
 import auvcore.app.scoring as S
+from auvcore.app.cli import main
 real = S.save_result
 def save_result(run, case_id, result):
     real(run, case_id, result)
