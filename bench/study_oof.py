@@ -1,0 +1,532 @@
+"""Cleanlab-style baseline and the correlation study (the paper's Table 4) on the demo cohorts.
+
+For every source and draw (the cohorts of ``bench/study_detection.py``: same folders, same seeds, so they are
+reused), a small 3-D U-Net is trained with k-fold cross-validation on the cohort's labels as delivered
+(corrupted where recorded) and predicts the held-out fold: out-of-fold (OOF) softmax probabilities for every
+case. From them:
+
+* **label-quality scores** per case, all oriented high = suspect (the AUV's direction):
+
+  - ``cleanlab_score`` = 1 − cleanlab's segmentation label-quality score (``cleanlab.segmentation.rank.
+    get_label_quality_scores``, its default ``method="softmin"``, temperature 0.1): the per-voxel
+    self-confidence (OOF probability of the given label) pooled by a softmin, which is dominated by the voxels
+    whose label the model contradicts. This is the headline baseline because it is cleanlab's own image-level
+    score, which the "cleanlab-style" comparison asks for. It is computed here (``softmin_quality``, the same
+    two lines as cleanlab 2.9's ``softmin``) so that cleanlab is not a dependency; when cleanlab is importable
+    the values are checked against it once per cohort.
+  - ``monai_lqs``: MONAI's ``monai.metrics.label_quality_score`` (mean |OOF probability − one-hot label| over
+    voxels and classes, background included). A mean instead of a softmin: a corruption that touches few voxels
+    moves it little.
+  - ``oof_dice_score`` = 1 − mean over the label's foreground classes of the OOF Dice against the given label:
+    the segmentation-native version (a class the label has and the model misses, or a label moved off the
+    anatomy, costs Dice in proportion to the structure's size, not the volume's).
+
+* the **noise-detection table** of these scores in study_detection's format (AUROC/AP per source, mean over draws,
+  95 % bootstrap intervals; AUROC per corruption kind on within-draw ranks), next to the AUV, variance and
+  Mahalanobis scores of the Merlin layer-2 run (``score_dataset(encoder="merlin", layer="layer2", mode="masked",
+  input="raw")``, run here when missing) and, with ``--cases-csv``, every score column of study_detection's
+  cases CSV;
+* the **correlation study** (Table 4): per (case, foreground class), Pearson and Spearman (scipy.stats, with
+  p-values) between the class's semantic perception scale S (``S[class]`` of the Merlin layer-2 table) and the
+  OOF Dice of the model on that class against (a) the given label and (b) the clean label (``labelsTr_clean``,
+  which build_demo writes for every case: the label before corruption); the per-class baselines (intensity
+  variance ``variance[class]``, Mahalanobis distance ``mahalanobis[class]``) the same way; per case the AUV,
+  variance, Mahalanobis and cleanlab scores against the mean foreground Dice. Pooled over the draws of a source
+  (S of one source comes from one encoder on one anatomy, so its values are comparable across draws).
+
+Model and grid: MONAI ``UNet(spatial_dims=3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)``,
+Dice + cross-entropy, Adam (lr 3e-3), ``--steps`` steps of batch 2 on whole volumes resampled to one grid per
+source (the field of view of the source, ``size_mm``, on ``--size`` voxels along its longest side, each side a
+multiple of 4: images trilinear, labels by trilinear interpolation of the one-hot map then argmax, so thin
+structures survive the down-sampling better than with nearest neighbour). Intensities: clipped to the case's
+0.5–99.5 percentiles, then z-scored (CT and MR alike). Dice is measured on that grid. Folds: stratified by the
+corruption flag (the corrupted cases spread over the folds), seeded by ``--seed`` and the draw; training seeded
+by (seed, draw, fold). OOF probabilities are saved per cohort (``OUT/oof/<source>-<draw>/oof.npz``) and
+reused when the settings match (resumable).
+
+Writes ``OUT/NAME.json``, ``OUT/NAME.md`` (tables ready to paste), ``OUT/NAME_cases.csv`` (one row per case) and
+``OUT/NAME_classes.csv`` (one row per case and foreground class).
+
+    python bench/study_oof.py --out runs/study --sources spine-ct spine-mr brain-mni --draws 2
+    python bench/study_oof.py --out runs/study --cases-csv runs/study/detection_cases.csv
+    python bench/study_oof.py --out /tmp/oof-smoke --smoke          # one source, 1 draw, 2 folds, 20 steps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import cpu_name  # noqa: E402
+from study_detection import CONFIGS, SOURCES, auroc, average_precision, bootstrap, markdown, percentile_rank  # noqa: E402
+
+OOF_VERSION = 1
+SCORE_CONFIG = "merlin-l2"  # the run whose S, AUV and baselines the study uses (the README's default)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+
+
+def grid_shape(size_mm, size: int) -> tuple[int, int, int]:
+    """The model grid of a source: its field of view on ``size`` voxels along the longest side, every side a
+    multiple of 4 (two stride-2 levels)."""
+    if size < 8:
+        raise ValueError(f"size: expected at least 8 voxels, got {size}")
+    mm = np.asarray(size_mm, dtype=float)
+    return tuple(int(max(8, 4 * round(size * m / mm.max() / 4))) for m in mm)
+
+
+def _resize(img: np.ndarray, lab: np.ndarray, clean: np.ndarray, shape, K: int):
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    x = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+    def lab_resize(lb):
+        oh = F.one_hot(torch.from_numpy(lb.astype(np.int64)), K).permute(3, 0, 1, 2)[None].float()
+        return F.interpolate(oh, size=shape, mode="trilinear", align_corners=False)[0].argmax(0).numpy()
+
+    return x, lab_resize(lab), lab_resize(clean)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    x = np.clip(x, lo, hi)
+    return ((x - x.mean()) / max(float(x.std()), 1e-6)).astype(np.float32)
+
+
+def load_cohort(root: Path, size: int) -> dict:
+    """Images, given labels and clean labels of a demo cohort on its model grid, with the corruption record."""
+    from auvcore.data import discover
+    from auvcore.data.io import read_image, to_ras
+
+    ds = discover(root)
+    meta = json.loads((Path(root) / "dataset.json").read_text(encoding="utf-8"))
+    size_mm = (meta.get("auvcore_demo") or {}).get("size_mm")
+    if size_mm is None:
+        raise ValueError(f"{root}: not an auvcore demo cohort (dataset.json has no auvcore_demo.size_mm)")
+    shape = grid_shape(size_mm, size)
+    K = ds.num_classes
+    ids, X, Y, C = [], [], [], []
+    for case in ds.cases:
+        img, aff = read_image(case.image)
+        lab, _ = read_image(case.label)
+        clean_p = Path(root) / "labelsTr_clean" / Path(case.label).name
+        if not clean_p.is_file():
+            raise FileNotFoundError(f"{clean_p}: the cohort has no clean label for {case.case_id} (rebuild it)")
+        clean, _ = read_image(clean_p)
+        img, _ = to_ras(img.astype(np.float32), aff)
+        lab, _ = to_ras(lab.astype(np.int64), aff)
+        clean, _ = to_ras(clean.astype(np.int64), aff)
+        x, y, c = _resize(img, lab, clean, shape, K)
+        ids.append(case.case_id)
+        X.append(_normalize(x))
+        Y.append(y)
+        C.append(c)
+    corr = ds.corruption or {}
+    return {"ids": ids, "image": np.stack(X)[:, None], "label": np.stack(Y), "clean": np.stack(C), "K": K,
+            "names": ds.class_names, "shape": shape,
+            "corrupted": np.array([bool(corr.get(c, {}).get("corrupted", False)) for c in ids]),
+            "kind": [corr.get(c, {}).get("kind") or "" for c in ids]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# cross-validated model
+
+
+def fold_split(corrupted: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per case: corrupted and clean cases each shuffled and dealt round-robin, so every fold holds
+    its share of both (a fold without corrupted cases would train on none of the noise it is scored on)."""
+    n = len(corrupted)
+    if not 2 <= folds <= n:
+        raise ValueError(f"folds: expected 2..{n} (the number of cases), got {folds}")
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=int)
+    start = 0
+    for group in (np.flatnonzero(corrupted), np.flatnonzero(~corrupted)):
+        group = rng.permutation(group)
+        out[group] = (start + np.arange(len(group))) % folds
+        start += len(group)
+    return out
+
+
+def train_predict(image, label, train, test, K: int, steps: int, seed: int, batch: int = 2, lr: float = 3e-3):
+    """Train the small U-Net on cases ``train`` for ``steps`` steps and return the softmax of cases ``test``
+    ``[len(test), K, *grid]`` float32."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=K, channels=(8, 16, 32), strides=(2, 2),
+               num_res_units=1)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    xs = torch.from_numpy(image[train])
+    ys = torch.from_numpy(label[train][:, None].astype(np.int64))
+    net.train()
+    for _ in range(steps):
+        idx = rng.choice(len(train), size=min(batch, len(train)), replace=False)
+        x = xs[idx]
+        # a random gain and offset per case: the cohorts vary intensity (bias fields, MR gain) more than 18
+        # cases show, and the held-out case must not be judged on its intensity scale
+        x = x * torch.from_numpy(rng.uniform(0.9, 1.1, (len(idx), 1, 1, 1, 1)).astype(np.float32)) \
+            + torch.from_numpy(rng.uniform(-0.1, 0.1, (len(idx), 1, 1, 1, 1)).astype(np.float32))
+        opt.zero_grad()
+        loss = loss_fn(net(x), ys[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([torch.softmax(net(torch.from_numpy(image[[i]])), 1) for i in test]).numpy()
+
+
+def oof_probabilities(cohort: dict, folds: int, steps: int, seed: int, log=print) -> tuple[np.ndarray, np.ndarray,
+                                                                                           list[float]]:
+    """OOF softmax ``[N, K, *grid]`` (float32), the fold of every case and the seconds per fold."""
+    fold = fold_split(cohort["corrupted"], folds, seed)
+    probs = np.zeros((len(fold), cohort["K"], *cohort["shape"]), dtype=np.float32)
+    secs = []
+    for f in range(folds):
+        t0 = time.perf_counter()
+        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        probs[test] = train_predict(cohort["image"], cohort["label"], train, test, cohort["K"], steps,
+                                    seed=seed * 1000 + f)
+        secs.append(time.perf_counter() - t0)
+        log(f"  fold {f + 1}/{folds}: {len(train)} train, {len(test)} held out, {secs[-1]:.0f} s")
+    return probs, fold, secs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scores
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, K: int) -> np.ndarray:
+    """``[N, K]`` Dice of the hard prediction against ``ref`` per class; NaN where the class is in neither (a
+    class the reference lacks but the model predicts gets 0)."""
+    out = np.full((len(pred), K), np.nan)
+    for k in range(K):
+        p, r = pred == k, ref == k
+        ps, rs = p.reshape(len(p), -1).sum(1), r.reshape(len(r), -1).sum(1)
+        inter = (p & r).reshape(len(p), -1).sum(1)
+        has = (ps + rs) > 0
+        out[has, k] = 2.0 * inter[has] / (ps[has] + rs[has])
+    return out
+
+
+def softmin_quality(probs: np.ndarray, label: np.ndarray, temperature: float = 0.1) -> np.ndarray:
+    """cleanlab's segmentation label-quality score (``method="softmin"``) per case: the self-confidence
+    ``p[given label]`` of every voxel pooled as ``sum(s · softmax((1 − s) / T))``; 1 = every voxel agrees."""
+    out = np.empty(len(probs))
+    for i in range(len(probs)):
+        s = np.take_along_axis(probs[i].astype(np.float64), label[i][None].astype(np.int64), 0).ravel()
+        z = (1.0 - s) / temperature
+        w = np.exp(z - z.max())  # cleanlab's shift=True: the same weights, no overflow
+        out[i] = float((s * w).sum() / w.sum())
+    return out
+
+
+def cleanlab_check(probs: np.ndarray, label: np.ndarray, ours: np.ndarray) -> str:
+    """Compare ``softmin_quality`` with cleanlab's own function when cleanlab is importable (bench-only, never a
+    dependency); voxels flattened to one row per case, which is how cleanlab pools an image's pixels anyway."""
+    try:
+        from cleanlab.segmentation.rank import get_label_quality_scores
+    except ImportError:
+        return "cleanlab not installed: not checked"
+    n, K = probs.shape[:2]
+    theirs, _ = get_label_quality_scores(label.reshape(n, 1, -1).astype(np.int64), probs.reshape(n, K, 1, -1),
+                                         method="softmin", verbose=False)
+    diff = float(np.max(np.abs(theirs - ours)))
+    if diff > 1e-6:
+        raise AssertionError(f"softmin_quality differs from cleanlab's by {diff:.2e}")
+    return f"cleanlab {__import__('cleanlab').__version__}: max |difference| {diff:.1e}"
+
+
+def monai_quality(probs: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """MONAI's ``label_quality_score`` (mean |p − one-hot| over voxels and classes) per case."""
+    import torch
+    import torch.nn.functional as F
+    from monai.metrics import label_quality_score
+
+    out = np.empty(len(probs))
+    for i in range(len(probs)):
+        p = torch.from_numpy(probs[[i]])
+        y = F.one_hot(torch.from_numpy(label[[i]].astype(np.int64)), p.shape[1]).permute(0, 4, 1, 2, 3).float()
+        out[i] = float(label_quality_score(p, y, include_background=True, scalar_reduction="mean")[0])
+    return out
+
+
+def cohort_frames(cohort: dict, probs: np.ndarray, fold: np.ndarray, table, source: str, draw: int):
+    """One row per case (scores, mean Dice) and one per (case, foreground class) (S, baselines, Dice)."""
+    import pandas as pd
+
+    K, names = cohort["K"], cohort["names"]
+    pred = probs.argmax(1)
+    d_given = dice_per_class(pred, cohort["label"], K)
+    d_clean = dice_per_class(pred, cohort["clean"], K)
+    fg = list(range(1, K))
+    q_soft = softmin_quality(probs, cohort["label"])
+    q_monai = monai_quality(probs, cohort["label"])
+    t = table.set_index("case").loc[cohort["ids"]]
+    cases = pd.DataFrame({
+        "source": source, "draw": draw, "case": cohort["ids"], "fold": fold, "corrupted": cohort["corrupted"],
+        "kind": cohort["kind"],
+        "cleanlab_score": 1.0 - q_soft, "monai_lqs": q_monai,
+        "oof_dice_score": 1.0 - np.nanmean(d_given[:, fg], 1),
+        "dice_given": np.nanmean(d_given[:, fg], 1), "dice_clean": np.nanmean(d_clean[:, fg], 1),
+        f"auv:{SCORE_CONFIG}": t["auv"].to_numpy(), "variance": t["variance_score"].to_numpy(),
+        f"mahalanobis:{SCORE_CONFIG}": t["mahalanobis_score"].to_numpy(),
+    })
+    rows = []
+    for i, cid in enumerate(cohort["ids"]):
+        for k in fg:
+            n = names.get(k, str(k))
+            rows.append({"source": source, "draw": draw, "case": cid, "class": n,
+                         "corrupted": bool(cohort["corrupted"][i]), "kind": cohort["kind"][i],
+                         "S": t[f"S[{n}]"].iloc[i], "variance": t[f"variance[{n}]"].iloc[i],
+                         "mahalanobis": t[f"mahalanobis[{n}]"].iloc[i],
+                         "dice_given": d_given[i, k], "dice_clean": d_clean[i, k],
+                         "voxels_given": int((cohort["label"][i] == k).sum()),
+                         "voxels_clean": int((cohort["clean"][i] == k).sum())})
+    return cases, pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# study
+
+
+def run_cohorts(out: Path, sources, draws, folds, steps, size, seed, cases_n=24, fraction=0.25, log=print):
+    import pandas as pd
+
+    from auvcore.app.scoring import score_dataset
+    from auvcore.data import build_demo
+
+    all_cases, all_classes, timing = [], [], {}
+    for source in sources:
+        for draw in range(draws):
+            # the cohort of study_detection (same folder, same arguments): built once, reused by both studies
+            root = build_demo(out / "data" / f"{source}-{draw}", n_cases=cases_n, corrupt_fraction=fraction,
+                              seed=draw, source=source)
+            run = out / "runs" / f"{source}-{draw}" / SCORE_CONFIG
+            score_dataset(root, run, progress=False, **CONFIGS[SCORE_CONFIG])
+            table = pd.read_parquet(run / "scores.parquet")
+            cohort = load_cohort(Path(root), size)
+            settings = {"version": OOF_VERSION, "folds": folds, "steps": steps, "size": size, "seed": seed,
+                        "shape": list(cohort["shape"]), "ids": cohort["ids"]}
+            cache = out / "oof" / f"{source}-{draw}"
+            saved = _load_oof(cache, settings)
+            if saved is None:
+                log(f"{source} draw {draw}: training {folds} folds, {steps} steps, grid {cohort['shape']}")
+                # the seed of the cohort's split and training: --seed and the draw, so draws differ
+                probs, fold, secs = oof_probabilities(cohort, folds, steps, seed * 100 + draw, log=log)
+                _save_oof(cache, settings, probs, fold, secs)
+            else:
+                probs, fold, secs = saved
+                log(f"{source} draw {draw}: OOF probabilities reused from {cache}")
+            timing.setdefault(source, []).extend(secs)
+            note = cleanlab_check(probs, cohort["label"], softmin_quality(probs, cohort["label"]))
+            c, k = cohort_frames(cohort, probs, fold, table, source, draw)
+            all_cases.append(c)
+            all_classes.append(k)
+            log(f"{source} draw {draw}: OOF Dice given {np.nanmean(c['dice_given']):.3f}, clean "
+                f"{np.nanmean(c['dice_clean']):.3f}; {note}")
+    return pd.concat(all_cases, ignore_index=True), pd.concat(all_classes, ignore_index=True), timing, note
+
+
+def _load_oof(cache: Path, settings: dict):
+    try:
+        if json.loads((cache / "settings.json").read_text()) != settings:
+            return None
+        z = np.load(cache / "oof.npz")
+        return z["probs"].astype(np.float32), z["fold"], [float(s) for s in z["secs"]]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_oof(cache: Path, settings: dict, probs, fold, secs):
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / "oof.tmp.npz"
+    np.savez_compressed(tmp, probs=probs.astype(np.float16), fold=fold, secs=np.asarray(secs))
+    tmp.replace(cache / "oof.npz")
+    (cache / "settings.json").write_text(json.dumps(settings))  # written last: marks the cache complete
+
+
+def join_cases_csv(cases, path: Path | None):
+    """Add every score column of study_detection's cases CSV (matched on source, draw, case) that is not here."""
+    import pandas as pd
+
+    if path is None:
+        return cases
+    if not Path(path).is_file():
+        raise ValueError(f"--cases-csv: {path} does not exist")
+    det = pd.read_csv(path)
+    missing = {"source", "draw", "case"} - set(det.columns)
+    if missing:
+        raise ValueError(f"--cases-csv: {path} lacks the columns {sorted(missing)}")
+    if det.duplicated(["source", "draw", "case"]).any():
+        raise ValueError(f"--cases-csv: {path} has several rows per (source, draw, case) (cohorts at several "
+                         "corruption rates?); pass a CSV of the default cohorts")
+    extra = [c for c in det.columns if c.startswith(("auv:", "agreement:", "mahalanobis:")) or c == "random"]
+    extra = [c for c in extra if c not in cases.columns]
+    return cases.merge(det[["source", "draw", "case", *extra]], on=["source", "draw", "case"], how="left")
+
+
+DETECTION_SCORES = ("cleanlab_score", "oof_dice_score", "monai_lqs")
+
+
+def detection_tables(df, n_boot):
+    """study_detection's ``tables`` for the given score columns (its own picks columns by prefix)."""
+    scores = [c for c in df.columns if c in DETECTION_SCORES or c.startswith(("auv:", "agreement:", "mahalanobis:"))
+              or c in ("variance", "random")]
+    res = {"by_source": {}, "by_kind": {}}
+    for source, g in df.groupby("source", sort=False):
+        draws = [gd for _, gd in g.groupby("draw")]
+        for sc in scores:
+            per = [(gd[sc].to_numpy(dtype=np.float64), gd["corrupted"].to_numpy(dtype=bool)) for gd in draws]
+            if all(np.isnan(s).all() for s, _ in per):
+                continue
+            res["by_source"].setdefault(sc, {})[source] = {
+                "auroc": bootstrap(per, auroc, n_boot), "ap": bootstrap(per, average_precision, n_boot),
+                "prevalence": float(np.mean([p.mean() for _, p in per])), "draws": len(per)}
+    ranked = df.copy()
+    for sc in scores:
+        ranked[sc] = df.groupby(["source", "draw"])[sc].transform(lambda x: percentile_rank(x.to_numpy(dtype=float)))
+    clean = ranked[~ranked["corrupted"]]
+    for kind in sorted(k for k in df["kind"].fillna("").unique() if k):
+        pos = ranked[ranked["kind"] == kind]
+        for sc in scores:
+            if df.loc[df["kind"] == kind, sc].isna().all():
+                continue
+            s = np.r_[pos[sc].to_numpy(dtype=float), clean[sc].to_numpy(dtype=float)]
+            y = np.r_[np.ones(len(pos), bool), np.zeros(len(clean), bool)]
+            res["by_kind"].setdefault(sc, {})[kind] = {"auroc": auroc(s, y), "n": int(len(pos))}
+    return res
+
+
+def _corr(x, y) -> dict:
+    from scipy import stats
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n": int(len(x)), "pearson": np.nan, "pearson_p": np.nan, "spearman": np.nan, "spearman_p": np.nan}
+    r, p = stats.pearsonr(x, y)
+    rho, q = stats.spearmanr(x, y)
+    return {"n": int(len(x)), "pearson": float(r), "pearson_p": float(p), "spearman": float(rho),
+            "spearman_p": float(q)}
+
+
+CLASS_SCORES = {"S (AUV's scale)": "S", "intensity variance": "variance", "Mahalanobis": "mahalanobis"}
+CASE_SCORES = {"AUV": f"auv:{SCORE_CONFIG}", "variance score": "variance",
+               "Mahalanobis score": f"mahalanobis:{SCORE_CONFIG}", "cleanlab_score": "cleanlab_score"}
+
+
+def correlations(cases, classes) -> dict:
+    """Pearson / Spearman of every per-class score with the class's OOF Dice and of every per-case score with
+    the mean Dice, against the given and the clean label, per source (draws pooled) and over all sources."""
+    res = {"per_class": {}, "per_case": {}}
+    groups = [(s, g) for s, g in classes.groupby("source", sort=False)] + [("all", classes)]
+    for source, g in groups:
+        # only classes the label has: a class absent from the given label has no S (NaN) anyway
+        for name, col in CLASS_SCORES.items():
+            for ref in ("given", "clean"):
+                res["per_class"].setdefault(name, {}).setdefault(ref, {})[source] = _corr(
+                    g[col].to_numpy(dtype=float), g[f"dice_{ref}"].to_numpy(dtype=float))
+    groups = [(s, g) for s, g in cases.groupby("source", sort=False)] + [("all", cases)]
+    for source, g in groups:
+        for name, col in CASE_SCORES.items():
+            for ref in ("given", "clean"):
+                res["per_case"].setdefault(name, {}).setdefault(ref, {})[source] = _corr(
+                    g[col].to_numpy(dtype=float), g[f"dice_{ref}"].to_numpy(dtype=float))
+    return res
+
+
+def _fmt_p(p):
+    return "–" if not np.isfinite(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def correlation_markdown(res) -> str:
+    lines = []
+    for level, title in (("per_class", "Per (case, foreground class): the class's score against the OOF Dice of "
+                                        "the model on that class"),
+                         ("per_case", "Per case: the case's score against the mean foreground OOF Dice")):
+        lines += ["", f"{title} (Table 4 of the paper; draws pooled per source, `all` pools every source; "
+                      "n = pairs with both values)", ""]
+        lines += ["| score | Dice against | source | n | Pearson | p | Spearman | p |", "|---|---|---|---|---|---|---|---|"]
+        for name, per_ref in res[level].items():
+            for ref, per_src in per_ref.items():
+                for src, c in per_src.items():
+                    lines.append(f"| {name} | {ref} label | {src} | {c['n']} | {c['pearson']:.3f} | "
+                                 f"{_fmt_p(c['pearson_p'])} | {c['spearman']:.3f} | {_fmt_p(c['spearman_p'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/study"))
+    ap.add_argument("--sources", nargs="+", default=["spine-ct", "spine-mr", "brain-mni"], choices=SOURCES)
+    ap.add_argument("--draws", type=int, default=2, help="cohort draws (seeds 0..draws-1) per source")
+    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=200, help="training steps (batch 2) per fold")
+    ap.add_argument("--size", type=int, default=48, help="model grid: voxels along the source's longest side")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fold split and the training")
+    ap.add_argument("--cases-csv", type=Path, default=None,
+                    help="study_detection's cases CSV: its score columns join the detection table")
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--name", default="oof", help="stem of the output files in OUT")
+    ap.add_argument("--smoke", action="store_true", help="quick run: first source, 1 draw, 2 folds, 20 steps, "
+                                                         "grid 24, 200 bootstrap resamples")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.sources, a.draws, a.folds, a.steps, a.size, a.bootstrap = a.sources[:1], 1, 2, 20, 24, 200
+    if a.draws < 1:
+        raise SystemExit(f"--draws: expected at least 1, got {a.draws}")
+    if a.steps < 1:
+        raise SystemExit(f"--steps: expected at least 1, got {a.steps}")
+    import torch
+
+    torch.set_num_threads(1)  # the machine is shared; one core per job
+    t0 = time.perf_counter()
+    cases, classes, timing, note = run_cohorts(a.out, a.sources, a.draws, a.folds, a.steps, a.size, a.seed)
+    cases = join_cases_csv(cases, a.cases_csv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    cases.to_csv(a.out / f"{a.name}_cases.csv", index=False)
+    classes.to_csv(a.out / f"{a.name}_classes.csv", index=False)
+    det = detection_tables(cases, a.bootstrap)
+    cor = correlations(cases, classes)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "?"
+    meta = {"machine": cpu_name(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
+            "command": "python bench/study_oof.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "folds": a.folds, "steps": a.steps, "size": a.size, "seed": a.seed,
+            "seconds_per_fold": {s: float(np.median(v)) for s, v in timing.items() if v},
+            "oof_dice": {s: {"given": float(g["dice_given"].mean()), "clean": float(g["dice_clean"].mean())}
+                         for s, g in cases.groupby("source", sort=False)},
+            "cleanlab_check": note, "wall_s": time.perf_counter() - t0}
+    (a.out / f"{a.name}.json").write_text(json.dumps({"meta": meta, "detection": det, "correlation": cor},
+                                                     indent=1, default=float))
+    md = markdown(det, meta)
+    md += ("\nModel: MONAI UNet (8, 16, 32), Dice+CE, Adam, "
+           f"{a.steps} steps × batch 2 per fold, {a.folds}-fold CV, grid {a.size} voxels on the longest side; "
+           "mean foreground OOF Dice (given / clean label): "
+           + ", ".join(f"{s} {v['given']:.3f} / {v['clean']:.3f}" for s, v in meta["oof_dice"].items())
+           + "; training time per fold (median): "
+           + ", ".join(f"{s} {v:.0f} s" for s, v in meta["seconds_per_fold"].items()) + ".\n")
+    md += correlation_markdown(cor)
+    (a.out / f"{a.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
