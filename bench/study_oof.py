@@ -41,7 +41,7 @@ multiple of 4: images trilinear, labels by trilinear interpolation of the one-ho
 structures survive the down-sampling better than with nearest neighbour). Intensities: clipped to the case's
 0.5–99.5 percentiles, then z-scored (CT and MR alike). Dice is measured on that grid. Folds: stratified by the
 corruption flag (the corrupted cases spread over the folds), seeded by ``--seed`` and the draw; training seeded
-by (seed, draw, fold). OOF probabilities are saved per cohort (``OUT/oof/<source>-<draw>/oof.npz``) and
+by (seed, draw, fold). OOF probabilities are saved per cohort (``OUT/oof/<source>-<draw>/<settings>/oof.npz``) and
 reused when the settings match (resumable).
 
 Writes ``OUT/NAME.json``, ``OUT/NAME.md`` (tables ready to paste), ``OUT/NAME_cases.csv`` (one row per case) and
@@ -324,7 +324,8 @@ def run_cohorts(out: Path, sources, draws, folds, steps, size, seed, cases_n=24,
             cohort = load_cohort(Path(root), size)
             settings = {"version": OOF_VERSION, "folds": folds, "steps": steps, "size": size, "seed": seed,
                         "shape": list(cohort["shape"]), "ids": cohort["ids"]}
-            cache = out / "oof" / f"{source}-{draw}"
+            # one folder per setting, so a smoke run beside the study does not replace the study's predictions
+            cache = out / "oof" / f"{source}-{draw}" / f"folds{folds}-steps{steps}-size{size}-seed{seed}"
             saved = _load_oof(cache, settings)
             if saved is None:
                 log(f"{source} draw {draw}: training {folds} folds, {steps} steps, grid {cohort['shape']}")
@@ -434,21 +435,25 @@ CASE_SCORES = {"AUV": f"auv:{SCORE_CONFIG}", "variance score": "variance",
 
 def correlations(cases, classes) -> dict:
     """Pearson / Spearman of every per-class score with the class's OOF Dice and of every per-case score with
-    the mean Dice, against the given and the clean label, per source (draws pooled) and over all sources."""
-    res = {"per_class": {}, "per_case": {}}
-    groups = [(s, g) for s, g in classes.groupby("source", sort=False)] + [("all", classes)]
-    for source, g in groups:
-        # only classes the label has: a class absent from the given label has no S (NaN) anyway
-        for name, col in CLASS_SCORES.items():
-            for ref in ("given", "clean"):
-                res["per_class"].setdefault(name, {}).setdefault(ref, {})[source] = _corr(
-                    g[col].to_numpy(dtype=float), g[f"dice_{ref}"].to_numpy(dtype=float))
-    groups = [(s, g) for s, g in cases.groupby("source", sort=False)] + [("all", cases)]
-    for source, g in groups:
-        for name, col in CASE_SCORES.items():
-            for ref in ("given", "clean"):
-                res["per_case"].setdefault(name, {}).setdefault(ref, {})[source] = _corr(
-                    g[col].to_numpy(dtype=float), g[f"dice_{ref}"].to_numpy(dtype=float))
+    the mean Dice, against the given and the clean label, per source (draws pooled) and over all sources.
+
+    ``per_class`` pools the (case, class) pairs as they are, as the paper's Table 4 does, so part of it is the
+    difference between classes (a class that is hard to segment may also have a high S). ``per_class_within``
+    takes that part out: score and Dice centred on the mean of their (source, draw, class) first, so only how
+    the cases of one class differ is correlated."""
+    res = {"per_class": {}, "per_class_within": {}, "per_case": {}}
+    centred = classes.copy()
+    cols = [*CLASS_SCORES.values(), "dice_given", "dice_clean"]
+    centred[cols] = classes.groupby(["source", "draw", "class"])[cols].transform(lambda x: x - x.mean())
+    multi = classes["source"].nunique() > 1
+    for level, frame, scores in (("per_class", classes, CLASS_SCORES), ("per_class_within", centred, CLASS_SCORES),
+                                 ("per_case", cases, CASE_SCORES)):
+        groups = [(s, g) for s, g in frame.groupby("source", sort=False)] + ([("all", frame)] if multi else [])
+        for source, g in groups:
+            for name, col in scores.items():
+                for ref in ("given", "clean"):
+                    res[level].setdefault(name, {}).setdefault(ref, {})[source] = _corr(
+                        g[col].to_numpy(dtype=float), g[f"dice_{ref}"].to_numpy(dtype=float))
     return res
 
 
@@ -457,18 +462,29 @@ def _fmt_p(p):
 
 
 def correlation_markdown(res) -> str:
+    titles = {
+        "per_class": "Per (case, foreground class): the class's score against the model's OOF Dice on that class, "
+                     "pairs pooled as they are (the paper's Table 4)",
+        "per_class_within": "The same, score and Dice centred on their (source, draw, class) mean first: how the "
+                            "cases of one class differ, without the differences between classes",
+        "per_case": "Per case: the case's score against the mean foreground OOF Dice",
+    }
     lines = []
-    for level, title in (("per_class", "Per (case, foreground class): the class's score against the OOF Dice of "
-                                        "the model on that class"),
-                         ("per_case", "Per case: the case's score against the mean foreground OOF Dice")):
-        lines += ["", f"{title} (Table 4 of the paper; draws pooled per source, `all` pools every source; "
-                      "n = pairs with both values)", ""]
-        lines += ["| score | Dice against | source | n | Pearson | p | Spearman | p |", "|---|---|---|---|---|---|---|---|"]
+    for level, title in titles.items():
+        lines += ["", f"{title}. Draws pooled per source" + (", `all` pools every source" if any(
+            "all" in v for per in res[level].values() for v in per.values()) else "")
+                  + "; n = pairs with both values; p two-sided (scipy.stats).", "",
+                  "| score | source | n | Pearson (given) | p | Spearman (given) | p | Pearson (clean) | p "
+                  "| Spearman (clean) | p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, per_ref in res[level].items():
-            for ref, per_src in per_ref.items():
-                for src, c in per_src.items():
-                    lines.append(f"| {name} | {ref} label | {src} | {c['n']} | {c['pearson']:.3f} | "
-                                 f"{_fmt_p(c['pearson_p'])} | {c['spearman']:.3f} | {_fmt_p(c['spearman_p'])} |")
+            for src in per_ref["given"]:
+                g, c = per_ref["given"][src], per_ref["clean"][src]
+                lines.append(f"| {name} | {src} | {g['n']} | {g['pearson']:.3f} | {_fmt_p(g['pearson_p'])} | "
+                             f"{g['spearman']:.3f} | {_fmt_p(g['spearman_p'])} | {c['pearson']:.3f} | "
+                             f"{_fmt_p(c['pearson_p'])} | {c['spearman']:.3f} | {_fmt_p(c['spearman_p'])} |")
+    lines += ["", "Dice against the given label: the label as delivered (corrupted where recorded); against the "
+                  "clean label: `labelsTr_clean`, the label before corruption. Negative = a higher score goes with a "
+                  "lower Dice (the direction an uncertainty score should have)."]
     return "\n".join(lines) + "\n"
 
 
