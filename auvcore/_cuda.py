@@ -68,10 +68,12 @@ def _decoded_gram(z: torch.Tensor, layout: str, center: bool, nan_to_num: bool, 
 
 
 def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
-                   nan_to_num: bool = False) -> torch.Tensor:
+                   nan_to_num: bool = False, eigenpairs: bool = False):
     """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array).
     ``center`` and ``nan_to_num`` are taken as given (``auvcore.scale.preset_args`` resolves the official
-    preset)."""
+    preset). With ``eigenpairs`` also what the backward needs: the eigenvalues [B·K, p] (descending) and
+    eigenvectors [B·K, p, p] (rows) of the same Gram matrices, from ``torch.linalg.eigh`` (cuSOLVER's batched
+    solvers): S itself still comes from this module's kernel, so it is the value the no-grad call returns."""
     _require_kernels()
     z, stream = as_cuda_tensor(z, "z")
     _require_device_supported(z)
@@ -84,12 +86,29 @@ def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e
     dev = z.device
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
         G, flags, p = _decoded_gram(z, layout, center, nan_to_num, s)
+        G0 = G.clone() if eigenpairs else None  # the eigen kernel overwrites G
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
         B._C.cuda_scale_from_gram(B.view(G), B.view(None), p, float(eps), T.VARIANTS[variant], B.view(flags),
                                   B.view(S), B.view(None), s)
         if not nan_to_num and not _capturing(dev) and bool(flags.any()):
             raise B.non_finite("z")
+        if eigenpairs:
+            w, V = torch.linalg.eigh(G0)  # ascending, eigenvectors as columns
+            return S.view(Bn, K), w.flip(-1).contiguous(), V.flip(-1).transpose(-1, -2).contiguous()
     return S.view(Bn, K)
+
+
+def scale_backward(z, layout, center, eps, variant, evals, evecs, grad_S):
+    """dS/dz · grad_S on z's device and current stream from the eigenpairs of ``semantic_scale(...,
+    eigenpairs=True)``; float64 for float64 z, else float32 (csrc/cuda/scale_backward_cuda.cu)."""
+    dev = z.device
+    gS = grad_S.to(device=dev, dtype=torch.float64).contiguous().reshape(-1)
+    with torch.cuda.device(dev):
+        s = torch.cuda.current_stream(dev).cuda_stream
+        dz = torch.empty(z.shape, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32, device=dev)
+        B._C.cuda_scale_backward(B.view(z), T.LAYOUTS[layout], bool(center), float(eps), T.VARIANTS[variant],
+                                 B.view(evals), B.view(evecs), B.view(gS), B.view(dz), s)
+    return dz
 
 
 def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: float = 1e-8,

@@ -120,6 +120,25 @@ void register_cuda(py::module_& m) {
       py::arg("G"), py::arg("counts"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("flags"),
       py::arg("S"), py::arg("evals"), py::arg("stream"));
 
+  // The analytic backward of the decoded-map S from the forward's eigenpairs; dz (float32 or float64, z's shape)
+  // is written in full.
+  m.def(
+      "cuda_scale_backward",
+      [device_of](const ArrayView& z, int mode, bool center, double eps, int variant, const ArrayView& evals,
+                  const ArrayView& evecs, const ArrayView& grad_S, const ArrayView& dz, std::uintptr_t stream) {
+        auto [m_, n_] = decoded_shape(z, mode);
+        const int64_t BK = z.shape[0] * z.shape[1], p = std::min(m_, n_);
+        const int dev = device_of(z, "z");
+        require_on(dz, dev, "dz");
+        const double* ev = buffer<double>(evals, DType::F64, {BK, p}, "evals", false, dev);
+        const double* vt = buffer<double>(evecs, DType::F64, {BK, p, p}, "evecs", false, dev);
+        const double* gS = buffer<double>(grad_S, DType::F64, {BK}, "grad_S", false, dev);
+        py::gil_scoped_release nogil;
+        cuda::scale_backward_decoded(z, mode, center, eps, variant, ev, vt, gS, dz, stream, dev);
+      },
+      py::arg("z"), py::arg("mode"), py::arg("center"), py::arg("eps"), py::arg("variant"), py::arg("evals"),
+      py::arg("evecs"), py::arg("grad_S"), py::arg("dz"), py::arg("stream"));
+
   // The fused DUO loss (duo_cuda.h): z, n [B, K, N] of one dtype (float16, bfloat16, float32 or float64), y
   // [B, K, N] targets or [B, N] class indices, every view on z's device. sums [B, K - c0, 6] float64 and status
   // [2] int64 are written in full (status: non-finite/out-of-range bits, the first bad target's flat index).

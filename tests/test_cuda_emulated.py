@@ -239,3 +239,107 @@ def test_emulated_eigen_kernel_on_adversarial_spectra(emu, n, kind, seed):
     if n >= 2 and scale > 1e-250:
         Sref, _ = T.entropy_scale(torch.from_numpy(want.copy()), n, 1e-8, "paper")
         assert abs(float(S[0]) - float(Sref)) < 1e-10
+
+
+# ---- the analytic backward of S (csrc/cuda/scale_backward_cuda.cu) -------------------------------------------
+
+def _emu_backward(lib, z, mode, center, eps, variant, evals, evecs, grad_S, dz_dtype, dz_strides=None):
+    dz = torch.full(z.shape, float("nan"), dtype=dz_dtype)  # every entry must be written
+    if dz_strides is not None:  # a non-contiguous output: the transpose of a contiguous buffer
+        dz = dz.transpose(-1, -2).contiguous().transpose(-1, -2)
+    err = ctypes.create_string_buffer(512)
+    check_rc(lib.emu_scale_backward(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()),
+                                    T.LAYOUTS[mode], int(center), ctypes.c_double(eps), T.VARIANTS[variant],
+                                    ptr(evals), ptr(evecs), ptr(grad_S), ptr(dz), _EMU_DT[dz_dtype],
+                                    i64(dz.stride()), err, 512), err)
+    return dz
+
+
+def _cpu_backward_case(z, mode, center, eps, variant, grad_S):
+    """The CPU kernel's eigenpairs and gradient, the oracle of the emulated CUDA backward."""
+    from auvcore import _cpu
+
+    nan_to_num = variant == "official"
+    if variant == "official":
+        center = False
+    _, ev, vt = _cpu.semantic_scale(z, mode, center, eps, variant, nan_to_num, 1, eigenpairs=True)
+    dz = _cpu.scale_backward(z, mode, center, eps, variant, nan_to_num, 1, ev, vt, grad_S)
+    return center, ev, vt, dz
+
+
+@built_with_cuda
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(B_=st.integers(1, 2), K=st.integers(1, 3), D=st.integers(1, 12), H=st.integers(1, 7), W=st.integers(1, 7),
+       mode=st.sampled_from(list(T.LAYOUTS)), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       center=st.booleans(), variant=st.sampled_from(["paper", "official"]), eps=st.sampled_from([0.0, 1e-8, 1e-2]),
+       offset=st.sampled_from([0.0, 30.0]), zero_grad=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_emulated_scale_backward_matches_the_cpu_kernel(emu, B_, K, D, H, W, mode, dtype, center, variant, eps,
+                                                         offset, zero_grad, seed):
+    z = _rand((B_, K, D, H, W), dtype, seed, offset)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_S = torch.randn(B_ * K, generator=g, dtype=torch.float64)
+    if zero_grad:
+        grad_S[0] = 0.0  # an excluded class: its gradient is exactly 0
+    center, ev, vt, want = _cpu_backward_case(z, mode, center, eps, variant, grad_S)
+    dz_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    got = _emu_backward(emu, z, mode, center, eps, variant, ev, vt, grad_S, dz_dtype)
+    assert torch.isfinite(got).all()
+    scale = float(want.abs().max()) or 1.0
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert float((got.double() - want.double()).abs().max()) <= tol * scale
+    if zero_grad:
+        assert not got.view(B_ * K, -1)[0].any()
+
+
+@built_with_cuda
+@pytest.mark.parametrize("shape,mode", [
+    ((1, 2, 40, 3, 3), "D_HW"),    # column side (m = 40 > n = 9): per-coordinate means
+    ((2, 1, 5, 6, 9), "H_DW"),     # row side, several tiles of samples
+    ((1, 1, 70, 50), "D_HW"),      # 4-D maps, column side, p = 50 > the 32-sample tile
+])
+def test_emulated_scale_backward_layouts_strides_and_nan(emu, shape, mode):
+    z = _rand(shape, torch.float64, 3, offset=2.0)
+    z = z.transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous input
+    z[(0,) * (len(shape) - 1) + (1,)] = float("nan")  # read as 0; its gradient is 0
+    grad_S = torch.linspace(-1.0, 2.0, shape[0] * shape[1], dtype=torch.float64)
+    from auvcore import _cpu
+
+    _, ev, vt = _cpu.semantic_scale(z, mode, True, 1e-8, "paper", True, 1, eigenpairs=True)
+    want = _cpu.scale_backward(z, mode, True, 1e-8, "paper", True, 1, ev, vt, grad_S)
+    for dz_strides in (None, "t"):
+        got = _emu_backward(emu, z, mode, True, 1e-8, "paper", ev, vt, grad_S, torch.float64, dz_strides)
+        assert got[(0,) * (len(shape) - 1) + (1,)] == 0.0
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+
+
+@built_with_cuda
+def test_emulated_scale_backward_matches_torch_autograd_and_handles_repeated_eigenvalues(emu):
+    # An independent oracle: autograd through the pure-torch S (float64), where it is well defined.
+    z = _rand((1, 2, 6, 4, 5), torch.float64, 9)
+    zt = z.clone().requires_grad_(True)
+    T.semantic_scale(zt, "D_HW", True, 1e-8, "paper", False).sum().backward()
+    from auvcore import _cpu
+
+    _, ev, vt = _cpu.semantic_scale(z, "D_HW", True, 1e-8, "paper", False, 1, eigenpairs=True)
+    got = _emu_backward(emu, z, "D_HW", True, 1e-8, "paper", ev, vt, torch.ones(2, dtype=torch.float64),
+                        torch.float64)
+    torch.testing.assert_close(got, zt.grad, rtol=1e-8, atol=1e-10)
+    # Orthonormal rows (all singular values equal) and a zero map: finite, and 0 where S is flat.
+    q = torch.linalg.qr(torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0].T
+    z = torch.stack([q.reshape(4, 4, 5), torch.zeros(4, 4, 5, dtype=torch.float64)]).unsqueeze(0)
+    _, ev, vt = _cpu.semantic_scale(z, "D_HW", False, 1e-8, "paper", False, 1, eigenpairs=True)
+    got = _emu_backward(emu, z, "D_HW", False, 1e-8, "paper", ev, vt, torch.ones(2, dtype=torch.float64),
+                        torch.float64)
+    assert torch.isfinite(got).all() and not got[0, 1].any()
+
+
+@built_with_cuda
+def test_emulated_scale_backward_errors(emu):
+    z = _rand((1, 1, 4, 5, 6), torch.float32, 0)
+    ev, vt = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 4, 4, dtype=torch.float64)
+    gS = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dz: expected float32 or float64"):
+        _emu_backward(emu, z, "D_HW", True, 1e-8, "paper", ev, vt, gS, torch.float16)
+    with pytest.raises(ValueError, match="eps: expected >= 0"):
+        _emu_backward(emu, z, "D_HW", True, -1.0, "paper", ev, vt, gS, torch.float32)

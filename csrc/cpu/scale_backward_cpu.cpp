@@ -74,44 +74,6 @@ inline void store(const ArrayView& out, int64_t off, double v) {
 
 }  // namespace
 
-void scale_grad_of_eigenvalues(const double* lambda, int64_t r, double eps, Variant variant, double tol, double* g) {
-  std::fill(g, g + std::max<int64_t>(r, 0), 0.0);
-  if (r < 2) return;
-  const double logr = std::log((double)r);
-  std::vector<double> q(r);
-  double total = 0.0;
-  if (variant == Variant::Official) {
-    // S of q_j = σ_j + 1e-6, p = q / Σq:  ∂S/∂q_k = (−log p_k − H) / (Σq · log r),  ∂q_k/∂λ_k = 1 / (2σ_k).
-    for (int64_t j = 0; j < r; ++j) total += (q[j] = energy_of(lambda[j], 1));
-    double H = 0.0;
-    for (int64_t j = 0; j < r; ++j) {
-      const double pj = q[j] / total;
-      H -= pj * std::log(pj);
-    }
-    for (int64_t j = 0; j < r; ++j) {
-      if (lambda[j] <= tol) continue;
-      const double pj = q[j] / total;
-      g[j] = (-std::log(pj) - H) / (total * logr) / (2.0 * std::sqrt(lambda[j]));
-    }
-    return;
-  }
-  // Paper: p_j = λ_j / D, D = Σλ + ε.  ∂H/∂λ_k = (−log p_k − H − ε/D) / D, the −ε/D from Σp = 1 − ε/D.
-  for (int64_t j = 0; j < r; ++j) total += (q[j] = energy_of(lambda[j], 0));
-  const double D = energy_total(total, eps, 0);
-  if (!(D > 0.0)) return;  // all-zero M̄ with ε = 0: S is the constant 0 around it
-  double H = 0.0;
-  for (int64_t j = 0; j < r; ++j) {
-    const double pj = q[j] / D;
-    if (pj > 0.0) H -= pj * std::log(pj);
-  }
-  const double bias = eps / D;
-  for (int64_t j = 0; j < r; ++j) {
-    const double pj = q[j] / D;
-    if (lambda[j] <= tol || !(pj > 0.0)) continue;
-    g[j] = (-std::log(pj) - H - bias) / (D * logr);
-  }
-}
-
 void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, Variant variant,
                             const double* evals, const double* evecs, const double* grad_S, const ArrayView& dz,
                             int num_threads) {
@@ -137,7 +99,7 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, bool nan_
       const double* lam = evals + i * p;
       // Eigenvalues within rounding of the largest are numerically zero (e.g. the centering direction).
       const double tol = std::max(lam[0], 0.0) * (double)p * 4.0 * DBL_EPSILON;
-      scale_grad_of_eigenvalues(lam, p, eps, variant, tol, g.data());
+      entropy_scale_grad(lam, p, eps, (int)variant, tol, g.data());
       double* Ai = A.data() + (size_t)i * p * p;
       for (int64_t j = 0; j < p; ++j) {
         if (g[j] == 0.0) continue;

@@ -6,7 +6,6 @@
 // Precision: float inputs (f16/bf16 widened on load) multiply-accumulate in FP32 over at most kChunk samples,
 // then each chunk's partial Gram is added into the float64 output (atomicAdd, so the summation order of the
 // chunks, and hence the last bits, vary from run to run). float64 inputs stay float64 throughout.
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,6 +14,7 @@
 #include "auvcore/gram.h"
 #include "auvcore/scale_cuda.h"
 #include "common_cuda.cuh"
+#include "decoded_cuda.cuh"
 
 namespace auvcore {
 namespace cuda {
@@ -27,16 +27,6 @@ constexpr int kVoxPerThread = 8;
 constexpr int kMaxSharedHist = 2048;  // classes counted in shared memory; more go straight to global atomics
 
 enum Cent : int { kNone = 0, kAcrossP = 1, kAcrossSamples = 2 };
-
-// Offset of index i in a dimension that may be two dimensions of the input folded together:
-// (i % inner) * s_in + (i / inner) * s_out; inner <= 0 means a single dimension.
-struct IndexMap {
-  int64_t inner = 0, s_in = 0, s_out = 0;
-  __host__ __device__ __forceinline__ int64_t operator()(int64_t i) const {
-    if (inner <= 0) return i * s_in;
-    return (i % inner) * s_in + (i / inner) * s_out;
-  }
-};
 
 struct GramArgs {
   const void* data = nullptr;
@@ -59,30 +49,6 @@ struct GramArgs {
   double* sums = nullptr;    // AcrossSamples: [jobs, p] sums of the shifted samples
   int32_t* flags = nullptr;
 };
-
-struct F16 {};
-struct BF16 {};
-
-template <typename In>
-__device__ __forceinline__ double load_elem(const void* base, int64_t off);
-template <>
-__device__ __forceinline__ double load_elem<float>(const void* base, int64_t off) {
-  return (double)__ldg(static_cast<const float*>(base) + off);
-}
-template <>
-__device__ __forceinline__ double load_elem<double>(const void* base, int64_t off) {
-  return __ldg(static_cast<const double*>(base) + off);
-}
-template <>
-__device__ __forceinline__ double load_elem<F16>(const void* base, int64_t off) {
-  const unsigned short h = __ldg(static_cast<const unsigned short*>(base) + off);
-  return (double)__half2float(__ushort_as_half(h));
-}
-template <>
-__device__ __forceinline__ double load_elem<BF16>(const void* base, int64_t off) {
-  const unsigned short h = __ldg(static_cast<const unsigned short*>(base) + off);
-  return (double)__uint_as_float((unsigned)h << 16);
-}
 
 // Output tile TP x TP per block (TP = 16 RM), RM x RM accumulators per thread (rows ty + 16 i, columns
 // tx + 16 j: the stride-16 interleave keeps shared-memory reads conflict-free without vector loads), TS samples
@@ -526,35 +492,18 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
   require(B <= 65535, "z: at most 65535 samples per call on CUDA");
   require(K <= (int64_t)1 << 30, "z: too many classes");
 
-  // Rows (m, stride rs) x columns (outer no x inner ni, strides os and is), as in csrc/cpu/gram_cpu.cpp.
-  int64_t m, n, rs, no, os, ni, is;
-  if (z.dim() == 4) {
-    m = z.shape[2]; n = z.shape[3]; rs = z.strides[2]; no = 1; os = 0; ni = z.shape[3]; is = z.strides[3];
-  } else {
-    const int64_t D = z.shape[2], H = z.shape[3], W = z.shape[4];
-    const int64_t sd = z.strides[2], sh = z.strides[3], sw = z.strides[4];
-    if (mode == 0) { m = D; rs = sd; no = H; os = sh; ni = W; is = sw; }
-    else if (mode == 1) { m = H; rs = sh; no = D; os = sd; ni = W; is = sw; }
-    else { m = W; rs = sw; no = D; os = sd; ni = H; is = sh; }
-    n = no * ni;
-  }
-  const bool row_side = m <= n;
-  const int64_t p = row_side ? m : n;
+  const DecodedMaps dm = decoded_maps(z, mode);
+  const bool row_side = dm.row_side;
+  const int64_t p = dm.p;
   require(p <= kMaxEighSize, "z: min(m, n) = " + std::to_string(p) + " exceeds the CUDA limit of " +
                                  std::to_string(kMaxEighSize));
-
-  IndexMap rows, cols;
-  rows.s_in = rs;
-  cols.inner = no > 1 ? ni : 0;
-  cols.s_in = is;
-  cols.s_out = os;
 
   GramArgs a;
   a.data = z.data();
   a.p = p;
-  a.pmap = row_side ? rows : cols;
-  a.smap = row_side ? cols : rows;
-  a.ns = row_side ? n : m;
+  a.pmap = dm.pmap;
+  a.smap = dm.smap;
+  a.ns = dm.ns;
   a.nch = (a.ns + kChunk - 1) / kChunk;
   a.items = K * a.nch;
   a.K = (int)K;

@@ -77,6 +77,15 @@ int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* coun
   });
 }
 
+int emu_scale_backward(void* z, int dtype, int ndim, const int64_t* shape, const int64_t* strides, int mode,
+                       int center, double eps, int variant, const double* evals, const double* evecs,
+                       const double* grad_S, void* dz, int dz_dtype, const int64_t* dz_strides, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    cuda::scale_backward_decoded(make_view(z, dtype, ndim, shape, strides), mode, center, eps, variant, evals, evecs,
+                                 grad_S, make_view(dz, dz_dtype, ndim, shape, dz_strides), 0, 0);
+  });
+}
+
 int emu_duo_forward(void* z, void* n, int zdtype, const int64_t* shape, const int64_t* zstrides,
                     const int64_t* nstrides, void* y, int ydtype, int ydim, const int64_t* yshape,
                     const int64_t* ystrides, int labels, int64_t c0, int preset, double tau, double* sums,

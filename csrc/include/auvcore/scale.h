@@ -25,12 +25,6 @@ void masked_scale(const ArrayView& f, const ArrayView& labels, int64_t K, bool c
 // formula of S lives in C++. Writes the energies to p_out if not null.
 double scale_of_eigenvalues(const double* lambda, int64_t r, double eps, Variant variant, double* p_out);
 
-// dS/dλ_j of scale_of_eigenvalues for one sorted spectrum, written to g[0..r). Eigenvalues at or below `tol`
-// (zero, clamped, or rounding noise) get 0: there the derivative with respect to the matrix is 0 in the
-// limit (paper: p ∝ σ² and σ² log σ² has slope 0) or undefined (official: σ is not smooth at 0).
-// r < 2 or zero total energy: all 0.
-void scale_grad_of_eigenvalues(const double* lambda, int64_t r, double eps, Variant variant, double tol, double* g);
-
 // Backward of the decoded-map scale: dz[b, k] = grad_S[b, k] * dS/dz[b, k] for every (b, k), from the
 // eigenpairs the forward kept (evals [B*K, p] descending, evecs [B*K, p, p] as rows). dz is float32 or
 // float64 with z's shape and any strides; entries that nan_to_num read as 0 get gradient 0.

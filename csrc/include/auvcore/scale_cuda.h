@@ -36,6 +36,14 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
 void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, double eps,
                      int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream, int device);
 
+// Analytic backward of the decoded-map S (the twin of scale_backward_decoded in scale.h): dz[b, k] =
+// grad_S[b, k] * dS/dz[b, k] from the eigenpairs the forward kept (evals [B*K, p] descending, evecs [B*K, p, p]
+// with eigenvector j as row j, grad_S [B*K], all float64 device memory). dz: float32 or float64 with z's shape
+// and any strides; entries that are NaN/Inf in z (read as 0 by the forward) get gradient 0.
+void scale_backward_decoded(const ArrayView& z, int mode, bool center, double eps, int variant, const double* evals,
+                            const double* evecs, const double* grad_S, const ArrayView& dz, std::uintptr_t stream,
+                            int device);
+
 // Largest Gram size the eigen kernel takes.
 constexpr int64_t kMaxEighSize = 4096;
 
