@@ -153,6 +153,28 @@ def test_inapplicable_kinds_are_not_applied():
     assert not _applicable("erode", np.zeros_like(lab), 4)
     with pytest.raises(ValueError, match="swap"):
         _corrupt(np.random.default_rng(0), lab, "swap", 4)
+    # "partial" needs a class on two slices or more (the chest's slice axis is z); "boundary" a boundary
+    assert _applicable("partial", lab, 4) and _applicable("boundary", lab, 4)
+    flat = np.zeros_like(lab)
+    flat[5:15, 5:15, 4] = 1
+    assert not _applicable("partial", flat, 4) and _applicable("boundary", flat, 4)
+    assert not _applicable("boundary", np.ones_like(lab), 4)
+    with pytest.raises(ValueError, match="partial"):
+        _corrupt(np.random.default_rng(0), flat, "partial", 4)
+
+
+def test_spine_mr_partial_erases_sagittal_slices():
+    """The spine MR is sliced sagittally: an annotation stopped early misses a block of x slices."""
+    _need("spine-mr")
+    _, lab, _, names, _ = load_source("spine-mr")
+    spec = _SPECS["spine-mr"]
+    for seed in range(4):
+        out, rec = _corrupt(np.random.default_rng(seed), lab, "partial", len(names), spec)
+        lo, hi = rec["params"]["slices"]
+        assert rec["params"]["axis"] == spec.slice_axis == 0 and hi > lo
+        diff = out != lab
+        assert diff[lo:hi].any() and not diff[:lo].any() and not diff[hi:].any()
+        assert (out[diff] == 0).all() and set(np.unique(lab[diff])) == set(rec["classes"])
 
 
 def test_spine_swap_exchanges_adjacent_vertebrae():

@@ -1,4 +1,6 @@
-"""auvcore.data.demo: the builder's record matches what it corrupted; layout; idempotence."""
+"""auvcore.data.demo: the builder's record matches what it corrupted; layout; idempotence; the corruption kinds
+and strengths."""
+import hashlib
 import importlib.util
 import json
 
@@ -9,7 +11,7 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("slicerio")
 import auvcore.data as D
-from auvcore.data.demo import KINDS, _corrupt, _source_chest, build_demo
+from auvcore.data.demo import DEFAULT_KINDS, KINDS, STRENGTHS, _corrupt, _source_chest, build_demo
 from auvcore.data.io import read_image
 
 
@@ -81,6 +83,88 @@ def test_each_corruption_kind_does_what_it_says(kind):
         moved = np.argwhere(out == c).mean(0) - np.argwhere(lab == c).mean(0)
         off = np.asarray(rec["params"]["offset_vox"])
         assert np.all(np.sign(moved[off != 0]) == np.sign(off[off != 0]))
+    elif kind == "boundary":
+        # jitter moves boundaries both ways: some voxels join a class, others leave it
+        assert any(after[c] != before[c] for c in cls) and ((out > 0) & (lab == 0)).any()
+    elif kind == "partial":
+        assert all(after[c] < before[c] for c in cls) and (out[out != lab] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def chest_crop():
+    _, lab, _, names = _source_chest()
+    return lab[20:110, 20:110, 5:30].copy(), max(names) + 1
+
+
+# sha256 (first 16 hex digits) of _corrupt's output on the chest crop with default_rng(7), recorded with the
+# builder before `strength` and the boundary/partial kinds existed: "default" must keep drawing exactly that
+ORIGINAL = {"erode": "bf89874eacb8aa97", "dilate": "d26c6d259d3ced1d", "shift": "1d1b711be3790666",
+            "drop": "6db64595cebf3749", "spurious": "aeb7039dfbed6fda", "swap": "cd5dc7d0b856fddb"}
+
+
+@pytest.mark.parametrize("kind", DEFAULT_KINDS)
+def test_default_strength_corrupts_as_the_original_builder(kind, chest_crop):
+    lab, K = chest_crop
+    for kw in ({}, {"strength": "default"}):
+        out, _ = _corrupt(np.random.default_rng(7), lab, kind, K, **kw)
+        assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()[:16] == ORIGINAL[kind]
+
+
+def test_boundary_changes_only_voxels_near_boundaries(chest_crop):
+    from scipy import ndimage
+
+    lab, K = chest_crop
+    for strength in STRENGTHS:
+        out, rec = _corrupt(np.random.default_rng(11), lab, "boundary", K, strength=strength)
+        w = rec["params"]["band_vox"]
+        assert 1 <= w <= 3 and rec["changed_voxels"] > 0
+        # a changed voxel has another label within w voxels in its slice (the chest's slice axis is z)
+        win = (2 * w + 1, 2 * w + 1, 1)
+        near = ndimage.maximum_filter(lab, size=win) != ndimage.minimum_filter(lab, size=win)
+        diff = out != lab
+        assert near[diff].all()
+        # and it moved to a label that was there, in the slice, within the band
+        for v in np.argwhere(diff)[:: max(1, int(diff.sum()) // 300)]:
+            x, y, z = v
+            around = lab[max(0, x - w):x + w + 1, max(0, y - w):y + w + 1, z]
+            assert out[x, y, z] in around
+        # the jitter is partial: most of the band keeps its label
+        assert diff.sum() < 0.8 * near.sum()
+
+
+def test_partial_erases_whole_slices_of_one_block(chest_crop):
+    lab, K = chest_crop
+    scopes = set()
+    for seed in range(12):
+        out, rec = _corrupt(np.random.default_rng(seed), lab, "partial", K)
+        p = rec["params"]
+        ax, (lo, hi) = p["axis"], p["slices"]
+        assert ax == 2 and 0.30 <= p["fraction"] < 0.50
+        m = lab > 0 if p["scope"] == "all" else lab == rec["classes"][0]
+        on = np.flatnonzero(m.any(axis=(0, 1)))
+        first, last = on[0], on[-1]
+        span = last - first + 1
+        # one contiguous block at one end of the extent, about `fraction` of the slices it spans
+        assert lo == first or hi == last + 1
+        assert hi - lo == min(span - 1, max(1, round(p["fraction"] * span)))
+        diff = out != lab
+        assert not diff[:, :, :lo].any() and not diff[:, :, hi:].any()
+        # inside the block the erased labels are gone entirely, and only they changed (to background)
+        assert not m[:, :, lo:hi][out[:, :, lo:hi] != 0].any()
+        assert (diff[:, :, lo:hi] == m[:, :, lo:hi]).all() and (out[diff] == 0).all()
+        assert sorted(np.unique(lab[diff])) == rec["classes"]
+        scopes.add(p["scope"])
+    assert scopes == {"all", "class"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_strength_orders_the_size_of_the_change(kind, chest_crop):
+    lab, K = chest_crop
+    n = {st: _corrupt(np.random.default_rng(7), lab, kind, K, strength=st)[1]["changed_voxels"] for st in STRENGTHS}
+    if kind in ("drop", "swap"):  # all or nothing: the same at every strength
+        assert n["mild"] == n["default"] == n["strong"] > 0
+    else:
+        assert 0 < n["mild"] < n["default"] < n["strong"], n
 
 
 def test_demo_is_idempotent_and_rebuilds_on_new_args(demo):
@@ -100,6 +184,48 @@ def test_demo_rebuild_with_other_args_and_determinism(tmp_path):
     assert len(rec) == 3 and not any(e["corrupted"] for e in rec.values())
 
 
+def test_demo_strength_is_recorded_and_default_is_the_original(tmp_path):
+    kw = dict(n_cases=2, corrupt_fraction=1.0, seed=5, size_mm=(96, 96, 60))
+    a = build_demo(tmp_path / "a", **kw)
+    b = build_demo(tmp_path / "b", strength="default", **kw)
+    for f in sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file()):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    meta = json.loads((a / "dataset.json").read_text())
+    assert meta["auvcore_demo"]["strength"] == "default" and meta["auvcore_demo"]["kinds"] == list(DEFAULT_KINDS)
+    # a demo built before `strength` existed (no such key) is the default one: reused, not rebuilt
+    del meta["auvcore_demo"]["strength"]
+    (a / "dataset.json").write_text(json.dumps(meta, indent=1))
+    stamp = {p: p.stat().st_mtime_ns for p in a.rglob("*.nii.gz")}
+    assert build_demo(a, **kw) == a
+    assert {p: p.stat().st_mtime_ns for p in a.rglob("*.nii.gz")} == stamp
+    # another strength is another data set: rebuilt, recorded, smaller changes for the same draws
+    build_demo(a, strength="mild", **kw)
+    assert json.loads((a / "dataset.json").read_text())["auvcore_demo"]["strength"] == "mild"
+    mild, dflt = (json.loads((d / "corruption.json").read_text()) for d in (a, b))
+    for cid in mild:
+        assert mild[cid]["kind"] == dflt[cid]["kind"]
+        if mild[cid]["kind"] in ("erode", "dilate"):
+            assert mild[cid]["params"]["radius_vox"] < dflt[cid]["params"]["radius_vox"]
+
+
+def test_demo_with_the_new_kinds(tmp_path):
+    root = build_demo(tmp_path / "n", n_cases=2, corrupt_fraction=1.0, seed=4, size_mm=(96, 96, 60),
+                      kinds=["boundary", "partial"], strength="strong")
+    rec = json.loads((root / "corruption.json").read_text())
+    assert sorted(e["kind"] for e in rec.values()) == ["boundary", "partial"]
+    for cid, e in rec.items():
+        lab, _ = read_image(root / "labelsTr" / f"{cid}.nii.gz")
+        clean, _ = read_image(root / "labelsTr_clean" / f"{cid}.nii.gz")
+        diff = lab != clean
+        assert int(diff.sum()) == e["changed_voxels"] > 0
+        assert (np.isin(clean[diff], e["classes"]) | np.isin(lab[diff], e["classes"])).all()
+        if e["kind"] == "partial":
+            lo, hi = e["params"]["slices"]
+            assert 0.50 <= e["params"]["fraction"] < 0.70 and not np.delete(diff, np.s_[lo:hi], axis=2).any()
+        else:
+            assert e["params"]["band_vox"] in (2, 3)
+
+
 def test_demo_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="n_cases"):
         build_demo(tmp_path / "x", n_cases=0)
@@ -107,6 +233,11 @@ def test_demo_bad_arguments(tmp_path):
         build_demo(tmp_path / "x", corrupt_fraction=1.5)
     with pytest.raises(ValueError, match="kinds"):
         build_demo(tmp_path / "x", kinds=["blur"])
+    with pytest.raises(ValueError, match=r"strength: expected one of \('mild', 'default', 'strong'\)"):
+        build_demo(tmp_path / "x", strength="extreme")
+    with pytest.raises(ValueError, match="strength"):
+        _corrupt(np.random.default_rng(0), np.ones((4, 4, 4), np.uint8), "erode", 2, strength="Strong")
+    assert not (tmp_path / "x").exists()
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "precious.txt").write_text("keep")
     with pytest.raises(ValueError, match="not an auvcore demo"):
@@ -123,7 +254,7 @@ def test_demo_default_24_cases_build_fast(tmp_path):
     assert time.perf_counter() - t < 60
     ds = D.discover(tmp_path / "d24")
     assert len(ds.cases) == 24 and sum(e["corrupted"] for e in ds.corruption.values()) == 6
-    assert {e["kind"] for e in ds.corruption.values() if e["corrupted"]} == set(KINDS)
+    assert {e["kind"] for e in ds.corruption.values() if e["corrupted"]} == set(DEFAULT_KINDS)
 
 
 @pytest.mark.slow

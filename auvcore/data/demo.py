@@ -28,11 +28,34 @@ own field of view, voxel sizes and slice axis, see ``_SPECS``):
   (σ 1–4 % of the source's 99th percentile), stored as int16 with that percentile at about 1000.
 
 Label maps go through the same geometry (nearest neighbour). Then a recorded subset of
-``round(corrupt_fraction · n_cases)`` cases gets its label corrupted, one kind per case, the kinds
-cycled so every kind occurs: ``"erode"`` / ``"dilate"`` (boundary moved by 2–3 voxels for one or two
-classes), ``"shift"`` (one class mask moved 4–7 voxels), ``"drop"`` (one structure removed),
-``"spurious"`` (a false blob of a class added), ``"swap"`` (two neighbouring classes exchanged:
-left/right lung or adjacent vertebral sections; adjacent vertebrae or discs; grey/white matter).
+``round(corrupt_fraction · n_cases)`` cases gets its label corrupted, one kind per case, the chosen
+``kinds`` (default ``DEFAULT_KINDS``, the first six) cycled so every kind occurs. The kinds (``KINDS``;
+sizes at the default ``strength``):
+
+* ``"erode"`` / ``"dilate"``: the boundary moved by 2–3 voxels for one or two classes;
+* ``"shift"``: one class mask moved 4–7 voxels (half that across slices);
+* ``"drop"``: one structure (the largest connected component of a class) removed;
+* ``"spurious"``: a false blob of a class added (radii 5–9 voxels, 0.6× across slices);
+* ``"swap"``: two neighbouring classes exchanged (left/right lung or adjacent vertebral sections;
+  adjacent vertebrae or discs; grey/white matter);
+* ``"boundary"``: annotator jitter: within an in-plane band of 1–2 voxels of every foreground class's
+  boundary (contours are drawn slice by slice) the boundary moves out in some patches and in at others
+  (a smooth random field decides where, so the changes come in patches a few voxels wide, not as
+  salt-and-pepper); voxels given up take the label of the nearest voxel outside the class in the slice
+  (the neighbour or background);
+* ``"partial"``: an annotation stopped early: one class, or all of them (even odds), erased on a
+  contiguous block of 30–50 % of the slices it spans, at one end of its extent. Slices are those of
+  the source's slice axis (axial, but sagittal for ``spine-mr``), the ones an annotator pages through.
+
+``strength`` (``STRENGTHS``: ``"mild"``, ``"default"``, ``"strong"``) scales the size of each change
+(``_STRENGTH`` has the numbers): erode/dilate radius (1 / 2–3 / 4–5 voxels), shift distance (2–3 / 4–7 /
+8–11), spurious blob radii (3–5 / 5–9 / 8–12), boundary band (1 / 1–2 / 2–3 voxels) and the share of
+slices a ``"partial"`` erases (15–30 / 30–50 / 50–70 %). ``"drop"`` and ``"swap"`` are the same at every
+strength (a structure is missing or not; two labels are exchanged or not). ``"default"`` draws exactly
+what the builder drew before ``strength`` existed, so cohorts built then are unchanged.
+``"boundary"`` and ``"partial"`` are not in ``DEFAULT_KINDS`` for the same reason: adding them to the
+cycle would change which case gets which kind.
+
 Kinds that do not apply to a source are skipped for it (recorded in ``dataset.json`` under
 ``"skipped_kinds"``): ``"drop"`` for ``brain-mni`` (every class is one body-filling structure),
 ``"swap"`` for a source with a single foreground class. A case in which the drawn kind finds
@@ -59,7 +82,18 @@ import numpy as np
 
 from .io import read_image, to_ras, umask_mode, voxel_spacing, write_image
 
-KINDS = ("erode", "dilate", "shift", "drop", "spurious", "swap")
+KINDS = ("erode", "dilate", "shift", "drop", "spurious", "swap", "boundary", "partial")
+# what build_demo cycles through by default: the six kinds of the first cohorts, so that the default
+# cohorts (and the results recorded on them) stay what they were
+DEFAULT_KINDS = KINDS[:6]
+STRENGTHS = ("mild", "default", "strong")
+# per strength: the ranges the corruptions draw their sizes from ([lo, hi) for integers). "default" holds
+# the numbers of the original builder, drawn with the same calls, so its cohorts are byte-identical.
+_STRENGTH = {
+    "mild": dict(radius=(1, 2), shift=(2, 4), blob=(3.0, 5.0), band=(1, 2), partial=(0.15, 0.30)),
+    "default": dict(radius=(2, 4), shift=(4, 8), blob=(5.0, 9.0), band=(1, 3), partial=(0.30, 0.50)),
+    "strong": dict(radius=(4, 6), shift=(8, 12), blob=(8.0, 12.0), band=(2, 4), partial=(0.50, 0.70)),
+}
 BUILDER_VERSION = 1
 SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni")
 
@@ -312,15 +346,31 @@ def _applicable(kind, lab, K, spec: _Spec | None = None) -> bool:
     present = np.flatnonzero(np.bincount(lab.ravel(), minlength=K)[1:]) + 1
     if kind == "swap":
         return len(present) >= 2
+    if kind == "partial":
+        # erasing part of a class needs a class on two slices or more (on one slice it would be a "drop")
+        return any(_slice_span(lab == c, spec.slice_axis)[1] >= 2 for c in present)
+    if kind == "boundary":
+        # a boundary inside the field of view: some voxel differs from the others
+        return len(present) >= 1 and lab.min() != lab.max()
     return len(present) >= 1
 
 
-def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
+def _slice_span(m, axis):
+    """(first slice, number of slices) that mask ``m`` spans along ``axis``; (0, 0) when empty."""
+    on = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+    return (int(on[0]), int(on[-1] - on[0] + 1)) if len(on) else (0, 0)
+
+
+def _corrupt(rng, lab, kind, K, spec: _Spec | None = None, strength: str = "default"):
     """Corrupt ``lab`` (uint8) by ``kind``; returns (new label, record).
 
-    ``spec`` (default: the chest's) names the classes a "swap" exchanges and those "drop" avoids.
+    ``spec`` (default: the chest's) names the classes a "swap" exchanges and those "drop" avoids, and the
+    slice axis of a "partial". ``strength`` (one of ``STRENGTHS``) picks the size ranges of ``_STRENGTH``.
     """
     spec = _SPECS["chest"] if spec is None else spec
+    if strength not in _STRENGTH:
+        raise ValueError(f"strength: expected one of {STRENGTHS}, got {strength!r}")
+    P = _STRENGTH[strength]
     from scipy import ndimage
 
     out = lab.copy()
@@ -331,7 +381,7 @@ def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
     if kind in ("erode", "dilate"):
         n = 1 if len(big) < 2 else int(rng.integers(1, 3))
         cls = sorted(int(c) for c in rng.choice(big, size=n, replace=False))
-        r = int(rng.integers(2, 4))
+        r = int(rng.integers(*P["radius"]))
         for c in cls:
             m = lab == c
             if kind == "erode":
@@ -342,7 +392,7 @@ def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
         rec.update(classes=cls, params={"radius_vox": r})
     elif kind == "shift":
         c = int(rng.choice(big))
-        off = rng.integers(4, 8, 3) * rng.choice([-1, 1], 3)
+        off = rng.integers(*P["shift"], 3) * rng.choice([-1, 1], 3)
         off[2] = int(np.sign(off[2]) * max(1, abs(off[2]) // 2))  # slices are thicker
         m = lab == c
         moved = np.zeros_like(m)
@@ -365,7 +415,7 @@ def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
         c = int(rng.choice(present))
         body = np.argwhere(lab > 0)
         ctr = body[rng.integers(len(body))]
-        radii = rng.uniform(5, 9, 3) * np.array([1, 1, 0.6])
+        radii = rng.uniform(*P["blob"], 3) * np.array([1, 1, 0.6])
         idx = np.ogrid[tuple(slice(0, s) for s in lab.shape)]
         ell = sum(((ix - ci) / ri) ** 2 for ix, ci, ri in zip(idx, ctr, radii)) <= 1.0
         out[ell & (lab != c)] = c
@@ -378,6 +428,55 @@ def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
         a, b = (int(v) for v in pairs[int(rng.integers(len(pairs)))])
         out[lab == a], out[lab == b] = b, a
         rec.update(classes=[a, b])
+    elif kind == "boundary":
+        w = int(rng.integers(*P["band"]))
+        ax = spec.slice_axis
+        # contours are drawn slice by slice: the band is an in-plane disk (a thick slice is not jittered
+        # across its 3-5 mm), and the jitter is smooth along the contour but less so from slice to slice
+        ball, keep = _ball(w), [slice(None)] * 3
+        keep[ax] = slice(w, w + 1)
+        disk = np.zeros_like(ball)
+        disk[tuple(keep)] = ball[tuple(keep)]
+        sigma, sampling = [2.0, 2.0, 2.0], [1.0, 1.0, 1.0]
+        sigma[ax], sampling[ax] = 1.0, 1e3  # sampling: the nearest voxel outside is looked for in-plane
+        for c in present:
+            m = lab == c
+            # one smooth field per class: > 0 the boundary moves out there, < 0 it moves in; smoothing makes
+            # the jitter come in patches like a hand-drawn contour's, not salt-and-pepper
+            field = ndimage.gaussian_filter(rng.standard_normal(lab.shape).astype(np.float32), sigma) > 0
+            # border_value=1: the edge of the field of view (a crop) is not a boundary of the class
+            inner = m & ~ndimage.binary_erosion(m, disk, border_value=1)
+            outer = ndimage.binary_dilation(m, disk) & ~m
+            give = inner & ~field
+            if give.any():
+                # a voxel given up takes the label of the nearest voxel outside the class: the neighbour
+                # the annotator's contour ran into (another class or background)
+                _, near = ndimage.distance_transform_edt(m, sampling=sampling, return_indices=True)
+                out[give] = lab[tuple(ix[give] for ix in near)]
+            out[outer & field] = c
+        rec.update(classes=[int(c) for c in present], params={"band_vox": w})
+    elif kind == "partial":
+        ax = spec.slice_axis
+        cands = [c for c in present if _slice_span(lab == c, ax)[1] >= 2]
+        if not cands:
+            raise ValueError("partial: needs a class that spans two slices or more")
+        if rng.random() < 0.5:
+            scope, m = "all", lab > 0
+        else:
+            c = int(rng.choice(cands))
+            scope, m = "class", lab == c
+        first, span = _slice_span(m, ax)
+        frac = float(rng.uniform(*P["partial"]))
+        n = int(min(span - 1, max(1, round(frac * span))))  # never the whole extent: that would be a "drop"
+        # the annotator stopped early, paging in either direction: the block is at one end of the extent
+        lo = first if rng.random() < 0.5 else first + span - n
+        block = [slice(None)] * lab.ndim
+        block[ax] = slice(lo, lo + n)
+        block = tuple(block)
+        out[block][m[block]] = 0
+        erased = [int(v) for v in np.unique(lab[block][m[block]])]
+        rec.update(classes=erased, params={"scope": scope, "axis": int(ax), "slices": [int(lo), int(lo + n)],
+                                           "fraction": round(frac, 3)})
     else:
         raise ValueError(f"kind: unknown corruption {kind!r} (have {KINDS})")
     rec["changed_voxels"] = int((out != lab).sum())
@@ -385,12 +484,14 @@ def _corrupt(rng, lab, kind, K, spec: _Spec | None = None):
 
 
 def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed: int = 0,
-               source: str = "chest", size_mm=None, kinds=KINDS) -> Path:
+               source: str = "chest", size_mm=None, kinds=DEFAULT_KINDS, strength: str = "default") -> Path:
     """Build the demo data set (see the module doc) under ``out_dir`` and return its path.
 
     ``source``: one of ``SOURCES`` (default ``"chest"``). ``n_cases`` cases,
     ``round(corrupt_fraction · n_cases)`` of them with corrupted labels (chosen and corrupted from
-    ``seed``; ``kinds`` that do not apply to the source are skipped, see the module doc);
+    ``seed``; ``kinds``, a subset of ``KINDS``, default ``DEFAULT_KINDS``: those that do not apply to the
+    source are skipped, see the module doc; ``strength``, one of ``STRENGTHS``, scales the size of each
+    corruption, ``"default"`` giving the cohorts of the original builder);
     ``size_mm`` is the field of view of each case (default: the source's; the chest's 224×224×192 mm
     gives about 149×149×64 voxels at Merlin's 1.5×1.5×3 mm). Idempotent: if ``out_dir`` already holds a
     complete demo built with the same arguments it is returned untouched; otherwise it is built in
@@ -410,6 +511,8 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
     if not [k for k in kinds if k not in _SPECS[source].skip_kinds]:
         raise ValueError(f"kinds: none of {kinds!r} applies to the {source} source "
                          f"(it skips {_SPECS[source].skip_kinds})")
+    if strength not in STRENGTHS:
+        raise ValueError(f"strength: expected one of {STRENGTHS}, got {strength!r}")
     if size_mm is None:
         size_mm = _SPECS[source].size_mm
     size_mm = tuple(float(s) for s in size_mm)
@@ -418,7 +521,7 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
     out = Path(out_dir)
     params = {"version": BUILDER_VERSION, "source": source, "n_cases": int(n_cases),
               "corrupt_fraction": float(corrupt_fraction), "seed": int(seed),
-              "size_mm": list(size_mm), "kinds": list(kinds)}
+              "size_mm": list(size_mm), "kinds": list(kinds), "strength": strength}
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"out_dir: {out} exists and is not a folder")
@@ -448,9 +551,13 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
 def _demo_params(out: Path):
     try:
         with open(out / "dataset.json", encoding="utf-8") as f:
-            return json.load(f).get("auvcore_demo")
+            params = json.load(f).get("auvcore_demo")
     except (OSError, ValueError, AttributeError):
         return None
+    if isinstance(params, dict):
+        # demos built before `strength` existed were built at what is now "default" (same data): reuse them
+        params.setdefault("strength", "default")
+    return params
 
 
 def _complete(out: Path, n: int) -> bool:
@@ -487,7 +594,7 @@ def _build_into(root: Path, params: dict) -> None:
             j = kinds.index(kind_of[i])
             kind = next((k for k in kinds[j:] + kinds[:j] if _applicable(k, lb, K, spec)), None)
             if kind is not None:
-                lb2, rec = _corrupt(crng, lb, kind, K, spec)
+                lb2, rec = _corrupt(crng, lb, kind, K, spec, params.get("strength", "default"))
                 entry = {"corrupted": True, "kind": kind, **rec}
                 lb = lb2
         entry["case_params"] = cparams
