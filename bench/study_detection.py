@@ -1,7 +1,8 @@
 """Noise-detection study: how well does each score rank the corrupted cases of the demo cohorts first?
 
-For every source and draw (``build_demo(source=..., seed=draw)``: 24 cases varied from one real volume, a
-quarter of them with a recorded label corruption of one of six kinds), every scoring configuration runs as
+For every corruption rate, source and draw (``build_demo(source=..., seed=draw, corrupt_fraction=rate)``: 24
+cases varied from one real volume, by default a quarter of them with a recorded label corruption of one of six
+kinds; ``--kinds`` and ``--strength`` choose the kinds and their size), every scoring configuration runs as
 ``auvcore score`` would (``auvcore.app.scoring.score_dataset``; resumable, so an interrupted study continues),
 and every score of its table is compared with the corruption record:
 
@@ -11,14 +12,23 @@ and every score of its table is compared with the corruption record:
   agreement of a promptable encoder (1 − Dice of its decoded mask against the label; beyond the paper) and
   a random score (seeded).
 
+Each rate is analysed on its own (a rate's cohorts are other cohorts: ``OUT/data/<source>-<draw>-f<rate>-<strength>``,
+with the kinds appended when ``--kinds`` is given; the default 0.25 / default / six kinds keeps the path of the
+first studies, ``OUT/data/<source>-<draw>``, so their data and scores are reused). With few cases a low rate
+leaves one or two corrupted cases per draw, an AUROC from one positive: take ``--cases 40`` or more for 5 %.
+
 Metrics: AUROC and average precision per draw, averaged over the draws of a source, with 95 % bootstrap
 intervals (cases resampled within each draw, stratified by corrupted/clean; 2000 resamples). Per corruption
 kind: the corrupted cases of that kind against the clean ones, with scores turned into within-draw
-percentile ranks and pooled over all draws and sources. Writes ``OUT/NAME.json``, ``OUT/NAME.md`` (the tables
-of bench/RESULTS.md) and ``OUT/NAME_cases.csv`` (every case's scores).
+percentile ranks and pooled over all draws and sources. Writes ``OUT/NAME.json`` (under ``"by_rate"``, keyed by
+the rate; a single-rate study also keeps ``"by_source"`` / ``"by_kind"`` at the top as before), ``OUT/NAME.md``
+(the tables of bench/RESULTS.md, one section per rate) and ``OUT/NAME_cases.csv`` (every case's scores, with its
+``fraction`` and ``strength``).
 
     python bench/study_detection.py --out runs/study                       # all sources, 3 draws
     python bench/study_detection.py --sources spine-ct --draws 1 --configs merlin-l2 litemedsam-decoded
+    python bench/study_detection.py --cases 40 --fractions 0.05 0.1 0.2 --configs merlin-l2
+    python bench/study_detection.py --cases 40 --fractions 0.2 --kinds boundary partial --strength mild
 """
 from __future__ import annotations
 
@@ -89,56 +99,90 @@ def bootstrap(draws, metric, n=2000, seed=0):
     return point, float(lo), float(hi)
 
 
-def run_study(out: Path, sources, draws, configs, cases, fraction, progress):
+def cohort_tag(source, draw, fraction, strength="default", kinds=None):
+    """The folder name of one cohort under OUT/data and OUT/runs: the first studies' ``<source>-<draw>`` for
+    the default rate, strength and kinds (so their data and scores are reused), else one per setting."""
+    from auvcore.data.demo import DEFAULT_KINDS
+
+    kinds = tuple(DEFAULT_KINDS if kinds is None else kinds)
+    if fraction == 0.25 and strength == "default" and kinds == tuple(DEFAULT_KINDS):
+        return f"{source}-{draw}"
+    tag = f"{source}-{draw}-f{fraction:g}-{strength}"
+    return tag if kinds == tuple(DEFAULT_KINDS) else tag + "-" + "+".join(kinds)
+
+
+def run_study(out: Path, sources, draws, configs, cases, fractions, progress, strength="default", kinds=None):
     import pandas as pd
 
     from auvcore import scores as A
     from auvcore.data import build_demo
+    from auvcore.data.demo import DEFAULT_KINDS
     from auvcore.app.scoring import score_dataset
 
+    if isinstance(fractions, (int, float)):
+        fractions = [fractions]
+    kinds = list(DEFAULT_KINDS if kinds is None else kinds)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []  # one per (source, draw, case)
+    rows = []  # one per (fraction, source, draw, case)
     timing = {}
-    for source in sources:
-        for draw in range(draws):
-            ds = build_demo(out / "data" / f"{source}-{draw}", n_cases=cases, corrupt_fraction=fraction, seed=draw,
-                            source=source)
-            tables = {}
-            for name in configs:
-                run = out / "runs" / f"{source}-{draw}" / name
-                t0 = time.perf_counter()
-                fresh = not (run / "scores.parquet").exists()
-                score_dataset(ds, run, progress=progress, **CONFIGS[name])
-                if fresh:
-                    timing.setdefault((source, name), []).append((time.perf_counter() - t0) / cases)
-                tables[name] = pd.read_parquet(run / "scores.parquet").set_index("case")
-                print(f"{source} draw {draw} {name}: done", flush=True)
-            base = tables[configs[0]]
-            for case in base.index:
-                r = {"source": source, "draw": draw, "case": case, "corrupted": bool(base.loc[case, "corrupted"]),
-                     "kind": base.loc[case, "corruption_kind"]}
-                for name, t in tables.items():
-                    r[f"auv:{name}"] = t.loc[case, "auv"]
-                    if "agreement_score" in t:
-                        r[f"agreement:{name}"] = t.loc[case, "agreement_score"]
-                if "merlin-l2" in tables:
+    for fraction in fractions:
+        for source in sources:
+            for draw in range(draws):
+                tag = cohort_tag(source, draw, fraction, strength, kinds)
+                ds = build_demo(out / "data" / tag, n_cases=cases, corrupt_fraction=fraction, seed=draw,
+                                source=source, kinds=kinds, strength=strength)
+                tables = {}
+                for name in configs:
+                    run = out / "runs" / tag / name
+                    t0 = time.perf_counter()
+                    fresh = not (run / "scores.parquet").exists()
+                    score_dataset(ds, run, progress=progress, **CONFIGS[name])
+                    if fresh:
+                        timing.setdefault((source, name), []).append((time.perf_counter() - t0) / cases)
+                    tables[name] = pd.read_parquet(run / "scores.parquet").set_index("case")
+                    print(f"{tag} {name}: done", flush=True)
+                base = tables[configs[0]]
+                for case in base.index:
+                    r = {"fraction": fraction, "strength": strength, "source": source, "draw": draw, "case": case,
+                         "corrupted": bool(base.loc[case, "corrupted"]), "kind": base.loc[case, "corruption_kind"]}
+                    for name, t in tables.items():
+                        r[f"auv:{name}"] = t.loc[case, "auv"]
+                        if "agreement_score" in t:
+                            r[f"agreement:{name}"] = t.loc[case, "agreement_score"]
+                    if "merlin-l2" in tables:
+                        t = tables["merlin-l2"]
+                        r["variance"] = t.loc[case, "variance_score"]
+                        r["mahalanobis:merlin-l2"] = t.loc[case, "mahalanobis_score"]
+                    rows.append(r)
+                if "merlin-l2" in tables:  # the sum reduction from the same per-class scales
                     t = tables["merlin-l2"]
-                    r["variance"] = t.loc[case, "variance_score"]
-                    r["mahalanobis:merlin-l2"] = t.loc[case, "mahalanobis_score"]
-                rows.append(r)
-            if "merlin-l2" in tables:  # the sum reduction from the same per-class scales
-                t = tables["merlin-l2"]
-                S = t[[c for c in t.columns if c.startswith("S[")]].to_numpy(dtype=np.float64)[:, 1:]
-                auv_sum = A.auv(A.sample_scale(S, reduction="sum"))
-                for r, a in zip(rows[-len(base):], auv_sum):
-                    r["auv:merlin-l2-sum"] = a
+                    S = t[[c for c in t.columns if c.startswith("S[")]].to_numpy(dtype=np.float64)[:, 1:]
+                    auv_sum = A.auv(A.sample_scale(S, reduction="sum"))
+                    for r, a in zip(rows[-len(base):], auv_sum):
+                        r["auv:merlin-l2-sum"] = a
     df = pd.DataFrame(rows)
     rng = np.random.default_rng(12345)
     df["random"] = rng.random(len(df))
     return df, {f"{s}/{n}": float(np.median(v)) for (s, n), v in timing.items()}
 
 
+def rate_key(fraction) -> str:
+    return f"{float(fraction):g}"
+
+
 def tables(df, n_boot):
+    """The tables of every corruption rate in ``df`` (``{"by_rate": {rate: {"by_source", "by_kind"}}}``); a rate's
+    cohorts are analysed on their own, as a study of that rate alone would."""
+    if "fraction" not in df:
+        return tables_one_rate(df, n_boot)
+    by_rate = {rate_key(f): tables_one_rate(g, n_boot) for f, g in df.groupby("fraction", sort=True)}
+    res = {"by_rate": by_rate}
+    if len(by_rate) == 1:  # the layout of single-rate studies before rates existed
+        res.update(next(iter(by_rate.values())))
+    return res
+
+
+def tables_one_rate(df, n_boot):
     scores = [c for c in df.columns if c.startswith(("auv:", "agreement:", "mahalanobis:")) or c in ("variance", "random")]
     res = {"by_source": {}, "by_kind": {}}
     for source, g in df.groupby("source", sort=False):
@@ -167,6 +211,40 @@ def tables(df, n_boot):
 
 def markdown(res, meta):
     lines = [f"Machine: {meta['machine']}; commit {meta['commit']}; {meta['date']}; command: `{meta['command']}`.", ""]
+    by_rate = res.get("by_rate") or {rate_key(meta.get("fractions", [0.25])[0]): res}
+    if "strength" in meta:
+        lines += [f"Corruption strength {meta['strength']}; kinds: {', '.join(meta['kinds'])}; "
+                  f"{meta['cases']} cases per cohort.", ""]
+    if len(by_rate) > 1:
+        lines += _rate_summary(by_rate)
+    for rate, r in by_rate.items():
+        if len(by_rate) > 1 or "cases" in meta:
+            n = f" ({round(float(rate) * meta['cases'])} of {meta['cases']} cases corrupted)" if "cases" in meta else ""
+            lines += [f"### Corruption rate {rate}{n}", ""]
+        lines += _rate_tables(r)
+    if meta.get("seconds_per_case"):
+        lines += ["Scoring time per case (median over draws, whole `score_dataset` / cases, this machine): "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in meta["seconds_per_case"].items()), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _rate_summary(by_rate):
+    """AUROC of every score per source and rate in one table: how detection changes with the rate."""
+    cols = [(rate, s) for rate, r in by_rate.items() for s in dict.fromkeys(x for v in r["by_source"].values() for x in v)]
+    scores = list(dict.fromkeys(sc for r in by_rate.values() for sc in r["by_source"]))
+    lines = ["AUROC by corruption rate (mean over draws; intervals in the sections below)", "",
+             "| score | " + " | ".join(f"{s} @ {rate}" for rate, s in cols) + " |", "|---|" + "---|" * len(cols)]
+    for sc in scores:
+        cells = []
+        for rate, s in cols:
+            v = by_rate[rate]["by_source"].get(sc, {}).get(s)
+            cells.append(f"{v['auroc'][0]:.2f}" if v else "–")
+        lines.append(f"| {sc} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _rate_tables(res):
+    lines = []
     sources = list(dict.fromkeys(s for v in res["by_source"].values() for s in v))
     lines.append("AUROC (95 % bootstrap interval), mean over draws; AP in the second table. Higher = the score ranks "
                  "corrupted cases first; 0.5 = chance.")
@@ -194,31 +272,48 @@ def markdown(res, meta):
               "|---|" + "---|" * len(kinds)]
     for sc, per in res["by_kind"].items():
         lines.append(f"| {sc} | " + " | ".join(f"{per[k]['auroc']:.2f}" if k in per else "–" for k in kinds) + " |")
-    if meta.get("seconds_per_case"):
-        lines += ["", "Scoring time per case (median over draws, whole `score_dataset` / cases, this machine): "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in meta["seconds_per_case"].items())]
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
 def main(argv=None):
+    from auvcore.data.demo import DEFAULT_KINDS, KINDS, STRENGTHS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/study"))
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     ap.add_argument("--draws", type=int, default=3, help="cohort draws (seeds 0..draws-1) per source")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--cases", type=int, default=24)
-    ap.add_argument("--fraction", type=float, default=0.25, help="share of corrupted cases")
+    rate = ap.add_mutually_exclusive_group()
+    rate.add_argument("--fraction", type=float, help="share of corrupted cases (default 0.25)")
+    rate.add_argument("--fractions", type=float, nargs="+", metavar="FRACTION",
+                      help="several shares of corrupted cases, each its own cohorts and tables")
+    ap.add_argument("--strength", default="default", choices=STRENGTHS, help="size of each corruption")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                    help=f"corruption kinds cycled over the corrupted cases (default: {' '.join(DEFAULT_KINDS)})")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--name", default="detection", help="stem of the output files in OUT")
     ap.add_argument("--progress", action="store_true")
     a = ap.parse_args(argv)
-    df, timing = run_study(a.out, a.sources, a.draws, a.configs, a.cases, a.fraction, a.progress)
+    fractions = a.fractions or [0.25 if a.fraction is None else a.fraction]
+    fractions = list(dict.fromkeys(fractions))
+    for f in fractions:
+        n_bad = round(f * a.cases)
+        if not 0.0 < f < 1.0 or n_bad < 1 or n_bad >= a.cases:
+            ap.error(f"--fraction(s): {f:g} of --cases {a.cases} corrupts {n_bad} cases; a detection AUROC needs at "
+                     "least one corrupted and one clean case")
+        if n_bad < 2:
+            print(f"warning: --fraction {f:g} of --cases {a.cases} corrupts one case per cohort: each draw's AUROC "
+                  "rests on a single case (take more --cases)", file=sys.stderr)
+    kinds = list(DEFAULT_KINDS) if a.kinds is None else list(dict.fromkeys(a.kinds))
+    df, timing = run_study(a.out, a.sources, a.draws, a.configs, a.cases, fractions, a.progress, a.strength, kinds)
     df.to_csv(a.out / f"{a.name}_cases.csv", index=False)
     res = tables(df, a.bootstrap)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "?"
     meta = {"machine": cpu_name(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
             "command": "python bench/study_detection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "fractions": fractions, "strength": a.strength, "kinds": kinds, "cases": a.cases,
             "seconds_per_case": timing}
     (a.out / f"{a.name}.json").write_text(json.dumps({"meta": meta, **res}, indent=1))
     md = markdown(res, meta)
