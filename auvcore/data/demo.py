@@ -29,8 +29,9 @@ own field of view, voxel sizes and slice axis, see ``_SPECS``):
 
 Label maps go through the same geometry (nearest neighbour). Then a recorded subset of
 ``round(corrupt_fraction · n_cases)`` cases gets its label corrupted, one kind per case, the chosen
-``kinds`` (default ``DEFAULT_KINDS``, the first six) cycled so every kind occurs. The kinds (``KINDS``;
-sizes at the default ``strength``):
+``kinds`` (default ``DEFAULT_KINDS``, the first six) cycled in their order, so every kind occurs once at
+least ``len(kinds)`` cases are corrupted (with fewer, only the first kinds of the list occur: 4 of 40
+cases get erode, dilate, shift and drop). The kinds (``KINDS``; sizes at the default ``strength``):
 
 * ``"erode"`` / ``"dilate"``: the boundary moved by 2–3 voxels for one or two classes;
 * ``"shift"``: one class mask moved 4–7 voxels (half that across slices);
