@@ -372,12 +372,17 @@ def join_cases_csv(cases, path: Path | None):
     if not Path(path).is_file():
         raise ValueError(f"--cases-csv: {path} does not exist")
     det = pd.read_csv(path)
+    # study_detection at several rates or strengths lists other cohorts too; these cohorts are its default ones
+    if "fraction" in det:
+        det = det[np.isclose(det["fraction"].astype(float), 0.25)]
+    if "strength" in det:
+        det = det[det["strength"].fillna("default") == "default"]
     missing = {"source", "draw", "case"} - set(det.columns)
     if missing:
         raise ValueError(f"--cases-csv: {path} lacks the columns {sorted(missing)}")
     if det.duplicated(["source", "draw", "case"]).any():
-        raise ValueError(f"--cases-csv: {path} has several rows per (source, draw, case) (cohorts at several "
-                         "corruption rates?); pass a CSV of the default cohorts")
+        raise ValueError(f"--cases-csv: {path} has several rows per (source, draw, case) (cohorts of several "
+                         "kind settings?); pass a CSV of the default cohorts")
     extra = [c for c in det.columns if c.startswith(("auv:", "agreement:", "mahalanobis:")) or c == "random"]
     extra = [c for c in extra if c not in cases.columns]
     return cases.merge(det[["source", "draw", "case", *extra]], on=["source", "draw", "case"], how="left")
@@ -484,7 +489,9 @@ def correlation_markdown(res) -> str:
                              f"{_fmt_p(c['pearson_p'])} | {c['spearman']:.3f} | {_fmt_p(c['spearman_p'])} |")
     lines += ["", "Dice against the given label: the label as delivered (corrupted where recorded); against the "
                   "clean label: `labelsTr_clean`, the label before corruption. Negative = a higher score goes with a "
-                  "lower Dice (the direction an uncertainty score should have)."]
+                  "lower Dice. Expected signs: S is the perception scale (high = the encoder separates the class well; the AUV is "
+                  "1 − its normalised log), so the paper's Table 4 direction is positive for S; the case scores (AUV, "
+                  "variance, Mahalanobis, cleanlab; high = suspect) and the Mahalanobis distance should be negative."]
     return "\n".join(lines) + "\n"
 
 
