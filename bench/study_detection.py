@@ -200,7 +200,7 @@ def tables_one_rate(df, n_boot):
     for sc in scores:
         ranked[sc] = df.groupby(["source", "draw"])[sc].transform(lambda x: percentile_rank(x.to_numpy(dtype=float)))
     clean = ranked[~ranked["corrupted"]]
-    for kind in sorted(k for k in df["kind"].unique() if k):
+    for kind in sorted(k for k in df["kind"].fillna("").unique() if k):  # clean cases: "" or None/NaN
         pos = ranked[ranked["kind"] == kind]
         for sc in scores:
             if df.loc[df["kind"] == kind, sc].isna().all():

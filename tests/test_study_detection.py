@@ -1,0 +1,74 @@
+"""bench/study_detection.py without encoders: cohort folders per rate, the tables grouped by rate, the CLI's checks."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pd = pytest.importorskip("pandas")
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    sys.path.insert(0, str(BENCH))  # study_detection imports its neighbour _util by name
+    try:
+        spec = importlib.util.spec_from_file_location("study_detection", BENCH / "study_detection.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def test_cohort_folders(sd):
+    # the default rate, strength and kinds keep the first studies' folder, so their data and scores are reused
+    assert sd.cohort_tag("spine-ct", 0, 0.25) == "spine-ct-0"
+    assert sd.cohort_tag("spine-ct", 1, 0.1) == "spine-ct-1-f0.1-default"
+    assert sd.cohort_tag("chest", 0, 0.05, "mild") == "chest-0-f0.05-mild"
+    assert sd.cohort_tag("spine-mr", 0, 0.25, "default", ["boundary", "partial"]) == \
+        "spine-mr-0-f0.25-default-boundary+partial"
+
+
+def _cases(fractions=(0.1, 0.2), n=20, draws=2):
+    rng = np.random.default_rng(0)
+    rows = []
+    for f in fractions:
+        for d in range(draws):
+            bad = set(rng.choice(n, round(f * n), replace=False))
+            for i in range(n):
+                rows.append({"fraction": f, "strength": "default", "source": "spine-ct", "draw": d,
+                             "case": f"demo_{i:03d}", "corrupted": i in bad, "kind": "erode" if i in bad else None,
+                             # a score that finds every corrupted case, and a random one
+                             "auv:x": float(i in bad) + rng.random() * 0.1, "random": rng.random()})
+    return pd.DataFrame(rows)
+
+
+def test_tables_and_markdown_by_rate(sd):
+    res = sd.tables(_cases(), 20)
+    assert set(res["by_rate"]) == {"0.1", "0.2"} and "by_source" not in res
+    for rate, r in res["by_rate"].items():
+        assert r["by_source"]["auv:x"]["spine-ct"]["auroc"][0] == 1.0
+        assert r["by_source"]["auv:x"]["spine-ct"]["prevalence"] == pytest.approx(float(rate))
+        assert r["by_kind"]["auv:x"]["erode"]["n"] == round(float(rate) * 20) * 2
+    meta = {"machine": "m", "commit": "c", "date": "d", "command": "x", "fractions": [0.1, 0.2],
+            "strength": "default", "kinds": ["erode"], "cases": 20}
+    md = sd.markdown(res, meta)
+    assert "| score | spine-ct @ 0.1 | spine-ct @ 0.2 |" in md
+    assert "### Corruption rate 0.1 (2 of 20 cases corrupted)" in md and "### Corruption rate 0.2 (4 of 20" in md
+    # one rate: the earlier layout (by_source / by_kind at the top) is kept beside by_rate
+    one = sd.tables(_cases((0.25,)), 20)
+    assert set(one) == {"by_rate", "by_source", "by_kind"} and one["by_source"] == one["by_rate"]["0.25"]["by_source"]
+
+
+def test_cli_checks_the_rates(sd, capsys):
+    with pytest.raises(SystemExit):
+        sd.main(["--fraction", "0.2", "--fractions", "0.1"])
+    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sd.main(["--fractions", "0.01", "--cases", "24"])
+    assert "corrupts 0 cases" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sd.main(["--strength", "huge"])
+    assert "choose from 'mild', 'default', 'strong'" in capsys.readouterr().err
