@@ -64,7 +64,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
-from study_detection import CONFIGS, SOURCES, auroc, average_precision, bootstrap, markdown, percentile_rank  # noqa: E402
+from study_detection import (CONFIGS, SOURCES, auroc, average_precision, bootstrap, markdown,  # noqa: E402
+                             percentile_rank)
 
 OOF_VERSION = 1
 SCORE_CONFIG = "merlin-l2"  # the run whose S, AUV and baselines the study uses (the README's default)
@@ -489,9 +490,10 @@ def correlation_markdown(res) -> str:
                              f"{_fmt_p(c['pearson_p'])} | {c['spearman']:.3f} | {_fmt_p(c['spearman_p'])} |")
     lines += ["", "Dice against the given label: the label as delivered (corrupted where recorded); against the "
                   "clean label: `labelsTr_clean`, the label before corruption. Negative = a higher score goes with a "
-                  "lower Dice. Expected signs: S is the perception scale (high = the encoder separates the class well; the AUV is "
-                  "1 − its normalised log), so the paper's Table 4 direction is positive for S; the case scores (AUV, "
-                  "variance, Mahalanobis, cleanlab; high = suspect) and the Mahalanobis distance should be negative."]
+                  "lower Dice. Expected signs: S is the perception scale (high = the encoder separates the class "
+                  "well; the AUV is 1 − its normalised log), so the paper's Table 4 direction is positive for S; the "
+                  "case scores (AUV, variance, Mahalanobis, cleanlab; high = suspect) and the Mahalanobis distance "
+                  "should be negative."]
     return "\n".join(lines) + "\n"
 
 
