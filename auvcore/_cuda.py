@@ -130,10 +130,11 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
         flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
         label_error = torch.zeros(2, dtype=torch.int64, device=dev)
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
+        # Each class's Gram on its smaller side: n x n for a class of n < C voxels.
         B._C.cuda_masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), B.view(G),
-                              B.view(counts), B.view(flags), B.view(label_error), s)
+                              B.view(counts), B.view(flags), B.view(label_error), s, smaller_side=True)
         B._C.cuda_scale_from_gram(B.view(G), B.view(counts), 0, float(eps), 0, B.view(flags), B.view(S),
-                                  B.view(None), s)
+                                  B.view(None), s, sized_by_counts=True)
         if not _capturing(dev):
             # One transfer for both checks: [any NaN/Inf, label error flag, offending label].
             status = torch.cat([flags.any().view(1).to(torch.int64), label_error]).tolist()

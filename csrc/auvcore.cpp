@@ -85,7 +85,7 @@ void register_cuda(py::module_& m) {
       "cuda_masked_gram",
       [device_of](const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num,
                   const ArrayView& G, const ArrayView& counts, const ArrayView& flags, const ArrayView& label_error,
-                  std::uintptr_t stream) {
+                  std::uintptr_t stream, bool smaller_side) {
         check_masked_args(f, labels, K);
         const int64_t BK = f.shape[0] * K, C = f.shape[1];
         const int dev = device_of(f, "features");
@@ -95,17 +95,20 @@ void register_cuda(py::module_& m) {
         int32_t* fl = buffer<int32_t>(flags, DType::I32, {BK}, "flags", false, dev);
         int64_t* le = buffer<int64_t>(label_error, DType::I64, {2}, "label_error", false, dev);
         py::gil_scoped_release nogil;
-        cuda::masked_gram(f, labels, K, center, nan_to_num, g, cnt, fl, le, stream, dev);
+        cuda::masked_gram(f, labels, K, center, nan_to_num, smaller_side, g, cnt, fl, le, stream, dev);
       },
       py::arg("features"), py::arg("labels"), py::arg("num_classes"), py::arg("center"), py::arg("nan_to_num"),
-      py::arg("G"), py::arg("counts"), py::arg("flags"), py::arg("label_error"), py::arg("stream"));
+      py::arg("G"), py::arg("counts"), py::arg("flags"), py::arg("label_error"), py::arg("stream"),
+      py::arg("smaller_side") = false);
 
   // G [count, p, p] (overwritten) gives count and p. The ranks: min(counts[i], p) with counts [count], else r
-  // for all; flags [count] (optional) marks the matrices whose S is NaN; evals [count, p] (optional).
+  // for all; flags [count] (optional) marks the matrices whose S is NaN; evals [count, p] (optional);
+  // sized_by_counts: matrix i is r_i x r_i (cuda_masked_gram's smaller side).
   m.def(
       "cuda_scale_from_gram",
       [device_of](const ArrayView& G, const ArrayView& counts, int64_t r, double eps, int variant,
-                  const ArrayView& flags, const ArrayView& S, const ArrayView& evals, std::uintptr_t stream) {
+                  const ArrayView& flags, const ArrayView& S, const ArrayView& evals, std::uintptr_t stream,
+                  bool sized_by_counts) {
         require(G.dim() == 3 && G.shape[1] == G.shape[2], "G: expected [count, p, p]");
         const int64_t count = G.shape[0], p = G.shape[1];
         const int dev = device_of(G, "G");
@@ -115,10 +118,10 @@ void register_cuda(py::module_& m) {
         double* s = buffer<double>(S, DType::F64, {count}, "S", false, dev);
         double* ev = buffer<double>(evals, DType::F64, {count, p}, "evals", true, dev);
         py::gil_scoped_release nogil;
-        cuda::scale_from_gram(g, count, p, cnt, r, eps, variant, fl, s, ev, stream, dev);
+        cuda::scale_from_gram(g, count, p, cnt, r, sized_by_counts, eps, variant, fl, s, ev, stream, dev);
       },
       py::arg("G"), py::arg("counts"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("flags"),
-      py::arg("S"), py::arg("evals"), py::arg("stream"));
+      py::arg("S"), py::arg("evals"), py::arg("stream"), py::arg("sized_by_counts") = false);
 
   // The analytic backward of the decoded-map S from the forward's eigenpairs; dz (float32 or float64, z's shape)
   // is written in full.

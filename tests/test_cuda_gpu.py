@@ -156,6 +156,20 @@ def test_masked_wide_features_and_large_classes(C):
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_smaller_side_for_small_classes(dtype):
+    # The main job's shape (C = 512): classes of 1..511 voxels take the n x n row-side Gram, the rest C x C.
+    sizes = [1, 3, 100, 511, 512, 3000]
+    lab = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    lab = lab[torch.randperm(len(lab), generator=torch.Generator().manual_seed(0))].view(1, -1)
+    f = _rand((1, 512, lab.shape[1]), torch.float32, 3, offset=2.0).to(dtype)
+    S = auvcore.masked_semantic_scale(f.cuda(), lab.cuda(), len(sizes), backend="cuda")
+    want = auvcore.masked_semantic_scale(f.to(torch.float64), lab, len(sizes), backend="cpp")
+    _assert_scale_close(S, want.numpy(), atol=1e-4)
+
+
+@pytest.mark.cuda
+@gpu
 def test_masked_errors():
     f, lab = _masked_case(1, 4, 3, (4, 5, 6), torch.float32, 0)
     bad = lab.clone()

@@ -24,6 +24,7 @@ struct ScaleArgs {
   int p = 0;
   const int64_t* counts = nullptr;
   int64_t r_const = 0;
+  bool sized = false;  // matrix i is r_i x r_i (r_i = min(counts[i], p)), stored densely at the start of its slot
   double eps = 0.0;
   int variant = 0;
   const int32_t* flags = nullptr;
@@ -130,16 +131,19 @@ __device__ void multisect_all(const double* d, const double* e2, int n, const Br
 template <bool SHARED>
 __global__ void __launch_bounds__(NT, 2) scale_kernel(const ScaleArgs a) {
   extern __shared__ double sm[];
-  const int p = a.p, tid = threadIdx.x;
+  const int tid = threadIdx.x;
   for (int64_t i = blockIdx.x; i < a.count; i += gridDim.x) {
     const int64_t rc = a.counts ? a.counts[i] : a.r_const;
-    const int r = (int)(rc < p ? rc : p);
+    const int r = (int)(rc < a.p ? rc : a.p);
+    const int p = a.sized ? r : a.p;  // this matrix's size
     const bool bad = a.flags && a.flags[i] != 0;
-    if ((r < 2 || bad) && !a.evals) {  // no spectrum wanted: skip the solver
+    if (((r < 2 || bad) && !a.evals) || p < 1) {  // no spectrum wanted (or none there): skip the solver
+      if (a.evals)
+        for (int j = tid; j < a.p; j += blockDim.x) a.evals[i * a.p + j] = 0.0;
       if (tid == 0) a.S[i] = nan("");
       continue;
     }
-    double* Gi = a.G + i * (int64_t)p * p;
+    double* Gi = a.G + i * (int64_t)a.p * a.p;
     double* A = SHARED ? sm : Gi;
     double* d = SHARED ? sm + (size_t)p * p : sm;
     double* e = d + p;
@@ -176,8 +180,8 @@ __global__ void __launch_bounds__(NT, 2) scale_kernel(const ScaleArgs a) {
     multisect_all(d, w, p, br, ex, u);  // ascending eigenvalues into u
     __syncthreads();
 
-    if (a.evals)
-      for (int j = tid; j < p; j += blockDim.x) a.evals[i * p + j] = u[p - 1 - j];
+    if (a.evals)  // descending; a sized matrix's spectrum is padded with the zeros of the larger side
+      for (int j = tid; j < a.p; j += blockDim.x) a.evals[i * a.p + j] = j < p ? u[p - 1 - j] : 0.0;
     if (r < 2 || bad) {
       if (tid == 0) a.S[i] = nan("");
       __syncthreads();
@@ -215,14 +219,16 @@ bool device_supported(int device) {
   return ok;
 }
 
-void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, double eps,
-                     int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream, int device) {
+void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, bool sized_by_counts,
+                     double eps, int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream,
+                     int device) {
   require(count >= 0, "count: expected >= 0");
   require(p >= 1 && p <= kMaxEighSize, "p: expected 1.." + std::to_string(kMaxEighSize) + ", got " + std::to_string(p));
   require(variant == 0 || variant == 1, "variant: expected 0 (paper) or 1 (official)");
   require(eps >= 0.0, "eps: expected >= 0");
   require(G && S, "G and S: pointers must not be null");
   require(counts || r_const >= 0, "r: expected counts or r >= 0");
+  require(counts || !sized_by_counts, "counts: required for matrices sized by counts");
   if (count == 0) return;
   require_device(device);
   DeviceGuard guard(device);
@@ -236,6 +242,7 @@ void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts,
   a.p = (int)p;
   a.counts = counts;
   a.r_const = r_const;
+  a.sized = sized_by_counts;
   a.eps = eps;
   a.variant = variant;
   a.flags = flags;

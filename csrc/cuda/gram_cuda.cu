@@ -44,6 +44,7 @@ struct GramArgs {
   int cent = kNone;
   int nan_to_num = 0;
   int pfast = 0;             // consecutive threads load consecutive Gram rows (else consecutive samples)
+  int small_rows = 0;        // masked, smaller side: classes with fewer voxels than p are left to row_gram_kernel
   const double* mu = nullptr;  // AcrossP with p > tile: per-sample means from the pre-pass, [jobs, ns]
   double* G = nullptr;
   double* sums = nullptr;    // AcrossSamples: [jobs, p] sums of the shifted samples
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
       int64_t rem = w;
       for (int kk = 0; kk < a.K; ++kk) {
         const int64_t nk = sg[kk + 1] - sg[kk];
-        const int64_t ch = (nk + kChunk - 1) / kChunk;
+        const int64_t ch = a.small_rows && nk < a.p ? 0 : (nk + kChunk - 1) / kChunk;
         if (rem < ch) {
           k = kk;
           c0 = rem * kChunk;
@@ -258,7 +259,7 @@ __global__ void __launch_bounds__(NT) colmean_kernel(const GramArgs a, int64_t j
 // Centering correction of the shifted covariance (G -= d dᵀ / n) and the mirror of the lower triangle.
 // Thread (r, c), c <= r, alone reads G[r][c] and writes G[r][c] and G[c][r], so no barrier is needed.
 __global__ void __launch_bounds__(NT) finalize_kernel(double* G, int64_t p, int64_t jobs, const double* sums,
-                                                      const int64_t* seg, int K, int64_t ns_const) {
+                                                      const int64_t* seg, int K, int64_t ns_const, int small_rows) {
   const int64_t pp = p * p;
   for (int64_t job = blockIdx.y; job < jobs; job += gridDim.y) {
     double* g = G + job * pp;
@@ -267,6 +268,7 @@ __global__ void __launch_bounds__(NT) finalize_kernel(double* G, int64_t p, int6
       const int64_t* sg = seg + (job / K) * (K + 1) + job % K;
       ns = sg[1] - sg[0];
     }
+    if (small_rows && ns < p) continue;  // row_gram_kernel wrote this job in full
     const double* d = sums ? sums + job * p : nullptr;
     for (int64_t idx = (int64_t)blockIdx.x * NT + threadIdx.x; idx < pp; idx += (int64_t)gridDim.x * NT) {
       const int64_t r = idx / p, c = idx % p;
@@ -419,6 +421,113 @@ __global__ void __launch_bounds__(NT, 2) scatter_kernel(const SortArgs a) {
   }
 }
 
+// ---- masked mode, smaller side: classes with n < C voxels ---------------------------------------------
+// Their Gram is taken on the row side, n x n (the same non-zero spectrum as the C x C one, SPEC §2): M̄ M̄ᵀ with
+// M̄ the class's n x C embeddings less their mean row, written densely (leading dimension n) at the start of the
+// job's C x C slot. In double throughout: n < C keeps it cheap, and there is no chunked FP32 stage to bound.
+
+struct RowArgs {
+  const void* data = nullptr;
+  int64_t C = 0, cs = 0;            // channels and their stride
+  int64_t stride_b = 0;
+  const int64_t* sorted = nullptr;  // [B, N] feature offsets grouped by class
+  const int64_t* seg = nullptr;     // [B, K + 1]
+  int64_t N = 0;
+  int K = 0;
+  int64_t jobs = 0;
+  int nan_to_num = 0;
+  const double* mu = nullptr;       // [jobs, C] class means (centring), or null
+  double* G = nullptr;
+  int32_t* flags = nullptr;
+};
+
+// The voxels [start, n) of job (b, k) and whether it is a row-side job.
+__device__ __forceinline__ bool row_job(const RowArgs& a, int64_t job, int64_t& start, int64_t& n) {
+  const int64_t* sg = a.seg + (job / a.K) * (a.K + 1) + job % a.K;
+  start = sg[0];
+  n = sg[1] - sg[0];
+  return n >= 1 && n < a.C;
+}
+
+// Thread per (job, channel): the class mean over its voxels (non-finite values read as 0, as the Gram does).
+template <typename In>
+__global__ void __launch_bounds__(NT) row_mean_kernel(const RowArgs a, double* mu) {
+  for (int64_t e = (int64_t)blockIdx.x * NT + threadIdx.x; e < a.jobs * a.C; e += (int64_t)gridDim.x * NT) {
+    const int64_t job = e / a.C, c = e % a.C;
+    int64_t start, n;
+    if (!row_job(a, job, start, n)) continue;
+    const int64_t* srt = a.sorted + (job / a.K) * a.N + start;
+    const int64_t base = (job / a.K) * a.stride_b + c * a.cs;
+    double s = 0.0;
+    for (int64_t v = 0; v < n; ++v) {
+      const double x = load_elem<In>(a.data, base + srt[v]);
+      s += isfinite(x) ? x : 0.0;
+    }
+    mu[e] = s / (double)n;
+  }
+}
+
+// Block per (lower-triangle 16 x 16 tile pair of the n x n Gram, job); thread (ty, tx) owns one entry and its
+// mirror. Channels are staged 16 at a time.
+constexpr int RT = 16;
+template <typename In>
+__global__ void __launch_bounds__(RT * RT) row_gram_kernel(const RowArgs a) {
+  __shared__ double As[RT][RT + 1], Bs[RT][RT + 1];
+  int q = blockIdx.x, I = 0;
+  while (q > I) {
+    q -= I + 1;
+    ++I;
+  }
+  const int J = q, tx = threadIdx.x % RT, ty = threadIdx.x / RT;
+  for (int64_t job = blockIdx.y; job < a.jobs; job += gridDim.y) {
+    int64_t start, n;
+    if (!row_job(a, job, start, n) || (int64_t)I * RT >= n) continue;  // uniform over the block
+    const int64_t* srt = a.sorted + (job / a.K) * a.N + start;
+    const int64_t base = (job / a.K) * a.stride_b;
+    const double* mu = a.mu ? a.mu + job * a.C : nullptr;
+    const int64_t ra = (int64_t)I * RT + ty, rb = (int64_t)J * RT + ty;  // the rows this thread stages
+    const int64_t oa = ra < n ? srt[ra] : 0, ob = rb < n ? srt[rb] : 0;
+    double acc = 0.0;
+    bool bad = false;
+    for (int64_t c0 = 0; c0 < a.C; c0 += RT) {
+      const int64_t c = c0 + tx;
+      double x = 0.0, y = 0.0;
+      if (c < a.C) {
+        const double m = mu ? mu[c] : 0.0;
+        if (ra < n) {
+          x = load_elem<In>(a.data, base + oa + c * a.cs);
+          if (!isfinite(x)) {
+            bad = true;
+            x = 0.0;
+          }
+          x -= m;
+        }
+        if (rb < n) {
+          y = load_elem<In>(a.data, base + ob + c * a.cs);
+          if (!isfinite(y)) {
+            bad = true;
+            y = 0.0;
+          }
+          y -= m;
+        }
+      }
+      As[ty][tx] = x;
+      Bs[ty][tx] = y;
+      __syncthreads();
+#pragma unroll
+      for (int t = 0; t < RT; ++t) acc += As[ty][t] * Bs[tx][t];
+      __syncthreads();
+    }
+    const int64_t row = (int64_t)I * RT + ty, col = (int64_t)J * RT + tx;
+    double* Gj = a.G + job * a.C * a.C;
+    if (row < n && col < n && col <= row) {
+      Gj[row * n + col] = acc;
+      Gj[col * n + row] = acc;
+    }
+    if (bad && !a.nan_to_num) atomicOr(a.flags + job, 1);
+  }
+}
+
 // ---- host side -------------------------------------------------------------------------------------------
 
 template <typename In, typename T, int RM>
@@ -470,11 +579,35 @@ void launch_gram_dtype(DType dt, const GramArgs& a, int64_t B, int64_t jobs, cud
   }
 }
 
+template <typename In>
+void launch_rows(RowArgs r, bool center, cudaStream_t s, Workspace& ws) {
+  if (center) {
+    double* mu = ws.alloc_n<double>(r.jobs * r.C);
+    row_mean_kernel<In><<<(unsigned)std::min<int64_t>((r.jobs * r.C + NT - 1) / NT, 4096), NT, 0, s>>>(r, mu);
+    AUV_CUDA_CHECK_LAUNCH("row_mean_kernel");
+    r.mu = mu;
+  }
+  const int64_t tiles = (r.C - 1 + RT - 1) / RT;  // n <= C - 1
+  const dim3 grid((unsigned)(tiles * (tiles + 1) / 2), (unsigned)std::min<int64_t>(r.jobs, 65535));
+  row_gram_kernel<In><<<grid, RT * RT, 0, s>>>(r);
+  AUV_CUDA_CHECK_LAUNCH("row_gram_kernel");
+}
+
+void launch_rows_dtype(DType dt, const RowArgs& r, bool center, cudaStream_t s, Workspace& ws) {
+  switch (dt) {
+    case DType::F64: launch_rows<double>(r, center, s, ws); break;
+    case DType::F32: launch_rows<float>(r, center, s, ws); break;
+    case DType::F16: launch_rows<F16>(r, center, s, ws); break;
+    case DType::BF16: launch_rows<BF16>(r, center, s, ws); break;
+    default: throw ArgumentError("expected a floating dtype");
+  }
+}
+
 void launch_finalize(double* G, int64_t p, int64_t jobs, const double* sums, const int64_t* seg, int K, int64_t ns,
-                     cudaStream_t s) {
+                     int small_rows, cudaStream_t s) {
   const int64_t gx = std::min<int64_t>((p * p + NT - 1) / NT, 1024);
   const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>(jobs, 65535));
-  finalize_kernel<<<grid, NT, 0, s>>>(G, p, jobs, sums, seg, K, ns);
+  finalize_kernel<<<grid, NT, 0, s>>>(G, p, jobs, sums, seg, K, ns, small_rows);
   AUV_CUDA_CHECK_LAUNCH("finalize_kernel");
 }
 
@@ -527,11 +660,12 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
     AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * p, s));
   }
   launch_gram_dtype(z.dtype, a, B, jobs, s, ws);
-  launch_finalize(G, p, jobs, a.sums, nullptr, (int)K, a.ns, s);
+  launch_finalize(G, p, jobs, a.sums, nullptr, (int)K, a.ns, 0, s);
 }
 
-void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
-                 int64_t* counts, int32_t* flags, int64_t* label_error, std::uintptr_t stream, int device) {
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num,
+                 bool smaller_side, double* G, int64_t* counts, int32_t* flags, int64_t* label_error,
+                 std::uintptr_t stream, int device) {
   check_masked_args(f, labels, K);
   for (auto d : f.shape) require(d >= 1, "features: every dimension must be >= 1");
   require(K <= (int64_t)1 << 30, "num_classes: too large");
@@ -598,12 +732,29 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
   a.pfast = nsd > 0 && std::llabs(f.strides[1]) < std::llabs(f.strides[f.dim() - 1]);
   a.G = G;
   a.flags = flags;
+  a.small_rows = smaller_side;
   if (center) {
     a.sums = ws.alloc_n<double>(jobs * C);
     AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * C, s));
   }
   launch_gram_dtype(f.dtype, a, B, jobs, s, ws);
-  launch_finalize(G, C, jobs, a.sums, sa.seg, (int)K, 0, s);
+  launch_finalize(G, C, jobs, a.sums, sa.seg, (int)K, 0, a.small_rows, s);
+  if (smaller_side && C >= 2) {  // with one channel no class has fewer voxels than C and at least one
+    RowArgs r;
+    r.data = f.data();
+    r.C = C;
+    r.cs = f.strides[1];
+    r.stride_b = f.strides[0];
+    r.sorted = sa.sorted;
+    r.seg = sa.seg;
+    r.N = N;
+    r.K = (int)K;
+    r.jobs = jobs;
+    r.nan_to_num = nan_to_num;
+    r.G = G;
+    r.flags = flags;
+    launch_rows_dtype(f.dtype, r, center, s, ws);
+  }
 }
 
 }  // namespace cuda

@@ -62,18 +62,18 @@ int emu_decoded_gram(void* z, int dtype, int ndim, const int64_t* shape, const i
 
 int emu_masked_gram(void* f, int fdtype, int fndim, const int64_t* fshape, const int64_t* fstrides, void* lab,
                     int ldtype, const int64_t* lshape, const int64_t* lstrides, int64_t K, int center,
-                    int nan_to_num, double* G, int64_t* counts, int32_t* flags, int64_t* label_error, char* err,
-                    int errlen) {
+                    int nan_to_num, int smaller_side, double* G, int64_t* counts, int32_t* flags,
+                    int64_t* label_error, char* err, int errlen) {
   return guarded(err, errlen, [&] {
     cuda::masked_gram(make_view(f, fdtype, fndim, fshape, fstrides), make_view(lab, ldtype, fndim - 1, lshape, lstrides),
-                      K, center, nan_to_num, G, counts, flags, label_error, 0, 0);
+                      K, center, nan_to_num, smaller_side, G, counts, flags, label_error, 0, 0);
   });
 }
 
-int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r, double eps, int variant,
-                        const int32_t* flags, double* S, double* evals, char* err, int errlen) {
+int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r, int sized, double eps,
+                        int variant, const int32_t* flags, double* S, double* evals, char* err, int errlen) {
   return guarded(err, errlen, [&] {
-    cuda::scale_from_gram(G, count, p, counts, r, eps, variant, flags, S, evals, 0, 0);
+    cuda::scale_from_gram(G, count, p, counts, r, sized, eps, variant, flags, S, evals, 0, 0);
   });
 }
 

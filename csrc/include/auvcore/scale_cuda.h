@@ -26,15 +26,21 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
 // Masked embeddings f [B, C, *spatial], labels [B, *spatial] in 0..K-1.
 // G: [B*K, C, C] float64 (column side, centred over each class's voxels); counts: [B*K] int64 voxels per class;
 // flags as above; label_error: [2] int64, zero on entry; set to {1, value} if a label is outside 0..K-1
-// (such voxels join no class).
-void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num, double* G,
-                 int64_t* counts, int32_t* flags, int64_t* label_error, std::uintptr_t stream, int device);
+// (such voxels join no class). smaller_side: a class with n < C voxels gets its n x n row-side Gram instead
+// (same non-zero spectrum, n/C of the eigen work), stored densely at the start of its slot; pass
+// sized_by_counts to scale_from_gram then.
+void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num,
+                 bool smaller_side, double* G, int64_t* counts, int32_t* flags, int64_t* label_error,
+                 std::uintptr_t stream, int device);
 
 // For each of `count` symmetric G (p x p, float64, overwritten): eigenvalues in double, then S over the top r
 // (r = min(counts[i], p) when counts is given, else r_const). S[i] = NaN where r < 2 or flags[i] != 0 (flags may
-// be null). evals (optional, [count, p]): eigenvalues in descending order, unclamped.
-void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, double eps,
-                     int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream, int device);
+// be null). sized_by_counts: matrix i is r x r, stored densely at the start of its p x p slot (masked_gram's
+// smaller side). evals (optional, [count, p]): eigenvalues in descending order, unclamped (zero-padded past r
+// for sized matrices).
+void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts, int64_t r_const, bool sized_by_counts,
+                     double eps, int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream,
+                     int device);
 
 // Analytic backward of the decoded-map S (the twin of scale_backward_decoded in scale.h): dz[b, k] =
 // grad_S[b, k] * dS/dz[b, k] from the eigenpairs the forward kept (evals [B*K, p] descending, evecs [B*K, p, p]
