@@ -178,3 +178,20 @@ def test_a_dead_rank_leaves_its_cases_and_the_rerun_finishes(data, ref, tmp_path
     assert p.returncode == 0, p.stderr[-3000:]
     same_run(ref, out)
     assert {n: (out / "cases" / n).stat().st_mtime_ns for n in done} == done  # finished cases were kept
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["masked", "decoded"])
+def test_device_cuda_gives_the_cpu_table(data, tmp_path, mode):
+    """The encoder and S on the GPU: the same cases, counts and failures; S within 2e-3 of the CPU run's (cuDNN
+    convolutions run in TF32 by default, so the features differ in their fourth digit before S sees them)."""
+    assert score_random3d(data, tmp_path / "cpu", "--device", "cpu", "--mode", mode) == 0
+    assert score_random3d(data, tmp_path / "gpu", "--device", "cuda", "--mode", mode) == 0
+    a, b = (pd.read_parquet(tmp_path / r / "scores.parquet") for r in ("cpu", "gpu"))
+    assert list(a.columns) == list(b.columns) and list(a["case"]) == list(b["case"])
+    num = [c for c in a.columns if a[c].dtype.kind == "f"]
+    other = [c for c in a.columns if c not in num]
+    pd.testing.assert_frame_equal(a[other], b[other])
+    S = [c for c in num if c.startswith("S[")]
+    np.testing.assert_allclose(b[S].to_numpy(), a[S].to_numpy(), rtol=0, atol=2e-3)

@@ -44,31 +44,34 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
             feats, lab = enc.encode(volume, input=input, num_classes=num_classes)
         else:
             feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
-    feats, lab = feats.float().cpu(), lab.cpu()  # a no-op for CPU encoders
+    # S reads the features where the encoder left them (no round trip through the host for a GPU encoder);
+    # the spectra, class means and baselines then take one copy to the host.
+    feats, lab = feats.float().to(device), lab.to(device)
     t1 = time.perf_counter()
-    counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
-    label_counts = np.bincount(np.asarray(volume.label).reshape(-1), minlength=num_classes)[:num_classes]
     if mode == "masked":
-        S = masked_semantic_scale(feats.to(device), lab.to(device), num_classes)[0].double().cpu().numpy()
-        t2 = time.perf_counter()
-        spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
+        S = masked_semantic_scale(feats, lab, num_classes)
     elif prompted:
-        # decoded by the model itself: one row per axial slice; classes absent from the case -> NaN
-        maps = feats.permute(0, 1, 4, 2, 3)
-        S = semantic_scale(maps.to(device), layout="D_HW")[0].double().cpu().numpy()
-        t2 = time.perf_counter()
-        agreement = label_agreement(feats, lab, num_classes)
-        spec = energy_spectrum(maps)[0].numpy()
-        absent = counts < 2
-        S[absent] = np.nan
-        spec[absent] = np.nan
+        # decoded by the model itself: one row per axial slice
+        S = semantic_scale(feats.permute(0, 1, 4, 2, 3), layout="D_HW")
     else:
         # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
         maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)
-        S = semantic_scale(maps.to(device))[0].double().cpu().numpy()
-        t2 = time.perf_counter()
+        S = semantic_scale(maps)
+    S = S[0].double().cpu().numpy()
+    t2 = time.perf_counter()
+    feats, lab = feats.cpu(), lab.cpu()
+    counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
+    label_counts = np.bincount(np.asarray(volume.label).reshape(-1), minlength=num_classes)[:num_classes]
+    if mode == "masked":
+        spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
+    else:
+        if prompted:
+            maps = feats.permute(0, 1, 4, 2, 3)
+            agreement = label_agreement(feats, lab, num_classes)
+        else:
+            maps = maps.cpu()
         spec = energy_spectrum(maps)[0].numpy()
-        absent = counts < 2
+        absent = counts < 2  # classes absent from the case -> NaN
         S[absent] = np.nan
         spec[absent] = np.nan
     out = {

@@ -125,8 +125,8 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
     large : what to do with volumes larger than ``encoder.max_shape``: ``"crop"`` (default) crops
         image and label around the foreground to that size; ``"tile"`` encodes the whole volume
         in overlapping tiles of that size (:func:`tiled_forward`).
- Returns ``(features [1, C, *grid] float32 CPU,
-    labels [1, *grid] int64)``.
+ Returns ``(features [1, C, *grid] float32, labels [1, *grid] int64)``, both on the encoder's
+    device (a GPU encoder's features stay on the GPU for the CUDA scale).
     """
     from ..data.preprocess import crop_or_pad, foreground_center, normalized_image, scale_percentile
 
@@ -166,10 +166,10 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
         feats = encoder(x)
     if isinstance(feats, dict):
         raise ValueError("encoder: returned several feature maps; pick one layer for encode_case")
-    feats = feats.float().cpu()
+    feats = feats.float()
     grid = tuple(feats.shape[2:])
     lab = labels_to_grid(label, grid, num_classes, label_mode, stride=getattr(encoder, "stride", None))
-    return feats, torch.from_numpy(lab)[None]
+    return feats, torch.from_numpy(lab)[None].to(feats.device)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
