@@ -15,6 +15,12 @@ steps. Dice+BCE: ``λ·BCE + Dice`` per (sample, foreground class), averaged (th
 
     python bench/train_duo.py                 # 2 runs x 700 steps; writes bench/train_duo.{png,json}
     python bench/train_duo.py --steps 40 --eval-every 20 --out /tmp/smoke   # smoke run
+
+Ablations of DUO's parts (issue "why DUO trains worse"), each a named run of ``RUNS`` over several training
+seeds (the label corruption stays that of ``--seed``; ``--seeds`` vary the initialisation and the patches):
+
+    python bench/train_duo.py --runs dice_bce duo duo_detached reweight_only noise_only no_R warmup w_mean1 \
+        --seeds 0 1 2 --out bench/ablation_duo
 """
 from __future__ import annotations
 
@@ -123,15 +129,37 @@ def dice_scores(z, lab):
     return out
 
 
-def run(name, img, noisy, clean, args):
-    torch.manual_seed(args.seed)
+# name -> (label, DUOLoss arguments, options of the training loop); None: the plain Dice+BCE baseline.
+#   warmup: the fraction of the steps trained with w = 1 and ỹ = y (α = τ = 0) before DUO switches on;
+#   w_mean1: the loss divided by the batch's mean weight (detached), so that w < 1 does not lower the
+#            effective learning rate (R is divided too, by at most 2).
+RUNS = {
+    "dice_bce": ("Dice+BCE", None, {}),
+    "duo": ("DUO (DUOLoss(), the paper preset)", {}, {}),
+    "duo_detached": ("DUO, detach_scale=True", {"detach_scale": True}, {}),
+    "duo_off": ("DUO with α = τ = β = 0 (must equal Dice+BCE)", {"alpha": 0.0, "tau": 0.0, "beta": 0.0}, {}),
+    "reweight_only": ("re-weighting only (τ = β = 0: no noise head)", {"tau": 0.0, "beta": 0.0}, {}),
+    "noise_only": ("noise head only (α = 0: w = 1)", {"alpha": 0.0}, {}),
+    "no_R": ("no constraint R (β = 0)", {"beta": 0.0}, {}),
+    "alpha_2": ("α = 2", {"alpha": 2.0}, {}),
+    "tau_0.1": ("τ = 0.1", {"tau": 0.1}, {}),
+    "warmup": ("warm-up: Dice+BCE for 30 % of the steps, then DUO", {}, {"warmup": 0.3}),
+    "w_mean1": ("weights normalised to mean 1", {}, {"w_mean1": True}),
+}
+
+
+def run(name, img, noisy, clean, args, seed):
+    torch.manual_seed(seed)
     net = TinyUNet3D()
     head = NoiseHead(net.features, K)
-    uses_duo = name.startswith("duo")
+    _, duo_args, opts = RUNS[name]
+    uses_duo = duo_args is not None
     params = list(net.parameters()) + (list(head.parameters()) if uses_duo else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    duo = DUOLoss(to_onehot_y=True, detach_scale=name == "duo_detached")
-    rng = np.random.default_rng(args.seed)
+    duo = DUOLoss(to_onehot_y=True, **(duo_args or {}))
+    alpha, tau = duo.alpha, duo.tau
+    warm = int(opts.get("warmup", 0.0) * args.steps)
+    rng = np.random.default_rng(seed)
     D, H, W = img.shape
     pd, ph, pw = args.patch
     x_full = torch.from_numpy(img)[None, None]
@@ -149,7 +177,10 @@ def run(name, img, noisy, clean, args):
         x, y = torch.stack(xs), torch.stack(ys)
         z, f = net(x)
         if uses_duo:
+            duo.alpha, duo.tau = (0.0, 0.0) if step <= warm else (alpha, tau)
             loss = duo(z, head(f), y)
+            if opts.get("w_mean1"):
+                loss = loss / duo.last_weights.mean()
         else:
             loss = dice_bce(z, F.one_hot(y[:, 0], K).movedim(-1, 1).float())
         opt.zero_grad()
@@ -166,7 +197,7 @@ def run(name, img, noisy, clean, args):
             hist["eval_step"].append(step)
             hist["dice_clean"].append(dc)
             hist["dice_noisy"].append(dn)
-            print(f"[{name}] step {step:4d}  loss {loss.item():.4f}  Dice vs clean {np.mean(dc):.4f}  "
+            print(f"[{name} seed {seed}] step {step:4d}  loss {loss.item():.4f}  Dice vs clean {np.mean(dc):.4f}  "
                   f"vs noisy {np.mean(dn):.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     hist["seconds"] = time.perf_counter() - t0
     return hist
@@ -179,9 +210,10 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=(16, 32, 32))
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the label corruption (and of training without --seeds)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", nargs="+", default=["dice_bce", "duo"], choices=["dice_bce", "duo", "duo_detached"])
+    ap.add_argument("--runs", nargs="+", default=["dice_bce", "duo"], choices=list(RUNS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_duo"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,7 +224,9 @@ def main():
     label_dice = [round(v, 3) for v in dice_scores(as_logits, torch.from_numpy(clean))]
     print(f"volume {img.shape}, classes {names}; corrupted labels differ on {100 * frac:.1f}% of voxels "
           f"(Dice of corrupted vs clean labels per class: {label_dice})")
-    hists = {name: run(name, img, noisy, clean, args) for name in args.runs}
+    seeds = args.seeds or [args.seed]
+    per_seed = {name: [run(name, img, noisy, clean, args, sd) for sd in seeds] for name in args.runs}
+    hists = {name: hs[0] for name, hs in per_seed.items()}  # the curves: the first seed
 
     import matplotlib
 
@@ -200,9 +234,9 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    labels = {"dice_bce": "Dice+BCE", "duo": "DUO (auvcore.DUOLoss)", "duo_detached": "DUO, detach_scale=True"}
+    labels = {name: RUNS[name][0] for name in hists}
     for name, h in hists.items():
-        k = 10
+        k = min(10, len(h["loss"]))  # the moving mean of the loss curve
         sm = np.convolve(h["loss"], np.ones(k) / k, mode="valid")
         ax[0].plot(h["step"][k - 1:], sm, label=labels[name])
         ax[1].plot(h["eval_step"], [np.mean(d) for d in h["dice_clean"]], marker="o", ms=3, label=labels[name])
@@ -214,7 +248,7 @@ def main():
         a.legend()
         a.grid(alpha=0.3)
     fig.suptitle(f"CTChest4 (slicerio), 64x64x34, {args.steps} steps, patch {tuple(args.patch)}, batch {args.batch}, "
-                 f"seed {args.seed}")
+                 f"training seed {seeds[0]}")
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=110)
     summary = {name: {"final_dice_clean": float(np.mean(h["dice_clean"][-1])),
@@ -224,6 +258,13 @@ def main():
                       "loss_finite": bool(np.isfinite(h["loss"]).all()),
                       "mean_w_last_50": float(np.mean(h["w"][-50:])) if h["w"] else 1.0,
                       "seconds": h["seconds"]} for name, h in hists.items()}
+    for name, hs in per_seed.items():  # over the training seeds: final mean Dice vs clean, mean and std
+        final = [float(np.mean(h["dice_clean"][-1])) for h in hs]
+        summary[name].update(label=RUNS[name][0], seeds=seeds, final_dice_clean_seeds=final,
+                             final_dice_clean_mean=float(np.mean(final)), final_dice_clean_std=float(np.std(final)),
+                             final_dice_clean_per_class_mean=dict(zip(names, np.mean(
+                                 [h["dice_clean"][-1] for h in hs], 0).round(3).tolist())),
+                             final_dice_noisy_mean=float(np.mean([np.mean(h["dice_noisy"][-1]) for h in hs])))
     summary["label_noise_fraction"] = frac
     summary["corrupted_label_dice"] = dict(zip(names, label_dice))
     with open(args.out + ".json", "w") as f:
