@@ -71,6 +71,12 @@ def test_filter_and_splits(run):
     summary = json.loads(f.joinpath("summary.json").read_text())
     assert summary["per_class"] == [name] and summary["dropped"] == 5
     assert set(f.joinpath("dropped.txt").read_text().splitlines()) == set(df.nlargest(5, f"auv[{name}]")["case"])
+    # the Mahalanobis baseline as the filter's score, globally and per class
+    assert main(["filter", str(run), "--quantile", "0.8", "--score", "mahalanobis"]) == 0
+    assert set(f.joinpath("dropped.txt").read_text().split()) == set(df.nlargest(2, "mahalanobis_score")["case"])
+    assert json.loads(f.joinpath("summary.json").read_text())["score"] == "mahalanobis"
+    assert main(["filter", str(run), "--quantile", "0.5", "--score", "mahalanobis", "--per-class", name]) == 0
+    assert set(f.joinpath("dropped.txt").read_text().split()) == set(df.nlargest(5, f"mahalanobis[{name}]")["case"])
 
 
 def test_report(run):

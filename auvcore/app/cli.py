@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by `auvcore score`")
     p.add_argument("--quantile", type=_quantile, default=0.95, help="quantile p in (0, 1] (default 0.95)")
     p.add_argument("--per-class", nargs="+", metavar="NAME", help="class names for the per-class filter")
-    p.add_argument("--score", choices=("auv", "agreement"), default="auv",
-                   help="auv (default, the paper's) or agreement: 1 - Dice between the promptable encoder's mask and "
-                        "the label (runs scored with --encoder litemedsam|sam2 --mode decoded; beyond the paper)")
+    p.add_argument("--score", choices=("auv", "mahalanobis", "agreement"), default="auv",
+                   help="auv (default, the paper's); mahalanobis: the Mahalanobis baseline of the table (better than "
+                        "the AUV at finding the demo cohorts' corrupted labels, bench/RESULTS.md); or agreement: "
+                        "1 - Dice between the promptable encoder's mask and the label (runs scored with --encoder "
+                        "litemedsam|sam2 --mode decoded; beyond the paper)")
 
     p = sub.add_parser("report", help="write RUN/report/index.html with the plots")
     p.add_argument("run", help="run folder written by `auvcore score`")

@@ -27,15 +27,19 @@ def nnunet_splits(case_ids: list[str], dropped: set[str], folds: int = 5, seed: 
     return out
 
 
-FILTER_SCORES = {"auv": ("auv", "auv[{}]"), "agreement": ("agreement_score", "agreement[{}]")}
+# score -> (case column, per-class column); high = drop first.
+FILTER_SCORES = {"auv": ("auv", "auv[{}]"), "agreement": ("agreement_score", "agreement[{}]"),
+                 "mahalanobis": ("mahalanobis_score", "mahalanobis[{}]")}
 
 
 def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None, score: str = "auv") -> Path:
     """Write kept.txt, dropped.txt, splits_final.json and summary.json under RUN/filter/.
 
-    ``score``: ``"auv"`` (the paper's) or ``"agreement"`` (1 − the Dice between a promptable encoder's
-    decoded mask and the label; runs scored with ``--encoder litemedsam|sam2 --mode decoded``). Per class,
-    the agreement filter cuts 1 − that class's Dice."""
+    ``score``: ``"auv"`` (the paper's), ``"mahalanobis"`` (the Mahalanobis baseline of every run: each class's
+    mean embedding against the data set's, ranked; it found the corrupted demo cases better than the AUV, see
+    bench/RESULTS.md) or ``"agreement"`` (1 − the Dice between a promptable encoder's decoded mask and the
+    label; runs scored with ``--encoder litemedsam|sam2 --mode decoded``). Per class, the agreement filter
+    cuts 1 − that class's Dice, the Mahalanobis filter that class's distance."""
     run = Path(run)
     settings = read_settings(run)
     q = A.check_quantile(quantile)
