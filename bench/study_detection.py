@@ -156,6 +156,14 @@ def run_study(out: Path, sources, draws, configs, cases, fractions, progress, st
                         r["variance"] = t.loc[case, "variance_score"]
                         r["mahalanobis:merlin-l2"] = t.loc[case, "mahalanobis_score"]
                     rows.append(r)
+                # One class at a time (the paper's Table 5 strategies: raw or normalized input x all classes or one
+                # class): each class's own AUV column of the same table.
+                for name in ("merlin-l2", "merlin-l2-normalized"):
+                    if name in tables:
+                        t = tables[name]
+                        for col in (c for c in t.columns if c.startswith("auv[")):
+                            for r, a in zip(rows[-len(base):], t[col].to_numpy(dtype=np.float64)):
+                                r[f"auv:{name}{col[3:]}"] = a
                 if "merlin-l2" in tables:  # the sum reduction from the same per-class scales
                     t = tables["merlin-l2"]
                     S = t[[c for c in t.columns if c.startswith("S[")]].to_numpy(dtype=np.float64)[:, 1:]
@@ -209,6 +217,37 @@ def tables_one_rate(df, n_boot):
             y = np.r_[np.ones(len(pos), bool), np.zeros(len(clean), bool)]
             res["by_kind"].setdefault(sc, {})[kind] = {"auroc": auroc(s, y), "n": int(len(pos))}
     return res
+
+
+def plot_auroc(by_source: dict, path: Path, title: str, skip=("[",)):
+    """Grouped bars: AUROC of each score per source with its 95 % bootstrap interval (per-class scores, whose
+    names hold ``[``, left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = [sc for sc in by_source if not any(t in sc for t in skip)]
+    sources = list(dict.fromkeys(s for sc in scores for s in by_source[sc]))
+    width = 0.8 / max(len(scores), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(sources), 4.2))
+    for i, sc in enumerate(scores):
+        xs, ys, err = [], [], [[], []]
+        for j, src in enumerate(sources):
+            if src in by_source[sc]:
+                p, lo, hi = by_source[sc][src]["auroc"]
+                xs.append(j - 0.4 + (i + 0.5) * width)
+                ys.append(p)
+                err[0].append(p - lo)
+                err[1].append(hi - p)
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=sc)
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.set(xticks=range(len(sources)), xticklabels=sources, ylim=(0, 1), ylabel="AUROC (95 % bootstrap interval)",
+           title=title)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(res, meta):
@@ -320,6 +359,9 @@ def main(argv=None):
     (a.out / f"{a.name}.json").write_text(json.dumps({"meta": meta, **res}, indent=1))
     md = markdown(res, meta)
     (a.out / f"{a.name}.md").write_text(md)
+    for rate, r in res.get("by_rate", {"": res}).items():
+        plot_auroc(r["by_source"], a.out / f"{a.name}{'_' + rate if len(fractions) > 1 else ''}.png",
+                   f"Noise detection, {float(rate or fractions[0]):.0%} of the cases corrupted")
     print(md)
 
 
