@@ -230,7 +230,7 @@ def plot_auroc(by_source: dict, path: Path, title: str, skip=("[",)):
     scores = [sc for sc in by_source if not any(t in sc for t in skip)]
     sources = list(dict.fromkeys(s for sc in scores for s in by_source[sc]))
     width = 0.8 / max(len(scores), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(sources), 4.2))
+    fig, ax = plt.subplots(figsize=(3.6 + 1.9 * len(sources), 4.2))
     for i, sc in enumerate(scores):
         xs, ys, err = [], [], [[], []]
         for j, src in enumerate(sources):
@@ -244,7 +244,7 @@ def plot_auroc(by_source: dict, path: Path, title: str, skip=("[",)):
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
     ax.set(xticks=range(len(sources)), xticklabels=sources, ylim=(0, 1), ylabel="AUROC (95 % bootstrap interval)",
            title=title)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

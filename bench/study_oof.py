@@ -64,7 +64,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
-from study_detection import (CONFIGS, SOURCES, auroc, average_precision, bootstrap, markdown,  # noqa: E402
+from study_detection import (CONFIGS, SOURCES, auroc, average_precision, bootstrap, markdown, plot_auroc,  # noqa: E402
                              percentile_rank)
 
 OOF_VERSION = 1
@@ -550,6 +550,8 @@ def main(argv=None):
            + ", ".join(f"{s} {v:.0f} s" for s, v in meta["seconds_per_fold"].items()) + ".\n")
     md += correlation_markdown(cor)
     (a.out / f"{a.name}.md").write_text(md)
+    plot_auroc(det["by_source"], a.out / f"{a.name}.png",
+               f"Noise detection: cleanlab-style scores next to the AUV ({a.draws} draw(s) per cohort)")
     print(md)
 
 
