@@ -245,11 +245,13 @@ def main():
     ax[1].set(title="mean Dice vs clean labels (7 classes)", xlabel="step", ylim=(0, 1))
     ax[2].set(title="mean Dice vs corrupted training labels", xlabel="step", ylim=(0, 1))
     for a in ax:
-        a.legend()
         a.grid(alpha=0.3)
+    # One legend under the panels: with many ablations a legend per panel hides the curves.
+    ncol = min(3, len(hists))
+    fig.legend(*ax[1].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(f"CTChest4 (slicerio), 64x64x34, {args.steps} steps, patch {tuple(args.patch)}, batch {args.batch}, "
                  f"training seed {seeds[0]}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 * -(-len(hists) // ncol), 1, 1))
     fig.savefig(args.out + ".png", dpi=110)
     summary = {name: {"final_dice_clean": float(np.mean(h["dice_clean"][-1])),
                       "final_dice_clean_per_class": dict(zip(names, map(float, h["dice_clean"][-1]))),
