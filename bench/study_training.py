@@ -332,15 +332,17 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"Adam lr {meta['lr']:g}, cosine schedule, {meta['steps']} steps × batch 2, grid {meta['size']} voxels "
              f"on the longest side; training seeds {meta['seeds']} (same initialisation per seed in every arm). "
              "Dice: hard prediction against the clean held-out labels per foreground class, mean over the test "
-             "cases; ± = std over seeds (ddof 1); Δ vs all = paired (same seed) difference to the all-cases arm."]
+             "cases; ± = std over seeds (ddof 1); Δ vs all = paired (same seed) difference to the all-cases arm; "
+             "per seed: the mean fg Dice of each seed in the order of the seeds; s / run: median seconds of one "
+             "training (shared machine: the times vary with its load)."]
     for res in results:
         rows = res["summary"]
         cls = res["classes"]
         lines += ["", f"## {res['source']} (draw {res['draw']}): train on {res['n_train_cohort']} cases "
                       f"({res['n_corrupted']} corrupted), test on {res['n_test']} clean cases, grid {res['grid']}", "",
                   "| arm | cases used (dropped; of them corrupted) | mean fg Dice | Δ vs all | "
-                  + " | ".join(cls) + " | s / run |",
-                  "|---|---|---|---|" + "---|" * len(cls) + "---|"]
+                  + " | ".join(cls) + " | per seed | s / run |",
+                  "|---|---|---|---|" + "---|" * len(cls) + "---|---|"]
         for r in rows:
             dc = r["dropped_corrupted_mean"]
             dc_s = f"{dc:.0f}" if float(dc).is_integer() else f"{dc:.1f} (mean)"
@@ -349,7 +351,8 @@ def markdown(results: list[dict], meta: dict) -> str:
                 else f"{r['delta_mean']:+.4f}")
             dice = f"{r['dice_mean']:.4f}" + (f" ± {r['dice_std']:.4f}" if r["dice_std"] is not None else "")
             lines.append(f"| {r['text']} | {r['n_train']} ({r['dropped']}; {dc_s}) | {dice} | {dl} | "
-                         + " | ".join(f"{v:.4f}" for v in r["per_class"]) + f" | {r['seconds_median']:.0f} |")
+                         + " | ".join(f"{v:.4f}" for v in r["per_class"]) + " | "
+                         + ", ".join(f"{v:.3f}" for v in r["dice_per_seed"]) + f" | {r['seconds_median']:.0f} |")
         dropped = {r["arm"]: r["dropped_ids"] for r in rows if r["dropped_ids"]}
         lines += ["", f"Corrupted training cases: {', '.join(res['corrupted_ids'])}. Dropped: "
                   + "; ".join(f"{a}: {', '.join(v)}" for a, v in dropped.items() if a != "oracle")
