@@ -1,4 +1,5 @@
-"""A real (small) training run with the DUO loss: Dice+BCE versus DUO on a chest CT, CPU only, not in CI.
+"""A real (small) training run with the DUO loss: Dice+BCE versus DUO on a chest CT (CPU by default, `--device cuda`
+on a GPU), not in CI.
 
 Data: the chest CT and its 7-class segmentation that ship inside the ``slicerio`` wheel
 (``pip install slicerio==1.4.0``; 128×128×34 voxels, ribs, cervical/thoracic/lumbar vertebrae, right/left
@@ -150,8 +151,9 @@ RUNS = {
 
 def run(name, img, noisy, clean, args, seed):
     torch.manual_seed(seed)
-    net = TinyUNet3D()
-    head = NoiseHead(net.features, K)
+    dev = torch.device(args.device)
+    net = TinyUNet3D().to(dev)
+    head = NoiseHead(net.features, K).to(dev)
     _, duo_args, opts = RUNS[name]
     uses_duo = duo_args is not None
     params = list(net.parameters()) + (list(head.parameters()) if uses_duo else [])
@@ -162,10 +164,10 @@ def run(name, img, noisy, clean, args, seed):
     rng = np.random.default_rng(seed)
     D, H, W = img.shape
     pd, ph, pw = args.patch
-    x_full = torch.from_numpy(img)[None, None]
+    x_full = torch.from_numpy(img)[None, None].to(dev)
     pad = (-D) % 4
     x_eval = F.pad(x_full, (0, 0, 0, 0, 0, pad), mode="replicate")
-    clean_t, noisy_t = torch.from_numpy(clean), torch.from_numpy(noisy)
+    clean_t, noisy_t = torch.from_numpy(clean).to(dev), torch.from_numpy(noisy).to(dev)
     hist = {"step": [], "loss": [], "eval_step": [], "dice_clean": [], "dice_noisy": [], "w": []}
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -213,6 +215,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed of the label corruption (and of training without --seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the whole run: network, loss, S)")
     ap.add_argument("--runs", nargs="+", default=["dice_bce", "duo"], choices=list(RUNS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_duo"))
     args = ap.parse_args()
