@@ -14,6 +14,20 @@ Sources (``SOURCES``; the volumes ship inside PyPI packages, licences in ``DATA_
   (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``) with 3
   classes from its tissue probability maps: CSF (brain mask minus GM and WM), grey matter, white
   matter, each voxel the most probable. Extra ``cohorts``.
+* ``"lung-tumour"``: the two lung CTs of different patients with their tumour masks (classes background,
+  tumour) in the source archive of ``pyradiomics`` 3.0.1 (``data/lung{1,2}_{image,label}.nrrd``; BSD-3-Clause;
+  0.57 and 0.63 mm in-plane, 5 mm slices).
+* ``"brain-tumour"``: the two brain MRs of different patients with their tumour masks in the same archive
+  (``data/brain{1,2}_{image,label}.nrrd``; 0.78 mm in-plane, 6.5 mm slices; the MR sequence is not
+  documented, so the channel is ``"MR"``).
+
+  These two sources are read from the sdist that the user downloads once (``pip install`` keeps nothing
+  importable of its ``data/`` folder, and auvcore never downloads at run time):
+  ``pip download pyradiomics==3.0.1 --no-deps --no-binary :all: -d DIR`` and
+  ``AUVCORE_PYRADIOMICS_SDIST=DIR/pyradiomics-3.0.1.tar.gz``. The NRRDs are read straight from the archive.
+  Their cases alternate between the two patients (even cases the first, odd ones the second); each case's
+  patient is recorded in ``corruption.json`` (``case_params["patient"]``) and ``dataset.json``
+  (``"patients"``: the cases of each).
 
 Each case is a realistic variation of the source volume (numbers for the chest; every source has its
 own field of view, voxel sizes and slice axis, see ``_SPECS``):
@@ -59,7 +73,8 @@ cycle would change which case gets which kind.
 
 Kinds that do not apply to a source are skipped for it (recorded in ``dataset.json`` under
 ``"skipped_kinds"``): ``"drop"`` for ``brain-mni`` (every class is one body-filling structure),
-``"swap"`` for a source with a single foreground class. A case in which the drawn kind finds
+``"swap"`` for a source with a single foreground class (``lung-tumour``, ``brain-tumour``; there ``"drop"``
+removes the tumour's largest connected part, for a one-piece tumour the whole mask: a missed lesion). A case in which the drawn kind finds
 nothing to act on gets the next applicable kind (the record names the kind applied).
 
 Output, in nnU-Net v2 raw layout under ``out_dir``: ``dataset.json``, ``imagesTr/<case>_0000.nii.gz``
@@ -96,7 +111,12 @@ _STRENGTH = {
     "strong": dict(radius=(4, 6), shift=(8, 12), blob=(8.0, 12.0), band=(2, 4), partial=(0.50, 0.70)),
 }
 BUILDER_VERSION = 1
-SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni")
+SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni", "lung-tumour", "brain-tumour")
+# the tumour sources read pyradiomics 3.0.1's source archive, which the user downloads once: its data/ folder is
+# in the sdist only (pip install keeps nothing importable of it), and auvcore never downloads at run time
+PYRADIOMICS_ENV = "AUVCORE_PYRADIOMICS_SDIST"
+PYRADIOMICS_DOWNLOAD = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: -d DIR"
+_PYRADIOMICS_PREFIX = "pyradiomics-3.0.1/data/"
 
 
 def _source_chest():
@@ -191,6 +211,80 @@ def _source_brain_mni():
     return img, lab, aff2, names, "MR"
 
 
+def _pyradiomics_sdist(what: str) -> Path:
+    """The pyradiomics 3.0.1 sdist named by ``AUVCORE_PYRADIOMICS_SDIST``; a clear error when it is not there."""
+    how = (f"download it once with `{PYRADIOMICS_DOWNLOAD}` and set "
+           f"{PYRADIOMICS_ENV}=DIR/pyradiomics-3.0.1.tar.gz")
+    val = os.environ.get(PYRADIOMICS_ENV, "").strip()
+    if not val:
+        raise FileNotFoundError(f"the {what} cohort reads pyradiomics 3.0.1's source archive and "
+                                f"{PYRADIOMICS_ENV} is not set: {how}")
+    path = Path(val).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{PYRADIOMICS_ENV}={val}: no such file; {how}")
+    return path
+
+
+def _read_pyradiomics(patients, what: str) -> dict:
+    """``{patient: (image, label, affine)}`` (file voxel order) read from the sdist's ``data/`` folder.
+
+    The members are copied one by one into a temporary folder (fixed names, so nothing in the archive decides
+    where a file lands) and read there; nothing is left behind.
+    """
+    import tarfile
+
+    sdist = _pyradiomics_sdist(what)
+    want = {f"{_PYRADIOMICS_PREFIX}{p}_{k}.nrrd": (p, k) for p in patients for k in ("image", "label")}
+    got: dict = {}
+    with tempfile.TemporaryDirectory(prefix="auvcore-pyradiomics-") as tmp:
+        try:
+            with tarfile.open(sdist, "r:gz") as tf:
+                for ti in tf:  # one pass through the gzip stream, stopping once all members are read
+                    if ti.name in want and ti.isfile():
+                        q = Path(tmp) / f"{want[ti.name][0]}_{want[ti.name][1]}.nrrd"
+                        with tf.extractfile(ti) as src, open(q, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                        got[want[ti.name]] = read_image(q)
+                        if len(got) == len(want):
+                            break
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f"{PYRADIOMICS_ENV}={sdist}: cannot read it as a .tar.gz ({type(e).__name__}: {e}); "
+                             f"expected the archive from `{PYRADIOMICS_DOWNLOAD}`") from e
+    missing = sorted(n for n, pk in want.items() if pk not in got)
+    if missing:
+        raise ValueError(f"{PYRADIOMICS_ENV}={sdist}: {', '.join(missing)} not in the archive; expected "
+                         f"pyradiomics-3.0.1.tar.gz from `{PYRADIOMICS_DOWNLOAD}`")
+    return {p: (got[p, "image"][0], got[p, "label"][0], got[p, "image"][1]) for p in patients}
+
+
+def _tumour_patients(patients, what: str, names: dict, modality: str):
+    """Each patient of a pyradiomics tumour source: ``(image, label, affine, names, modality)``, RAS.
+
+    The masks hold 0 and 1 (checked: a value above 1 would be a class this source does not name).
+    """
+    out = []
+    for p, (img, lab, aff) in _read_pyradiomics(patients, what).items():
+        vals = np.unique(lab)
+        if not set(vals.tolist()) <= {0, 1} or 1 not in vals:
+            raise ValueError(f"{p}_label.nrrd: expected a 0/1 tumour mask, got values {vals.tolist()}")
+        img, raff = to_ras(img.astype(np.float32), aff)
+        lab, _ = to_ras(lab.astype(np.uint8), aff)
+        if modality == "MR":
+            img = np.clip(img, 0, None)
+        out.append((img, lab, raff, dict(names), modality))
+    return out
+
+
+def _source_lung_tumour(patients=("lung1", "lung2")):
+    """pyradiomics 3.0.1's two lung CTs (different patients; 0.57 / 0.63 mm in-plane, 5 mm slices), tumour masks."""
+    return _tumour_patients(patients, "lung-tumour", {0: "background", 1: "tumour"}, "CT")
+
+
+def _source_brain_tumour(patients=("brain1", "brain2")):
+    """pyradiomics 3.0.1's two brain MRs (different patients; 0.78 mm in-plane, 6.5 mm slices), tumour masks."""
+    return _tumour_patients(patients, "brain-tumour", {0: "background", 1: "tumour"}, "MR")
+
+
 @dataclass(frozen=True)
 class _Spec:
     """How the cases of one source vary (see the module doc) and how its labels may be corrupted."""
@@ -207,6 +301,7 @@ class _Spec:
     fill: tuple = ()         # classes that fill the body: "drop" takes another when it can
     skip_kinds: tuple = ()   # corruption kinds that make no sense for this source
     channel: str = "CT"      # dataset.json channel name ("CT" → CT handling, else MR)
+    patients: tuple = ()     # a source of several patients: load(patients) gives one volume each, cases alternate
     title: str = ""
     licence: str = ""
 
@@ -236,14 +331,38 @@ _SPECS = {
                        licence="derived from the MNI ICBM152 nonlinear symmetric 2009a template as shipped in nilearn "
                                "0.14.1 (Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
                                "Montreal Neurological Institute, McGill University; see DATA_LICENSES.md)"),
+    "lung-tumour": _Spec(_source_lung_tumour, (96.0, 96.0, 80.0), (0.7, 1.0), (2.5, 5.0), 2, 8.0, (3, 3, 8),
+                         "constant", (), skip_kinds=("swap",), channel="CT", patients=("lung1", "lung2"),
+                         title="Varied copies of the two lung CTs with tumour masks of pyradiomics 3.0.1 (source "
+                               "archive) with recorded label corruption",
+                         licence="derived from pyradiomics 3.0.1 test data (BSD-3-Clause, Copyright 2017 Harvard "
+                                 "Medical School)"),
+    "brain-tumour": _Spec(_source_brain_tumour, (96.0, 96.0, 80.0), (0.8, 1.2), (4.0, 6.5), 2, 8.0, (3, 3, 8),
+                          "constant", (), skip_kinds=("swap",), channel="MR", patients=("brain1", "brain2"),
+                          title="Varied copies of the two brain MRs with tumour masks of pyradiomics 3.0.1 (source "
+                                "archive) with recorded label corruption",
+                          licence="derived from pyradiomics 3.0.1 test data (BSD-3-Clause, Copyright 2017 Harvard "
+                                  "Medical School)"),
 }
 
 
-def load_source(source: str):
-    """The source volume of ``source``: ``(image, label, affine, class_names, modality)``, RAS."""
+def load_source(source: str, patient: str | None = None):
+    """The source volume of ``source``: ``(image, label, affine, class_names, modality)``, RAS.
+
+    ``patient``: for a source of several patients (``_SPECS[source].patients``), which one (default: the
+    first); ``None`` for the others.
+    """
     if source not in SOURCES:
         raise ValueError(f"source: expected one of {SOURCES}, got {source!r}")
-    return _SPECS[source].load()
+    spec = _SPECS[source]
+    if not spec.patients:
+        if patient is not None:
+            raise ValueError(f"patient: the {source} source has one volume, got {patient!r}")
+        return spec.load()
+    patient = spec.patients[0] if patient is None else patient
+    if patient not in spec.patients:
+        raise ValueError(f"patient: expected one of {spec.patients} for the {source} source, got {patient!r}")
+    return spec.load((patient,))[0]
 
 
 def _smooth_field(rng, shape, coarse, amp):
@@ -571,8 +690,10 @@ def _complete(out: Path, n: int) -> bool:
 
 def _build_into(root: Path, params: dict) -> None:
     spec = _SPECS[params["source"]]
-    img, lab, aff, names, modality = spec.load()
-    ref = float(np.percentile(img[img > 0], 99)) if modality == "MR" else None
+    # {patient: (image, label, affine, names, modality, MR reference)}; one entry (None) for a one-volume source
+    vols = dict(zip(spec.patients, spec.load(spec.patients))) if spec.patients else {None: spec.load()}
+    vols = {p: (*v, float(np.percentile(v[0][v[0] > 0], 99)) if v[4] == "MR" else None) for p, v in vols.items()}
+    names = next(iter(vols.values()))[3]
     K = max(names) + 1
     n = params["n_cases"]
     rng = np.random.default_rng(params["seed"])
@@ -586,7 +707,13 @@ def _build_into(root: Path, params: dict) -> None:
     for i in range(n):
         cid = f"demo_{i:03d}"
         crng = np.random.default_rng([params["seed"], i])  # per-case stream: cases independent of n
+        # several patients: they alternate, so every cohort of two cases or more has each of them, and a case is
+        # the same whatever n_cases is
+        patient = spec.patients[i % len(spec.patients)] if spec.patients else None
+        img, lab, aff, _, modality, ref = vols[patient]
         im, lb, caff, cparams = _make_case(crng, img, lab, aff, params["size_mm"], spec, modality, ref)
+        if patient is not None:
+            cparams = {"patient": patient, **cparams}
         write_image(root / "imagesTr" / f"{cid}_0000.nii.gz", im, caff)
         write_image(root / "labelsTr_clean" / f"{cid}.nii.gz", lb, caff)
         entry = {"corrupted": False, "kind": None, "classes": [], "params": {}, "changed_voxels": 0}
@@ -611,6 +738,8 @@ def _build_into(root: Path, params: dict) -> None:
         "licence": spec.licence,
         "auvcore_demo": params,
     }
+    if spec.patients:
+        ds["patients"] = {p: [c for c, e in record.items() if e["case_params"]["patient"] == p] for p in spec.patients}
     skipped = [k for k in params["kinds"] if k in spec.skip_kinds]
     if skipped:
         ds["skipped_kinds"] = skipped
