@@ -56,7 +56,7 @@ CONFIGS = {
     "litemedsam-decoded": dict(encoder="litemedsam", mode="decoded", input="raw"),
     "litemedsam-masked": dict(encoder="litemedsam", mode="masked", input="raw"),
 }
-SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest")
+SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest", "lung-tumour", "brain-tumour")
 
 
 def auroc(score, pos):
