@@ -1,6 +1,6 @@
-"""The demo builder's other sources (spine CT, spine MR, MNI152 brain MR): each builds a small cohort
-with realistic variation and recorded corruption, and the main job (score -> filter -> report) runs on it
-end to end with the fast random-weight encoder."""
+"""The demo builder's other sources (spine CT, spine MR, MNI152 brain MR, pyradiomics' lung and brain
+tumours): each builds a small cohort with realistic variation and recorded corruption, and the main job
+(score -> filter -> report) runs on it end to end with the fast random-weight encoder."""
 import importlib.util
 import json
 
@@ -196,3 +196,108 @@ def test_demo_command_with_source(tmp_path, capsys):
     assert (out / "run" / "report" / "index.html").is_file()
     with pytest.raises(SystemExit):
         main(["demo", "--source", "knee", "--out", str(out)])
+
+
+# The tumour sources of pyradiomics 3.0.1's source archive: two patients each, read from the tarball the user
+# downloaded (CI downloads it into .ci/cache). Small fields of view keep the builds to a few seconds.
+TUMOUR = {"lung-tumour": ("CT", ("lung1", "lung2")), "brain-tumour": ("MR", ("brain1", "brain2"))}
+
+
+def _need_sdist():
+    import os
+    from pathlib import Path
+
+    from auvcore.data.demo import PYRADIOMICS_DOWNLOAD, PYRADIOMICS_ENV
+
+    p = os.environ.get(PYRADIOMICS_ENV, "")
+    if not p or not Path(p).is_file():
+        pytest.skip(f"the tumour cohorts read pyradiomics' source archive: `{PYRADIOMICS_DOWNLOAD}` and set "
+                    f"{PYRADIOMICS_ENV} to the .tar.gz ({'unset' if not p else p + ' is missing'})")
+
+
+@pytest.fixture(scope="module", params=sorted(TUMOUR))
+def tumour_cohort(request, tmp_path_factory):
+    source = request.param
+    _need_sdist()
+    out = tmp_path_factory.mktemp(f"cohort-{source}") / "data"
+    # every kind asked for (swap must be skipped), every case corrupted, so the kinds cycle through both patients
+    root = build_demo(out, n_cases=6, corrupt_fraction=1.0, seed=1, source=source, kinds=KINDS,
+                      size_mm=(64.0, 64.0, 48.0))
+    return source, root
+
+
+def test_tumour_cohort_has_both_patients(tumour_cohort):
+    source, root = tumour_cohort
+    modality, patients = TUMOUR[source]
+    ds = D.discover(root)
+    assert len(ds.cases) == 6 and ds.modality == modality
+    assert [ds.class_names[k] for k in sorted(ds.class_names)] == ["background", "tumour"]
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["auvcore_demo"]["source"] == source and "BSD-3-Clause" in meta["licence"]
+    assert meta["skipped_kinds"] == ["swap"]
+    rec = json.loads((root / "corruption.json").read_text())
+    # cases alternate between the patients, recorded per case and per patient
+    assert [rec[c]["case_params"]["patient"] for c in sorted(rec)] == [patients[i % 2] for i in range(6)]
+    assert meta["patients"] == {p: [c for c in sorted(rec) if rec[c]["case_params"]["patient"] == p]
+                                for p in patients}
+    kinds = [e["kind"] for e in rec.values()]
+    assert all(e["corrupted"] for e in rec.values()) and "swap" not in kinds and set(kinds) <= set(KINDS)
+    for cid, e in rec.items():
+        lab, _ = read_image(root / "labelsTr" / f"{cid}.nii.gz")
+        clean, _ = read_image(root / "labelsTr_clean" / f"{cid}.nii.gz")
+        img, _ = read_image(root / "imagesTr" / f"{cid}_0000.nii.gz")
+        assert set(np.unique(clean)) == {0, 1}, cid  # the tumour is in every case's field of view
+        assert int((lab != clean).sum()) == e["changed_voxels"] > 0 and e["classes"] == [1]
+        if modality == "CT":
+            assert img.min() >= -1024 and img.max() > 0
+        else:
+            assert img.min() >= 0 and 300 < np.percentile(img[clean > 0], 99) < 3000
+
+
+@pytest.mark.parametrize("source", ["brain-tumour"])  # the lung CTs take seconds to read: their cohort covers them
+def test_tumour_source_patients(source):
+    _need_sdist()
+    modality, patients = TUMOUR[source]
+    vols = _SPECS[source].load(patients)  # both patients in one pass through the archive
+    for img, lab, aff, names, mod in vols:
+        assert mod == modality and names == {0: "background", 1: "tumour"} and np.all(np.diag(aff)[:3] > 0)
+        assert img.shape == lab.shape and set(np.unique(lab)) == {0, 1}
+    assert vols[0][0].shape != vols[1][0].shape  # two different scans
+    with pytest.raises(ValueError, match="patient"):
+        load_source(source, "breast1")  # refused before the archive is opened
+
+
+def test_tumour_source_without_sdist_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    from auvcore.data.demo import PYRADIOMICS_ENV
+
+    monkeypatch.delenv(PYRADIOMICS_ENV, raising=False)
+    cmd = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: -d DIR"
+    with pytest.raises(FileNotFoundError, match=PYRADIOMICS_ENV) as e:
+        build_demo(tmp_path / "t", n_cases=2, source="lung-tumour")
+    assert cmd in str(e.value) and not (tmp_path / "t").exists()
+    monkeypatch.setenv(PYRADIOMICS_ENV, str(tmp_path / "nope.tar.gz"))
+    with pytest.raises(FileNotFoundError, match="nope.tar.gz") as e:
+        load_source("brain-tumour")
+    assert cmd in str(e.value)
+    # a file that is not the archive: the error names the variable too
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tarball")
+    monkeypatch.setenv(PYRADIOMICS_ENV, str(tmp_path / "bad.tar.gz"))
+    with pytest.raises(ValueError, match=PYRADIOMICS_ENV):
+        load_source("lung-tumour")
+    # the command line reports it as an error line, not a traceback
+    monkeypatch.delenv(PYRADIOMICS_ENV)
+    capsys.readouterr()
+    assert main(["demo", "--source", "lung-tumour", "--cases", "2", "--encoder", "random3d",
+                 "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert "auvcore: error:" in err and PYRADIOMICS_ENV in err and cmd in err
+
+
+def test_tumour_demo_command(tmp_path, capsys):
+    """`auvcore demo --source lung-tumour` builds the two-patient cohort and runs the whole job (random3d)."""
+    _need_sdist()
+    out = tmp_path / "demo"
+    assert main(["demo", "--source", "lung-tumour", "--cases", "2", "--encoder", "random3d", "--out", str(out)]) == 0
+    meta = json.loads((out / "data" / "dataset.json").read_text())
+    assert meta["auvcore_demo"]["source"] == "lung-tumour" and set(meta["patients"]) == {"lung1", "lung2"}
+    assert (out / "run" / "report" / "index.html").is_file()

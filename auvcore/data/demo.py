@@ -74,8 +74,9 @@ cycle would change which case gets which kind.
 Kinds that do not apply to a source are skipped for it (recorded in ``dataset.json`` under
 ``"skipped_kinds"``): ``"drop"`` for ``brain-mni`` (every class is one body-filling structure),
 ``"swap"`` for a source with a single foreground class (``lung-tumour``, ``brain-tumour``; there ``"drop"``
-removes the tumour's largest connected part, for a one-piece tumour the whole mask: a missed lesion). A case in which the drawn kind finds
-nothing to act on gets the next applicable kind (the record names the kind applied).
+removes the tumour's largest connected part, for a one-piece tumour the whole mask: a missed lesion, and a
+case with no tumour has no AUV). A case in which the drawn kind finds nothing to act on gets the next
+applicable kind (the record names the kind applied).
 
 Output, in nnU-Net v2 raw layout under ``out_dir``: ``dataset.json``, ``imagesTr/<case>_0000.nii.gz``
 (int16: HU for CT, scaled intensities for MR), ``labelsTr/<case>.nii.gz`` (the labels as delivered,
