@@ -235,7 +235,7 @@ def scores_table(out: Path, root: Path, source: str, draw: int):
 
 
 def run_source(out: Path, source: str, draw: int, seeds, steps: int, size: int, lr: float, keeps, cleanlab_csv,
-               n_test: int, log=print) -> dict:
+               n_test: int, cached_only: bool = False, log=print) -> dict:
     from auvcore.data import build_demo
 
     # the cohort of study_detection/study_oof (same folder, same arguments): reused, not rebuilt
@@ -271,6 +271,9 @@ def run_source(out: Path, source: str, draw: int, seeds, steps: int, size: int, 
                     rec = None
             except (OSError, ValueError, KeyError):
                 rec = None
+            if rec is None and cached_only:
+                log(f"  {name:<12} seed {seed}: not in the cache, left out (--cached-only)")
+                continue
             if rec is None:
                 t0 = time.perf_counter()
                 train = np.setdiff1d(np.arange(len(cohort["ids"])), drop)
@@ -300,6 +303,8 @@ def run_source(out: Path, source: str, draw: int, seeds, steps: int, size: int, 
 
 def summarise(res: dict) -> list[dict]:
     """One row per arm: mean ± std over seeds of the mean foreground Dice, per-class means, paired Δ to ``all``."""
+    if not res["runs"]:
+        return []
     by_arm: dict[str, list] = {}
     for r in res["runs"]:
         by_arm.setdefault(r["arm"], []).append(r)
@@ -333,7 +338,7 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"on the longest side; training seeds {meta['seeds']} (same initialisation per seed in every arm). "
              "Dice: hard prediction against the clean held-out labels per foreground class, mean over the test "
              "cases; ± = std over seeds (ddof 1); Δ vs all = paired (same seed) difference to the all-cases arm; "
-             "per seed: the mean fg Dice of each seed in the order of the seeds; s / run: median seconds of one "
+             "per seed: seed: mean fg Dice of that seed; s / run: median seconds of one "
              "training (shared machine: the times vary with its load)."]
     for res in results:
         rows = res["summary"]
@@ -352,7 +357,8 @@ def markdown(results: list[dict], meta: dict) -> str:
             dice = f"{r['dice_mean']:.4f}" + (f" ± {r['dice_std']:.4f}" if r["dice_std"] is not None else "")
             lines.append(f"| {r['text']} | {r['n_train']} ({r['dropped']}; {dc_s}) | {dice} | {dl} | "
                          + " | ".join(f"{v:.4f}" for v in r["per_class"]) + " | "
-                         + ", ".join(f"{v:.3f}" for v in r["dice_per_seed"]) + f" | {r['seconds_median']:.0f} |")
+                         + ", ".join(f"{sd}: {v:.3f}" for sd, v in zip(r["seeds"], r["dice_per_seed"]))
+                         + f" | {r['seconds_median']:.0f} |")
         dropped = {r["arm"]: r["dropped_ids"] for r in rows if r["dropped_ids"]}
         lines += ["", f"Corrupted training cases: {', '.join(res['corrupted_ids'])}. Dropped: "
                   + "; ".join(f"{a}: {', '.join(v)}" for a, v in dropped.items() if a != "oracle")
@@ -376,6 +382,8 @@ def main(argv=None):
     ap.add_argument("--cleanlab-csv", type=Path, default=None,
                     help="study_oof's cases CSV (default OUT/oof_cases.csv); its cleanlab_score adds the "
                          "cleanlab arms")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: tabulate the (arm, seed) runs already in the cache (a study stopped early)")
     ap.add_argument("--name", default="training", help="stem of the output files in OUT")
     ap.add_argument("--smoke", action="store_true", help="quick run: first source, seed 0, 10 steps, grid 24")
     a = ap.parse_args(argv)
@@ -407,7 +415,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     for source in a.sources:
         res = run_source(a.out, source, a.draw, a.seeds, a.steps, a.size, a.lr, a.keep, a.cleanlab_csv,
-                         a.test_cases)
+                         a.test_cases, cached_only=a.cached_only)
         res["summary"] = summarise(res)
         results.append(res)
         # written after every source, so a run stopped later keeps the finished sources' tables
