@@ -271,7 +271,7 @@ def test_tumour_source_without_sdist_says_how_to_get_it(tmp_path, monkeypatch, c
     from auvcore.data.demo import PYRADIOMICS_ENV
 
     monkeypatch.delenv(PYRADIOMICS_ENV, raising=False)
-    cmd = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: -d DIR"
+    cmd = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: --no-build-isolation -d DIR"
     with pytest.raises(FileNotFoundError, match=PYRADIOMICS_ENV) as e:
         build_demo(tmp_path / "t", n_cases=2, source="lung-tumour")
     assert cmd in str(e.value) and not (tmp_path / "t").exists()

@@ -23,7 +23,7 @@ Sources (``SOURCES``; the volumes ship inside PyPI packages, licences in ``DATA_
 
   These two sources are read from the sdist that the user downloads once (``pip install`` keeps nothing
   importable of its ``data/`` folder, and auvcore never downloads at run time):
-  ``pip download pyradiomics==3.0.1 --no-deps --no-binary :all: -d DIR`` and
+  ``pip download pyradiomics==3.0.1 --no-deps --no-binary :all: --no-build-isolation -d DIR`` and
   ``AUVCORE_PYRADIOMICS_SDIST=DIR/pyradiomics-3.0.1.tar.gz``. The NRRDs are read straight from the archive.
   Their cases alternate between the two patients (even cases the first, odd ones the second); each case's
   patient is recorded in ``corruption.json`` (``case_params["patient"]``) and ``dataset.json``
@@ -116,7 +116,7 @@ SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni", "lung-tumour", "brain-t
 # the tumour sources read pyradiomics 3.0.1's source archive, which the user downloads once: its data/ folder is
 # in the sdist only (pip install keeps nothing importable of it), and auvcore never downloads at run time
 PYRADIOMICS_ENV = "AUVCORE_PYRADIOMICS_SDIST"
-PYRADIOMICS_DOWNLOAD = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: -d DIR"
+PYRADIOMICS_DOWNLOAD = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: --no-build-isolation -d DIR"
 _PYRADIOMICS_PREFIX = "pyradiomics-3.0.1/data/"
 
 
