@@ -195,8 +195,11 @@ def tables(df, n_boot):
     return res
 
 
-def tables_one_rate(df, n_boot):
-    scores = [c for c in df.columns if c.startswith(("auv:", "agreement:", "mahalanobis:")) or c in ("variance", "random")]
+def tables_one_rate(df, n_boot, extra_scores=()):
+    """AUROC/AP per source and AUROC per kind of every score column: the prefixed ones, variance, random and
+    ``extra_scores`` (other scripts' columns, e.g. study_oof's cleanlab scores), in the frame's column order."""
+    scores = [c for c in df.columns if c in extra_scores or c.startswith(("auv:", "agreement:", "mahalanobis:"))
+              or c in ("variance", "random")]
     res = {"by_source": {}, "by_kind": {}}
     for source, g in df.groupby("source", sort=False):
         draws = [(d, gd) for d, gd in g.groupby("draw")]

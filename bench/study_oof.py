@@ -64,8 +64,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
-from study_detection import (CONFIGS, SOURCES, auroc, average_precision, bootstrap, markdown, plot_auroc,  # noqa: E402
-                             percentile_rank)
+from study_detection import CONFIGS, SOURCES, markdown, plot_auroc, tables_one_rate  # noqa: E402
 
 OOF_VERSION = 1
 SCORE_CONFIG = "merlin-l2"  # the run whose S, AUV and baselines the study uses (the README's default)
@@ -393,32 +392,8 @@ DETECTION_SCORES = ("cleanlab_score", "oof_dice_score", "monai_lqs")
 
 
 def detection_tables(df, n_boot):
-    """study_detection's ``tables`` for the given score columns (its own picks columns by prefix)."""
-    scores = [c for c in df.columns if c in DETECTION_SCORES or c.startswith(("auv:", "agreement:", "mahalanobis:"))
-              or c in ("variance", "random")]
-    res = {"by_source": {}, "by_kind": {}}
-    for source, g in df.groupby("source", sort=False):
-        draws = [gd for _, gd in g.groupby("draw")]
-        for sc in scores:
-            per = [(gd[sc].to_numpy(dtype=np.float64), gd["corrupted"].to_numpy(dtype=bool)) for gd in draws]
-            if all(np.isnan(s).all() for s, _ in per):
-                continue
-            res["by_source"].setdefault(sc, {})[source] = {
-                "auroc": bootstrap(per, auroc, n_boot), "ap": bootstrap(per, average_precision, n_boot),
-                "prevalence": float(np.mean([p.mean() for _, p in per])), "draws": len(per)}
-    ranked = df.copy()
-    for sc in scores:
-        ranked[sc] = df.groupby(["source", "draw"])[sc].transform(lambda x: percentile_rank(x.to_numpy(dtype=float)))
-    clean = ranked[~ranked["corrupted"]]
-    for kind in sorted(k for k in df["kind"].fillna("").unique() if k):
-        pos = ranked[ranked["kind"] == kind]
-        for sc in scores:
-            if df.loc[df["kind"] == kind, sc].isna().all():
-                continue
-            s = np.r_[pos[sc].to_numpy(dtype=float), clean[sc].to_numpy(dtype=float)]
-            y = np.r_[np.ones(len(pos), bool), np.zeros(len(clean), bool)]
-            res["by_kind"].setdefault(sc, {})[kind] = {"auroc": auroc(s, y), "n": int(len(pos))}
-    return res
+    """study_detection's tables, with this script's score columns among the scores."""
+    return tables_one_rate(df, n_boot, extra_scores=DETECTION_SCORES)
 
 
 def _corr(x, y) -> dict:
