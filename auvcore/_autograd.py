@@ -16,51 +16,39 @@ from . import _cpu
 from . import _torch_impl as T
 
 
-class _NativeScale(torch.autograd.Function):
+class _AnalyticScale(torch.autograd.Function):
+    """S with the analytic backward of one backend: ``forward(z)`` gives S and the eigenpairs the backward keeps,
+    ``backward(z, evals, evecs, grad_S)`` gives dS/dz · grad_S (float32 for half inputs, cast back to z's dtype
+    here by autograd's rules)."""
+
     @staticmethod
-    def forward(ctx, z, layout, center, eps, variant, nan_to_num, nt):
-        S, evals, evecs = _cpu.semantic_scale(z, layout, center, eps, variant, nan_to_num, nt, eigenpairs=True)
+    def forward(ctx, z, forward, backward):
+        S, evals, evecs = forward(z)
         ctx.save_for_backward(z, evals, evecs)
-        ctx.args = (layout, center, eps, variant, nan_to_num, nt)
+        ctx.backward_fn = backward
         return S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_S):
         z, evals, evecs = ctx.saved_tensors
-        # Half inputs get a float32 gradient from the kernel, cast back to their dtype by autograd's rules.
-        dz = _cpu.scale_backward(z, *ctx.args, evals, evecs, grad_S)
-        return dz.to(z.dtype), None, None, None, None, None, None
-
-
-class _CudaScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, layout, center, eps, variant, nan_to_num):
-        from . import _cuda
-
-        S, evals, evecs = _cuda.semantic_scale(z, layout, center, eps, variant, nan_to_num, eigenpairs=True)
-        ctx.save_for_backward(z, evals, evecs)
-        ctx.args = (layout, center, eps, variant)
-        return S
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_S):
-        from . import _cuda
-
-        z, evals, evecs = ctx.saved_tensors
-        dz = _cuda.scale_backward(z, *ctx.args, evals, evecs, grad_S)
-        return dz.to(z.dtype), None, None, None, None, None
+        return ctx.backward_fn(z, evals, evecs, grad_S).to(z.dtype), None, None
 
 
 def semantic_scale(z, layout, center, eps, variant, nan_to_num, backend, num_threads):
     """S [B, K] with autograd (float64), the preset already resolved; called by ``auvcore.semantic_scale``
     when ``z`` requires grad."""
+    center, eps, nan_to_num = bool(center), float(eps), bool(nan_to_num)
     if backend == "cpp":
-        return _NativeScale.apply(z, layout, bool(center), float(eps), variant, bool(nan_to_num),
-                                  B.threads(num_threads))
+        args = (layout, center, eps, variant, nan_to_num, B.threads(num_threads))
+        return _AnalyticScale.apply(z, lambda x: _cpu.semantic_scale(x, *args, eigenpairs=True),
+                                    lambda x, ev, vt, g: _cpu.scale_backward(x, *args, ev, vt, g))
     if backend == "cuda":
-        return _CudaScale.apply(z, layout, bool(center), float(eps), variant, bool(nan_to_num))
+        from . import _cuda
+
+        return _AnalyticScale.apply(
+            z, lambda x: _cuda.semantic_scale(x, layout, center, eps, variant, nan_to_num, eigenpairs=True),
+            lambda x, ev, vt, g: _cuda.scale_backward(x, layout, center, eps, variant, ev, vt, g))
     if not nan_to_num and not bool(torch.isfinite(z.detach()).all()):
         raise B.non_finite("z")
     return T.semantic_scale(z, layout, center, eps, variant, nan_to_num)
