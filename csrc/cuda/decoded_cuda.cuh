@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "auvcore/array.h"
 #include "auvcore/gram.h"  // gram_on_rows
@@ -26,6 +27,19 @@ struct IndexMap {
 // Tags of the 16-bit input types (read as raw bits, widened on load).
 struct F16 {};
 struct BF16 {};
+
+// f(In{}) with the input tag of a floating dtype (double, float, F16, BF16): the one dispatch from a view's dtype
+// to the kernels templated on load_elem<In>. `arg` names the input in the error for any other dtype.
+template <typename F>
+void dispatch_input(DType dt, const char* arg, F&& f) {
+  switch (dt) {
+    case DType::F64: return f(double{});
+    case DType::F32: return f(float{});
+    case DType::F16: return f(F16{});
+    case DType::BF16: return f(BF16{});
+    default: throw ArgumentError(std::string(arg) + ": expected a floating dtype");
+  }
+}
 
 #ifdef __CUDACC__
 template <typename In>

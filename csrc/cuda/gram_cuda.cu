@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "auvcore/gram.h"
 #include "auvcore/scale_cuda.h"
@@ -569,14 +570,13 @@ void launch_gram(GramArgs a, int64_t B, int64_t jobs, cudaStream_t s, Workspace&
     launch_gram_tile<In, T, max_rm<T>()>(a, B, s);
 }
 
-void launch_gram_dtype(DType dt, const GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
-  switch (dt) {
-    case DType::F64: launch_gram<double, double>(a, B, jobs, s, ws); break;
-    case DType::F32: launch_gram<float, float>(a, B, jobs, s, ws); break;
-    case DType::F16: launch_gram<F16, float>(a, B, jobs, s, ws); break;
-    case DType::BF16: launch_gram<BF16, float>(a, B, jobs, s, ws); break;
-    default: throw ArgumentError("expected a floating dtype");
-  }
+// The accumulation type: double inputs stay double, the others multiply in float (the file's precision note).
+void launch_gram_dtype(DType dt, const char* arg, const GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s,
+                       Workspace& ws) {
+  dispatch_input(dt, arg, [&](auto tag) {
+    using In = decltype(tag);
+    launch_gram<In, std::conditional_t<std::is_same_v<In, double>, double, float>>(a, B, jobs, s, ws);
+  });
 }
 
 template <typename In>
@@ -591,16 +591,6 @@ void launch_rows(RowArgs r, bool center, cudaStream_t s, Workspace& ws) {
   const dim3 grid((unsigned)(tiles * (tiles + 1) / 2), (unsigned)std::min<int64_t>(r.jobs, 65535));
   row_gram_kernel<In><<<grid, RT * RT, 0, s>>>(r);
   AUV_CUDA_CHECK_LAUNCH("row_gram_kernel");
-}
-
-void launch_rows_dtype(DType dt, const RowArgs& r, bool center, cudaStream_t s, Workspace& ws) {
-  switch (dt) {
-    case DType::F64: launch_rows<double>(r, center, s, ws); break;
-    case DType::F32: launch_rows<float>(r, center, s, ws); break;
-    case DType::F16: launch_rows<F16>(r, center, s, ws); break;
-    case DType::BF16: launch_rows<BF16>(r, center, s, ws); break;
-    default: throw ArgumentError("expected a floating dtype");
-  }
 }
 
 void launch_finalize(double* G, int64_t p, int64_t jobs, const double* sums, const int64_t* seg, int K, int64_t ns,
@@ -659,7 +649,7 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
     a.sums = ws.alloc_n<double>(jobs * p);
     AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * p, s));
   }
-  launch_gram_dtype(z.dtype, a, B, jobs, s, ws);
+  launch_gram_dtype(z.dtype, "z", a, B, jobs, s, ws);
   launch_finalize(G, p, jobs, a.sums, nullptr, (int)K, a.ns, 0, s);
 }
 
@@ -737,7 +727,7 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
     a.sums = ws.alloc_n<double>(jobs * C);
     AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * C, s));
   }
-  launch_gram_dtype(f.dtype, a, B, jobs, s, ws);
+  launch_gram_dtype(f.dtype, "features", a, B, jobs, s, ws);
   launch_finalize(G, C, jobs, a.sums, sa.seg, (int)K, 0, a.small_rows, s);
   if (smaller_side && C >= 2) {  // with one channel no class has fewer voxels than C and at least one
     RowArgs r;
@@ -753,7 +743,7 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
     r.nan_to_num = nan_to_num;
     r.G = G;
     r.flags = flags;
-    launch_rows_dtype(f.dtype, r, center, s, ws);
+    dispatch_input(f.dtype, "features", [&](auto tag) { launch_rows<decltype(tag)>(r, center, s, ws); });
   }
 }
 

@@ -249,13 +249,7 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, double ep
     AUV_CUDA_CHECK(cudaFuncSetAttribute(weights_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g_bytes));
   weights_kernel<<<(unsigned)std::min<int64_t>(a.count, 65535), NT, g_bytes, s>>>(a);
   AUV_CUDA_CHECK_LAUNCH("weights_kernel");
-  switch (z.dtype) {
-    case DType::F64: launch<double>(a, apply_bytes, s); break;
-    case DType::F32: launch<float>(a, apply_bytes, s); break;
-    case DType::F16: launch<F16>(a, apply_bytes, s); break;
-    case DType::BF16: launch<BF16>(a, apply_bytes, s); break;
-    default: throw ArgumentError("z: expected a floating dtype");
-  }
+  dispatch_input(z.dtype, "z", [&](auto tag) { launch<decltype(tag)>(a, apply_bytes, s); });
 }
 
 }  // namespace cuda
