@@ -1,25 +1,15 @@
 """bench/study_detection.py without encoders: cohort folders per rate, the tables grouped by rate, the CLI's checks."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from bench_common import load_bench
+
 pd = pytest.importorskip("pandas")
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 @pytest.fixture(scope="module")
 def sd():
-    sys.path.insert(0, str(BENCH))  # study_detection imports its neighbour _util by name
-    try:
-        spec = importlib.util.spec_from_file_location("study_detection", BENCH / "study_detection.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return load_bench("study_detection")
 
 
 def test_cohort_folders(sd):

@@ -1,24 +1,13 @@
 """bench/study_oof.py's core on a tiny synthetic cohort: OOF training, the label-quality scores, the tables."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from bench_common import load_bench
 
 
 @pytest.fixture(scope="module")
 def oof():
-    sys.path.insert(0, str(BENCH))  # study_oof imports its neighbours (_util, study_detection) by name
-    try:
-        spec = importlib.util.spec_from_file_location("study_oof", BENCH / "study_oof.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return load_bench("study_oof")
 
 
 def _cohort(n=8, shape=(16, 16, 16), bad=3, seed=0):

@@ -1,25 +1,14 @@
 """bench/study_training.py's core without a demo cohort: the arms' drops, one short training per loss on a tiny
 synthetic volume, the summary and its markdown (seconds; the study itself runs from the CLI)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from bench_common import load_bench
 
 
 @pytest.fixture(scope="module")
 def st():
-    sys.path.insert(0, str(BENCH))  # study_training imports its neighbours (_util, study_oof, ...) by name
-    try:
-        spec = importlib.util.spec_from_file_location("study_training", BENCH / "study_training.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return load_bench("study_training")
 
 
 def test_drop_counts_and_picks(st):
