@@ -56,7 +56,7 @@ CONFIGS = {
     "litemedsam-decoded": dict(encoder="litemedsam", mode="decoded", input="raw"),
     "litemedsam-masked": dict(encoder="litemedsam", mode="masked", input="raw"),
 }
-SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest", "lung-tumour", "brain-tumour")
+SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest", "lung-tumour", "brain-tumour", "brain-aal")
 # The default run: the sources that install with the `cohorts` extra (the tumour sources need the pyradiomics
 # sdist, AUVCORE_PYRADIOMICS_SDIST).
 DEFAULT_SOURCES = SOURCES[:4]

@@ -1,5 +1,5 @@
-"""The demo builder's other sources (spine CT, spine MR, MNI152 brain MR, pyradiomics' lung and brain
-tumours): each builds a small cohort with realistic variation and recorded corruption, and the main job
+"""The demo builder's other sources (spine CT, spine MR, MNI152 brain MR, the Colin27 brain with AAL regions,
+pyradiomics' lung and brain tumours): each builds a small cohort with realistic variation and recorded corruption, and the main job
 (score -> filter -> report) runs on it end to end with the fast random-weight encoder."""
 import importlib.util
 import json
@@ -20,12 +20,31 @@ COHORTS = {
     "spine-mr": ("TPTBox", ["background", "C5 vertebra", "C6 vertebra", "C7 vertebra", "C5/C6 disc", "C6/C7 disc",
                             "spinal canal"], "MR", (64.0, 90.0, 72.0)),
     "brain-mni": ("nilearn", ["background", "CSF", "grey matter", "white matter"], "MR", (120.0, 144.0, 96.0)),
+    # Debian's mricron-data, not a Python package: installed, or unpacked and named by AUVCORE_MRICRON_TEMPLATES
+    "brain-aal": (None, ["background"] + [f"{r} {s}" for r in ("caudate", "putamen", "thalamus", "hippocampus")
+                                         for s in ("left", "right")], "MR", (88.0, 104.0, 72.0)),
 }
 N = 5
 
 
+def _mricron_dir():
+    import os
+    from pathlib import Path
+
+    from auvcore.data.demo import MRICRON_DEFAULT, MRICRON_ENV
+
+    return Path(os.environ.get(MRICRON_ENV, "").strip() or MRICRON_DEFAULT)
+
+
 def _need(source):
     pkg = COHORTS[source][0]
+    if pkg is None:
+        from auvcore.data.demo import MRICRON_INSTALL
+
+        if not (_mricron_dir() / "aal.nii.gz").is_file():
+            pytest.skip(f"the {source} cohort reads Debian's mricron-data templates, not found at "
+                        f"{_mricron_dir()}: {MRICRON_INSTALL}")
+        return
     if importlib.util.find_spec(pkg) is None:
         pytest.skip(f"the {source} cohort needs the {pkg} package: pip install 'auvcore[cohorts]'")
 
@@ -71,7 +90,7 @@ def test_cohort_layout(cohort):
     assert [ds.class_names[k] for k in sorted(ds.class_names)] == names and ds.num_classes == len(names)
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["name"] == f"auvcore-demo-{source}" and meta["auvcore_demo"]["source"] == source
-    assert "Apache" in meta["licence"] or "McConnell" in meta["licence"]
+    assert any(w in meta["licence"] for w in ("Apache", "McConnell", "mricron-data"))
     assert set(ds.corruption) == {c.case_id for c in ds.cases}
     assert sum(e["corrupted"] for e in ds.corruption.values()) == 3
     assert not list(root.parent.glob(".*building*"))
@@ -184,6 +203,33 @@ def test_spine_swap_exchanges_adjacent_vertebrae():
     a, b = rec["classes"]
     assert abs(a - b) == 1
     assert ((out == a) == (lab == b)).all() and ((out == b) == (lab == a)).all()
+
+
+def test_aal_swap_is_a_laterality_or_neighbour_slip():
+    _need("brain-aal")
+    _, lab, _, names, _ = load_source("brain-aal")
+    for seed in range(3):
+        out, rec = _corrupt(np.random.default_rng(seed), lab, "swap", len(names), _SPECS["brain-aal"])
+        a, b = rec["classes"]
+        assert {names[a].split()[0], names[b].split()[0]} in ({"caudate"}, {"putamen"}, {"thalamus"},
+                                                              {"hippocampus"}, {"caudate", "putamen"})
+        assert ((out == a) == (lab == b)).all() and ((out == b) == (lab == a)).all()
+
+
+def test_aal_source_errors_name_the_templates(tmp_path, monkeypatch):
+    """No templates: the error says where it looked and how to get them; a relabelled atlas is refused."""
+    from auvcore.data.demo import MRICRON_ENV
+
+    monkeypatch.setenv(MRICRON_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=MRICRON_ENV) as e:
+        build_demo(tmp_path / "d", n_cases=2, source="brain-aal")
+    assert "apt-get download mricron-data" in str(e.value) and "ch2.nii.gz" in str(e.value)
+    assert not (tmp_path / "d").exists()
+    for f in ("ch2.nii.gz", "aal.nii.gz"):
+        (tmp_path / f).write_bytes(b"")
+    (tmp_path / "aal.nii.txt").write_text("1 Precentral_L 2001\n71 Caudate_L 7001\n")
+    with pytest.raises(ValueError, match="Putamen_L"):
+        load_source("brain-aal")
 
 
 def test_demo_command_with_source(tmp_path, capsys):

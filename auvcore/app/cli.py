@@ -263,7 +263,8 @@ def run(argv=None) -> int:
         out = Path(args.out)
         what = {"chest": "real chest CT", "spine-ct": "real lumbar spine CT", "spine-mr": "real cervical spine MR",
                 "brain-mni": "the MNI152 brain MR", "lung-tumour": "two real lung CTs with tumours",
-                "brain-tumour": "two real brain MRs with tumours"}.get(args.source, args.source)
+                "brain-tumour": "two real brain MRs with tumours",
+                "brain-aal": "the Colin27 brain MR with AAL regions"}.get(args.source, args.source)
         print(f"[1/4] building {args.cases} demo cases from {what} in {out / 'data'}", flush=True)
         try:
             data = build_demo(out / "data", n_cases=args.cases, source=args.source)

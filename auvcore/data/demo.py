@@ -1,6 +1,6 @@
 """Small labelled CT and MR data sets with known label corruption, built offline from real volumes.
 
-Sources (``SOURCES``; the volumes ship inside PyPI packages, licences in ``DATA_LICENSES.md``):
+Sources (``SOURCES``; the volumes ship inside PyPI or Debian packages, licences in ``DATA_LICENSES.md``):
 
 * ``"chest"`` (default): the chest CT and its 7-class segmentation (ribs, cervical/thoracic/
   lumbar vertebral column, right lung, left lung, tissue) of ``slicerio`` 1.4.0
@@ -20,6 +20,11 @@ Sources (``SOURCES``; the volumes ship inside PyPI packages, licences in ``DATA_
 * ``"brain-tumour"``: the two brain MRs of different patients with their tumour masks in the same archive
   (``data/brain{1,2}_{image,label}.nrrd``; 0.78 mm in-plane, 6.5 mm slices; the MR sequence is not
   documented, so the channel is ``"MR"``).
+* ``"brain-aal"``: the Colin27 T1 with skull (``ch2.nii.gz``, 1 mm) and 8 regions of the AAL atlas drawn on
+  that brain (``aal.nii.gz``, same grid): caudate, putamen, thalamus and hippocampus, left and right. Both come
+  from Debian's ``mricron-data`` package, read from ``/usr/share/mricron/templates`` or the folder named by
+  ``AUVCORE_MRICRON_TEMPLATES`` (``MRICRON_INSTALL`` says how to unpack the package without root). A
+  ``"swap"`` there exchanges left and right of one structure, or caudate and putamen.
 
   These two sources are read from the sdist that the user downloads once (``pip install`` keeps nothing
   importable of its ``data/`` folder, and auvcore never downloads at run time):
@@ -112,12 +117,22 @@ _STRENGTH = {
     "strong": dict(radius=(4, 6), shift=(8, 12), blob=(8.0, 12.0), band=(2, 4), partial=(0.50, 0.70)),
 }
 BUILDER_VERSION = 1
-SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni", "lung-tumour", "brain-tumour")
+SOURCES = ("chest", "spine-ct", "spine-mr", "brain-mni", "lung-tumour", "brain-tumour", "brain-aal")
 # the tumour sources read pyradiomics 3.0.1's source archive, which the user downloads once: its data/ folder is
 # in the sdist only (pip install keeps nothing importable of it), and auvcore never downloads at run time
 PYRADIOMICS_ENV = "AUVCORE_PYRADIOMICS_SDIST"
 PYRADIOMICS_DOWNLOAD = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: --no-build-isolation -d DIR"
 _PYRADIOMICS_PREFIX = "pyradiomics-3.0.1/data/"
+# the atlas source reads Debian's mricron-data package (Colin27 T1 and AAL on one grid), installed or unpacked
+MRICRON_ENV = "AUVCORE_MRICRON_TEMPLATES"
+MRICRON_DEFAULT = "/usr/share/mricron/templates"
+MRICRON_INSTALL = ("apt-get install mricron-data, or without root: apt-get download mricron-data && "
+                   "dpkg -x mricron-data_*.deb DIR and AUVCORE_MRICRON_TEMPLATES=DIR/usr/share/mricron/templates")
+# the AAL regions of the brain-aal cohort, in class order: deep grey nuclei and the hippocampus, left and right
+# (the cortical regions' borders are sulci an annotator cannot see on one T1; the pallidum and amygdala vanish
+# at the encoders' feature grids)
+_AAL_REGIONS = ("Caudate_L", "Caudate_R", "Putamen_L", "Putamen_R", "Thalamus_L", "Thalamus_R",
+                "Hippocampus_L", "Hippocampus_R")
 
 
 def _source_chest():
@@ -286,6 +301,39 @@ def _source_brain_tumour(patients=("brain1", "brain2")):
     return _tumour_patients(patients, "brain-tumour", {0: "background", 1: "tumour"}, "MR")
 
 
+def _source_brain_aal():
+    """Debian mricron-data's Colin27 T1 (``ch2.nii.gz``, 1 mm) with 8 AAL regions from ``aal.nii.gz`` (same grid)."""
+    val = os.environ.get(MRICRON_ENV, "").strip()
+    base = Path(val).expanduser() if val else Path(MRICRON_DEFAULT)
+    where = f"{MRICRON_ENV}={val}" if val else f"{MRICRON_DEFAULT} ({MRICRON_ENV} not set)"
+    paths = [base / f for f in ("ch2.nii.gz", "aal.nii.gz", "aal.nii.txt")]
+    missing = [q.name for q in paths if not q.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the brain-aal cohort reads Debian's mricron-data templates; {where} lacks "
+                                f"{', '.join(missing)}: {MRICRON_INSTALL}")
+    # aal.nii.txt: "<value> <name> <code>" per region; the class map is built from the names, so a relabelled
+    # atlas is refused instead of silently giving other structures
+    index = {}
+    for line in paths[2].read_text(encoding="utf-8", errors="replace").splitlines():
+        f = line.split()
+        if len(f) >= 2 and f[0].isdigit():
+            index[f[1]] = int(f[0])
+    absent = [r for r in _AAL_REGIONS if r not in index]
+    if absent:
+        raise ValueError(f"{paths[2]}: expected the AAL region list, it lacks {', '.join(absent)}")
+    (img, aff), (aal, laff) = read_image(paths[0]), read_image(paths[1])
+    if img.shape != aal.shape or not np.allclose(aff, laff, atol=1e-3):
+        raise ValueError(f"{base}: ch2.nii.gz {img.shape} and aal.nii.gz {aal.shape} are not on one grid")
+    lab = np.zeros(aal.shape, np.uint8)
+    for k, r in enumerate(_AAL_REGIONS, start=1):
+        lab[aal == index[r]] = k
+    img, raff = to_ras(img.astype(np.float32), aff)
+    lab, _ = to_ras(lab, aff)
+    names = {0: "background", **{k: r.replace("_L", " left").replace("_R", " right").lower()
+                                 for k, r in enumerate(_AAL_REGIONS, start=1)}}
+    return img, lab, raff, names, "MR"
+
+
 @dataclass(frozen=True)
 class _Spec:
     """How the cases of one source vary (see the module doc) and how its labels may be corrupted."""
@@ -344,6 +392,13 @@ _SPECS = {
                                 "archive) with recorded label corruption",
                           licence="derived from pyradiomics 3.0.1 test data (BSD-3-Clause, Copyright 2017 Harvard "
                                   "Medical School)"),
+    # left/right exchanged (a laterality slip) or caudate/putamen confused (neighbours across the internal capsule)
+    "brain-aal": _Spec(_source_brain_aal, (112.0, 128.0, 96.0), (1.0, 1.4), (1.5, 4.0), 2, 6.0, (4, 4, 8),
+                       "constant", ((1, 2), (3, 4), (5, 6), (7, 8), (1, 3), (2, 4)), channel="T1",
+                       title="Varied copies of the Colin27 T1 with 8 AAL regions (Debian mricron-data) with recorded "
+                             "label corruption",
+                       licence="derived from Debian mricron-data (Colin27 T1, Holmes et al. 1998; AAL, "
+                               "Tzourio-Mazoyer et al. 2002; see DATA_LICENSES.md)"),
 }
 
 
