@@ -53,7 +53,9 @@ least ``len(kinds)`` cases are corrupted (with fewer, only the first kinds of th
 cases get erode, dilate, shift and drop). The kinds (``KINDS``; sizes at the default ``strength``):
 
 * ``"erode"`` / ``"dilate"``: the boundary moved by 2–3 voxels for one or two classes;
-* ``"shift"``: one class mask moved 4–7 voxels (half that across slices);
+* ``"shift"``: one class mask moved 4–7 voxels (half that along z, across the slices of the axial sources; for
+  ``spine-mr``, sliced sagittally, z is in-plane and the move across its slices is the full 4–7 voxels, kept so
+  that the cohorts recorded in ``bench/RESULTS.md`` stay reproducible);
 * ``"drop"``: one structure (the largest connected component of a class) removed;
 * ``"spurious"``: a false blob of a class added (radii 5–9 voxels, 0.6× across slices);
 * ``"swap"``: two neighbouring classes exchanged (left/right lung or adjacent vertebral sections;
@@ -569,7 +571,8 @@ def _corrupt(rng, lab, kind, K, spec: _Spec | None = None, strength: str = "defa
     elif kind == "shift":
         c = int(rng.choice(big))
         off = rng.integers(*P["shift"], 3) * rng.choice([-1, 1], 3)
-        off[2] = int(np.sign(off[2]) * max(1, abs(off[2]) // 2))  # slices are thicker
+        # slices are thicker (z for the axial sources; spine-mr's x is not halved: see the module doc)
+        off[2] = int(np.sign(off[2]) * max(1, abs(off[2]) // 2))
         m = lab == c
         moved = np.zeros_like(m)
         src = tuple(slice(max(0, -o), m.shape[i] - max(0, o)) for i, o in enumerate(off))
