@@ -200,12 +200,13 @@ def tables_one_rate(df, n_boot, extra_scores=()):
     ``extra_scores`` (other scripts' columns, e.g. study_oof's cleanlab scores), in the frame's column order."""
     scores = [c for c in df.columns if c in extra_scores or c.startswith(("auv:", "agreement:", "mahalanobis:"))
               or c in ("variance", "random")]
-    res = {"by_source": {}, "by_kind": {}}
+    res = {"by_source": {}, "by_kind": {}, "unscored": {}}
     for source, g in df.groupby("source", sort=False):
         draws = [(d, gd) for d, gd in g.groupby("draw")]
         for sc in scores:
             per = [(gd[sc].to_numpy(dtype=np.float64), gd["corrupted"].to_numpy(dtype=bool)) for _, gd in draws]
-            if all(np.isnan(s).all() for s, _ in per):
+            if all(np.isnan(s).all() for s, _ in per):  # e.g. every class vanished at a deep layer's grid
+                res["unscored"].setdefault(sc, []).append(source)
                 continue
             res["by_source"].setdefault(sc, {})[source] = {
                 "auroc": bootstrap(per, auroc, n_boot), "ap": bootstrap(per, average_precision, n_boot),
@@ -319,6 +320,9 @@ def _rate_tables(res):
               "|---|" + "---|" * len(kinds)]
     for sc, per in res["by_kind"].items():
         lines.append(f"| {sc} | " + " | ".join(f"{per[k]['auroc']:.2f}" if k in per else "–" for k in kinds) + " |")
+    if res.get("unscored"):
+        lines += ["", "No value on any case, so not in the tables (every class under two voxels of the encoder's "
+                  "feature grid): " + "; ".join(f"{sc} ({', '.join(v)})" for sc, v in res["unscored"].items())]
     return lines + [""]
 
 

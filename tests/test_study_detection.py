@@ -49,7 +49,18 @@ def test_tables_and_markdown_by_rate(sd):
     assert "### Corruption rate 0.1 (2 of 20 cases corrupted)" in md and "### Corruption rate 0.2 (4 of 20" in md
     # one rate: the earlier layout (by_source / by_kind at the top) is kept beside by_rate
     one = sd.tables(_cases((0.25,)), 20)
-    assert set(one) == {"by_rate", "by_source", "by_kind"} and one["by_source"] == one["by_rate"]["0.25"]["by_source"]
+    assert set(one) == {"by_rate", "by_source", "by_kind", "unscored"}
+    assert one["by_source"] == one["by_rate"]["0.25"]["by_source"] and one["unscored"] == {}
+
+
+def test_a_score_without_values_is_named_not_dropped(sd):
+    """A configuration with no value on any case (every class below a deep layer's grid) is said, not hidden."""
+    df = _cases((0.25,))
+    df["auv:deep"] = np.nan
+    res = sd.tables(df, 20)
+    assert "auv:deep" not in res["by_source"] and res["unscored"] == {"auv:deep": ["spine-ct"]}
+    md = sd.markdown(res, {"machine": "m", "commit": "c", "date": "d", "command": "x"})
+    assert "not in the tables" in md and "auv:deep (spine-ct)" in md
 
 
 def test_cli_checks_the_rates(sd, capsys):
