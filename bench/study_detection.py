@@ -38,6 +38,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -238,6 +239,8 @@ def plot_auroc(by_source: dict, path: Path, title: str, skip=("[",)):
     sources = list(dict.fromkeys(s for sc in scores for s in by_source[sc]))
     width = 0.8 / max(len(scores), 1)
     fig, ax = plt.subplots(figsize=(3.6 + 1.9 * len(sources), 4.2))
+    # the title spans the figure (axes and legend), wrapped to its width: a one-source plot is narrow
+    fig.suptitle("\n".join(textwrap.wrap(title, int(11 * fig.get_figwidth()))), fontsize=10)
     for i, sc in enumerate(scores):
         xs, ys, err = [], [], [[], []]
         for j, src in enumerate(sources):
@@ -247,10 +250,11 @@ def plot_auroc(by_source: dict, path: Path, title: str, skip=("[",)):
                 ys.append(p)
                 err[0].append(p - lo)
                 err[1].append(hi - p)
-        ax.bar(xs, ys, width, yerr=err, capsize=2, label=sc)
+        # more than 10 scores: tab20, so that no two bars share a colour
+        color = plt.cm.tab20(i % 20) if len(scores) > 10 else None
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=sc, color=color)
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
-    ax.set(xticks=range(len(sources)), xticklabels=sources, ylim=(0, 1), ylabel="AUROC (95 % bootstrap interval)",
-           title=title)
+    ax.set(xticks=range(len(sources)), xticklabels=sources, ylim=(0, 1), ylabel="AUROC (95 % bootstrap interval)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
