@@ -1,6 +1,7 @@
 """The demo builder's other sources (spine CT, spine MR, MNI152 brain MR, the Colin27 brain with AAL regions,
-pyradiomics' lung and brain tumours): each builds a small cohort with realistic variation and recorded corruption, and the main job
-(score -> filter -> report) runs on it end to end with the fast random-weight encoder."""
+pyradiomics' lung and brain tumours): each builds a small cohort with realistic variation and recorded
+corruption, and the main job (score -> filter -> report) runs on it end to end with the fast random-weight
+encoder."""
 import importlib.util
 import json
 
@@ -27,23 +28,14 @@ COHORTS = {
 N = 5
 
 
-def _mricron_dir():
-    import os
-    from pathlib import Path
-
-    from auvcore.data.demo import MRICRON_DEFAULT, MRICRON_ENV
-
-    return Path(os.environ.get(MRICRON_ENV, "").strip() or MRICRON_DEFAULT)
-
-
 def _need(source):
     pkg = COHORTS[source][0]
     if pkg is None:
-        from auvcore.data.demo import MRICRON_INSTALL
+        from auvcore.data.demo import MRICRON_INSTALL, mricron_templates
 
-        if not (_mricron_dir() / "aal.nii.gz").is_file():
+        if not (mricron_templates() / "aal.nii.gz").is_file():
             pytest.skip(f"the {source} cohort reads Debian's mricron-data templates, not found at "
-                        f"{_mricron_dir()}: {MRICRON_INSTALL}")
+                        f"{mricron_templates()}: {MRICRON_INSTALL}")
         return
     if importlib.util.find_spec(pkg) is None:
         pytest.skip(f"the {source} cohort needs the {pkg} package: pip install 'auvcore[cohorts]'")

@@ -303,10 +303,16 @@ def _source_brain_tumour(patients=("brain1", "brain2")):
     return _tumour_patients(patients, "brain-tumour", {0: "background", 1: "tumour"}, "MR")
 
 
+def mricron_templates() -> Path:
+    """The folder the brain-aal source reads: ``AUVCORE_MRICRON_TEMPLATES``, else Debian's install location."""
+    val = os.environ.get(MRICRON_ENV, "").strip()
+    return Path(val).expanduser() if val else Path(MRICRON_DEFAULT)
+
+
 def _source_brain_aal():
     """Debian mricron-data's Colin27 T1 (``ch2.nii.gz``, 1 mm) with 8 AAL regions from ``aal.nii.gz`` (same grid)."""
+    base = mricron_templates()
     val = os.environ.get(MRICRON_ENV, "").strip()
-    base = Path(val).expanduser() if val else Path(MRICRON_DEFAULT)
     where = f"{MRICRON_ENV}={val}" if val else f"{MRICRON_DEFAULT} ({MRICRON_ENV} not set)"
     paths = [base / f for f in ("ch2.nii.gz", "aal.nii.gz", "aal.nii.txt")]
     missing = [q.name for q in paths if not q.is_file()]
