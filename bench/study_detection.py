@@ -47,6 +47,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
 
+from auvcore.data.demo import SOURCES as BUILDER_SOURCES  # noqa: E402
+
 # name -> score_dataset arguments (the Merlin layer-2 masked raw run is the README's default)
 CONFIGS = {
     "merlin-l2": dict(encoder="merlin", layer="layer2", mode="masked", input="raw"),
@@ -57,10 +59,11 @@ CONFIGS = {
     "litemedsam-decoded": dict(encoder="litemedsam", mode="decoded", input="raw"),
     "litemedsam-masked": dict(encoder="litemedsam", mode="masked", input="raw"),
 }
-SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest", "lung-tumour", "brain-tumour", "brain-aal")
 # The default run: the sources that install with the `cohorts` extra (the tumour sources need the pyradiomics
-# sdist, AUVCORE_PYRADIOMICS_SDIST).
-DEFAULT_SOURCES = SOURCES[:4]
+# sdist, AUVCORE_PYRADIOMICS_SDIST; brain-aal Debian's mricron-data).
+DEFAULT_SOURCES = ("spine-ct", "spine-mr", "brain-mni", "chest")
+# every source of the builder, the default ones first (a source added there is a choice here too)
+SOURCES = DEFAULT_SOURCES + tuple(s for s in BUILDER_SOURCES if s not in DEFAULT_SOURCES)
 
 
 def auroc(score, pos):
