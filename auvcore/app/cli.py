@@ -258,7 +258,7 @@ def run(argv=None) -> int:
 
         print(f"report: {write_report(args.run, args.quantile)}")
     elif args.command == "demo":
-        from ..data.demo import build_demo
+        from ..data.demo import build_demo, describe
 
         if _world() > 1:
             raise ValueError("demo runs in one process; under torchrun use `auvcore score` on a data set")
@@ -267,11 +267,7 @@ def run(argv=None) -> int:
 
         t0 = time.time()
         out = Path(args.out)
-        what = {"chest": "real chest CT", "spine-ct": "real lumbar spine CT", "spine-mr": "real cervical spine MR",
-                "brain-mni": "the MNI152 brain MR", "lung-tumour": "two real lung CTs with tumours",
-                "brain-tumour": "two real brain MRs with tumours",
-                "brain-aal": "the Colin27 brain MR with AAL regions"}.get(args.source, args.source)
-        print(f"[1/4] building {args.cases} demo cases from {what} in {out / 'data'}", flush=True)
+        print(f"[1/4] building {args.cases} demo cases from {describe(args.source)} in {out / 'data'}", flush=True)
         try:
             data = build_demo(out / "data", n_cases=args.cases, source=args.source, corrupt_fraction=args.fraction,
                               kinds=args.kinds, strength=args.strength)

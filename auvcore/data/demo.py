@@ -361,6 +361,7 @@ class _Spec:
     patients: tuple = ()     # a source of several patients: load(patients) gives one volume each, cases alternate
     title: str = ""
     licence: str = ""
+    what: str = ""           # the volume in a few words, for progress lines ("real lumbar spine CT")
 
 
 def _load_chest():
@@ -371,43 +372,57 @@ _SPECS = {
     "chest": _Spec(_load_chest, (224.0, 224.0, 192.0), (1.5, 2.5), (3.0, 5.0), 2, 12.0, (3, 3, 8), "constant",
                    ((5, 6), (2, 3), (3, 4)), fill=(7,), channel="CT",
                    title="Varied copies of the slicerio 1.4.0 sample chest CT with recorded label corruption",
-                   licence="derived from slicerio 1.4.0 sample data (MIT, Copyright (c) 2021 Andras Lasso)"),
+                   licence="derived from slicerio 1.4.0 sample data (MIT, Copyright (c) 2021 Andras Lasso)",
+                   what="real chest CT"),
     "spine-ct": _Spec(_source_spine_ct, (96.0, 96.0, 64.0), (1.0, 1.8), (1.5, 3.0), 2, 5.0, (3, 3, 6), "nearest",
                       ((1, 2), (2, 3)), channel="CT",
                       title="Varied copies of the tptbox 1.1.0 sample lumbar spine CT with recorded label corruption",
-                      licence="derived from tptbox 1.1.0 test data (Apache-2.0, Robert Graf et al.)"),
+                      licence="derived from tptbox 1.1.0 test data (Apache-2.0, Robert Graf et al.)",
+                      what="real lumbar spine CT"),
     "spine-mr": _Spec(_source_spine_mr, (64.0, 90.0, 72.0), (1.1, 1.7), (2.5, 4.0), 0, 4.0, (6, 3, 3), "nearest",
                       ((1, 2), (2, 3), (4, 5)), channel="T2",
                       title="Varied copies of the tptbox 1.1.0 sample cervical spine T2w MR with recorded label "
                             "corruption",
-                      licence="derived from tptbox 1.1.0 test data (Apache-2.0, Robert Graf et al.)"),
+                      licence="derived from tptbox 1.1.0 test data (Apache-2.0, Robert Graf et al.)",
+                      what="real cervical spine MR"),
     "brain-mni": _Spec(_source_brain_mni, (160.0, 192.0, 160.0), (1.0, 1.4), (1.5, 4.0), 2, 8.0, (4, 4, 8),
                        "constant", ((2, 3),), skip_kinds=("drop",), channel="T1",
                        title="Varied copies of the MNI ICBM152 2009a T1 template (from nilearn 0.14.1) with CSF/GM/WM "
                              "labels and recorded label corruption",
                        licence="derived from the MNI ICBM152 nonlinear symmetric 2009a template as shipped in nilearn "
                                "0.14.1 (Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
-                               "Montreal Neurological Institute, McGill University; see DATA_LICENSES.md)"),
+                               "Montreal Neurological Institute, McGill University; see DATA_LICENSES.md)",
+                       what="the MNI152 brain MR"),
     "lung-tumour": _Spec(_source_lung_tumour, (96.0, 96.0, 80.0), (0.7, 1.0), (2.5, 5.0), 2, 8.0, (3, 3, 8),
                          "constant", (), skip_kinds=("swap",), channel="CT", patients=("lung1", "lung2"),
                          title="Varied copies of the two lung CTs with tumour masks of pyradiomics 3.0.1 (source "
                                "archive) with recorded label corruption",
                          licence="derived from pyradiomics 3.0.1 test data (BSD-3-Clause, Copyright 2017 Harvard "
-                                 "Medical School)"),
+                                 "Medical School)",
+                         what="two real lung CTs with tumours"),
     "brain-tumour": _Spec(_source_brain_tumour, (96.0, 96.0, 80.0), (0.8, 1.2), (4.0, 6.5), 2, 8.0, (3, 3, 8),
                           "constant", (), skip_kinds=("swap",), channel="MR", patients=("brain1", "brain2"),
                           title="Varied copies of the two brain MRs with tumour masks of pyradiomics 3.0.1 (source "
                                 "archive) with recorded label corruption",
                           licence="derived from pyradiomics 3.0.1 test data (BSD-3-Clause, Copyright 2017 Harvard "
-                                  "Medical School)"),
+                                  "Medical School)",
+                          what="two real brain MRs with tumours"),
     # left/right exchanged (a laterality slip) or caudate/putamen confused (neighbours across the internal capsule)
     "brain-aal": _Spec(_source_brain_aal, (112.0, 128.0, 96.0), (1.0, 1.4), (1.5, 4.0), 2, 6.0, (4, 4, 8),
                        "constant", ((1, 2), (3, 4), (5, 6), (7, 8), (1, 3), (2, 4)), channel="T1",
                        title="Varied copies of the Colin27 T1 with 8 AAL regions (Debian mricron-data) with recorded "
                              "label corruption",
                        licence="derived from Debian mricron-data (Colin27 T1, Holmes et al. 1998; AAL, "
-                               "Tzourio-Mazoyer et al. 2002; see DATA_LICENSES.md)"),
+                               "Tzourio-Mazoyer et al. 2002; see DATA_LICENSES.md)",
+                       what="the Colin27 brain MR with AAL regions"),
 }
+
+
+def describe(source: str) -> str:
+    """The source volume in a few words ("real lumbar spine CT"), for progress lines."""
+    if source not in SOURCES:
+        raise ValueError(f"source: expected one of {SOURCES}, got {source!r}")
+    return _SPECS[source].what
 
 
 def load_source(source: str, patient: str | None = None):
