@@ -136,8 +136,10 @@ def test_killed_run_resumes_to_the_same_table(data, run, tmp_path):
     done = len(list((out / "cases").glob("*.npz")))
     assert 3 <= done < N_CASES, "the scoring process was not killed mid-run"
     assert not (out / "scores.parquet").exists()
+    (out / "cases" / ".demo_000.npz.x1y2z3.tmp").write_bytes(b"PK\x03")  # a write the kill cut short
     assert subprocess.run(cmd, capture_output=True, cwd=tmp_path).returncode == 0
     pd.testing.assert_frame_equal(pd.read_parquet(out / "scores.parquet"), pd.read_parquet(run / "scores.parquet"))
+    assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(p.name for p in (run / "cases").iterdir())
 
 
 def test_rerun_with_other_settings_is_refused(data, run, capsys):

@@ -78,6 +78,14 @@ def check_same_settings(run: Path, new: dict) -> None:
 RUN_ENTRIES = ("settings.json", "cases", TABLE, "scores.csv", "run.log", "filter", "report")
 
 
+def sweep_partial(run: Path) -> None:
+    """Remove the half-written files (``atomic_write``'s temporaries) that a killed run left behind.
+    Called by rank 0 before any rank writes, so no live write is swept."""
+    for folder in (run, run / "cases", run / "filter"):
+        for p in folder.glob(".*.tmp") if folder.is_dir() else ():
+            p.unlink(missing_ok=True)
+
+
 def clear_run(run: Path) -> None:
     """Remove what a scoring run wrote into ``run`` (--force); refuse a folder that is not a run."""
     import shutil

@@ -11,7 +11,7 @@ import torch
 
 from ..scale import energy_spectrum
 from .run import (SETTINGS_KEYS, TABLE, atomic_text, case_file, check_same_settings, clear_run, error_file, fingerprint,
-                  record_failure, save_result, stored_fingerprint)
+                  record_failure, save_result, stored_fingerprint, sweep_partial)
 from .table import write_table
 
 
@@ -193,6 +193,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
         if ranks.main:
             if force:
                 clear_run(run)
+            sweep_partial(run)
             # Rewritten each time: class names may have changed with the data set (its cases are then stale too).
             atomic_text(run / "settings.json", json.dumps(settings, indent=2))
         ranks.barrier()  # the others start once settings.json is there
