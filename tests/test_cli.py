@@ -91,6 +91,22 @@ def test_report(run):
         assert 0.0 <= m["auroc"] <= 1.0
 
 
+def test_a_report_that_fails_half_way_keeps_the_old_one_and_leaves_nothing(run, monkeypatch):
+    import auvcore.app.report as R
+
+    assert main(["report", str(run)]) == 0
+    before = (run / "report" / "index.html").read_text()
+
+    def broken(*a, **k):
+        raise RuntimeError("a plotting library failed")
+
+    monkeypatch.setattr(R, "_html", broken)
+    with pytest.raises(RuntimeError, match="plotting"):
+        R.write_report(run)
+    assert (run / "report" / "index.html").read_text() == before
+    assert not list(run.glob(".report-*"))
+
+
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
                     reason="no Chromium (.ci/run installs Debian's chromium; elsewhere: apt-get install chromium)")
 def test_report_opens_in_a_headless_browser(run, tmp_path):
@@ -137,9 +153,11 @@ def test_killed_run_resumes_to_the_same_table(data, run, tmp_path):
     assert 3 <= done < N_CASES, "the scoring process was not killed mid-run"
     assert not (out / "scores.parquet").exists()
     (out / "cases" / ".demo_000.npz.x1y2z3.tmp").write_bytes(b"PK\x03")  # a write the kill cut short
+    (out / ".report-x1y2z3").mkdir()  # and a killed `auvcore report`'s folder
     assert subprocess.run(cmd, capture_output=True, cwd=tmp_path).returncode == 0
     pd.testing.assert_frame_equal(pd.read_parquet(out / "scores.parquet"), pd.read_parquet(run / "scores.parquet"))
     assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(p.name for p in (run / "cases").iterdir())
+    assert not (out / ".report-x1y2z3").exists()
 
 
 def test_rerun_with_other_settings_is_refused(data, run, capsys):

@@ -104,12 +104,6 @@ def _decision(run: Path, df, q: float) -> tuple[np.ndarray, str]:
 
 
 def write_report(run, quantile: float | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     run = Path(run)
     settings = read_settings(run)
     df = read_table(run)
@@ -120,7 +114,29 @@ def write_report(run, quantile: float | None = None) -> Path:
     cut = A.inverted_cdf_quantile(auv, q)
     dropped, decision = _decision(run, df, q)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run))
-    os.chmod(tmp, umask_mode(0o777))
+    try:  # an error or Ctrl-C half-way leaves no half-drawn folder behind
+        os.chmod(tmp, umask_mode(0o777))
+        _draw(run, tmp, settings, df, q, auv, cut, dropped, decision)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out = run / "report"
+    old = run / f".report-old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out / "index.html"
+
+
+def _draw(run: Path, tmp: Path, settings, df, q, auv, cut, dropped, decision) -> None:
+    """The figures, index.html and metrics.json into ``tmp``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     figs: list[tuple[str, str]] = []
 
     def save(fig, name, caption):
@@ -211,13 +227,6 @@ def write_report(run, quantile: float | None = None) -> Path:
     (tmp / "metrics.json").write_text(json.dumps(
         {"quantile": q, "cut": cut, "cases": int(len(df)),
          "scorers": {m[0]: {"auroc": _num(m[1]), "precision_at_cut": _num(m[2])} for m in metrics}}, indent=2))
-    out = run / "report"
-    old = run / f".report-old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out / "index.html"
 
 
 def _gallery(settings, df, rows, plt):

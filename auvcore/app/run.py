@@ -79,11 +79,15 @@ RUN_ENTRIES = ("settings.json", "cases", TABLE, "scores.csv", "run.log", "filter
 
 
 def sweep_partial(run: Path) -> None:
-    """Remove the half-written files (``atomic_write``'s temporaries) that a killed run left behind.
-    Called by rank 0 before any rank writes, so no live write is swept."""
+    """Remove what a killed process left half-written: ``atomic_write``'s temporaries and the report's
+    temporary folders. Called by rank 0 before any rank writes, so no live write is swept."""
+    import shutil
+
     for folder in (run, run / "cases", run / "filter"):
         for p in folder.glob(".*.tmp") if folder.is_dir() else ():
             p.unlink(missing_ok=True)
+    for p in run.glob(".report-*") if run.is_dir() else ():
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def clear_run(run: Path) -> None:
