@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -81,8 +82,6 @@ RUN_ENTRIES = ("settings.json", "cases", TABLE, "scores.csv", "run.log", "filter
 def sweep_partial(run: Path) -> None:
     """Remove what a killed process left half-written: ``atomic_write``'s temporaries and the report's
     temporary folders. Called by rank 0 before any rank writes, so no live write is swept."""
-    import shutil
-
     for folder in (run, run / "cases", run / "filter"):
         for p in folder.glob(".*.tmp") if folder.is_dir() else ():
             p.unlink(missing_ok=True)
@@ -92,8 +91,6 @@ def sweep_partial(run: Path) -> None:
 
 def clear_run(run: Path) -> None:
     """Remove what a scoring run wrote into ``run`` (--force); refuse a folder that is not a run."""
-    import shutil
-
     if not run.exists():
         return
     if not ((run / "settings.json").exists() or (run / "cases").is_dir()):
