@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import scores as A
 from ..data.io import umask_mode
-from .run import read_settings
+from .run import REPORT_TMP, read_settings
 from .table import case_spectrum, read_table
 
 SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"),
@@ -113,7 +113,7 @@ def write_report(run, quantile: float | None = None) -> Path:
     auv = df["auv"].to_numpy(dtype=np.float64)
     cut = A.inverted_cdf_quantile(auv, q)
     dropped, decision = _decision(run, df, q)
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run))
+    tmp = Path(tempfile.mkdtemp(prefix=REPORT_TMP, dir=run))
     try:  # an error or Ctrl-C half-way leaves no half-drawn folder behind
         os.chmod(tmp, umask_mode(0o777))
         _draw(run, tmp, settings, df, q, auv, cut, dropped, decision)
@@ -121,7 +121,7 @@ def write_report(run, quantile: float | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     out = run / "report"
-    old = run / f".report-old-{os.getpid()}"
+    old = run / f"{REPORT_TMP}old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

@@ -79,13 +79,17 @@ def check_same_settings(run: Path, new: dict) -> None:
 RUN_ENTRIES = ("settings.json", "cases", TABLE, "scores.csv", "run.log", "filter", "report")
 
 
+# the report is drawn into RUN/<REPORT_TMP><random> and swapped in; the old one waits in RUN/<REPORT_TMP>old-<pid>
+REPORT_TMP = ".report-"
+
+
 def sweep_partial(run: Path) -> None:
     """Remove what a killed process left half-written: ``atomic_write``'s temporaries and the report's
     temporary folders. Called by rank 0 before any rank writes, so no live write is swept."""
-    for folder in (run, run / "cases", run / "filter"):
-        for p in folder.glob(".*.tmp") if folder.is_dir() else ():
+    for folder in (run, run / "cases", run / "filter"):  # glob of a missing folder is empty
+        for p in folder.glob(".*.tmp"):
             p.unlink(missing_ok=True)
-    for p in run.glob(".report-*") if run.is_dir() else ():
+    for p in run.glob(REPORT_TMP + "*"):
         shutil.rmtree(p, ignore_errors=True)
 
 
