@@ -1,5 +1,7 @@
 """bench/study_training.py's core without a demo cohort: the arms' drops, one short training per loss on a tiny
 synthetic volume, the summary and its markdown (seconds; the study itself runs from the CLI)."""
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,11 @@ from bench_common import load_bench
 @pytest.fixture(scope="module")
 def st():
     return load_bench("study_training")
+
+
+# the study's network and losses are MONAI's; the README's test command installs it (extra "test")
+needs_monai = pytest.mark.skipif(importlib.util.find_spec("monai") is None,
+                                 reason="monai not installed (pip install 'auvcore[monai]')")
 
 
 def test_drop_counts_and_picks(st):
@@ -32,6 +39,7 @@ def test_arms(st):
     assert "cleanlab90" in st.arms(cohort, auv, -auv, [0.9], seed=0)
 
 
+@needs_monai
 @pytest.mark.parametrize("loss", ["dice_ce", "dice_bce", "duo"])
 def test_train_eval_runs(st, loss):
     import torch
