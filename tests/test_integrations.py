@@ -212,3 +212,66 @@ def test_nnunet_plan_preprocess_train_predict_with_duo_and_the_filter_splits(tmp
     assert head and max(float(v.abs().max()) for v in head.values()) > 0  # trained away from its zero start
     assert json.loads((out / "validation" / "summary.json").read_text())["foreground_mean"]
     assert (tmp_path / "pred" / f"{case}.nii.gz").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU: the frameworks' steps run DUO's CUDA kernels (skip without a GPU)
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and auvcore.has_cuda_kernels()),
+                               reason="needs a CUDA GPU, a CUDA torch and auvcore built with CUDA")
+
+
+def _spy_cuda_duo(monkeypatch):
+    """Count the calls of DUO's CUDA kernels, so a test can tell that a training step took the CUDA path."""
+    from auvcore import _cuda
+
+    calls = {"duo_sums": 0, "duo_backward": 0}
+    for name in calls:
+        real = getattr(_cuda, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(_cuda, name, spy)
+    return calls
+
+
+@needs_gpu
+@needs_monai
+def test_monai_example_trains_on_the_gpu_with_the_cuda_kernels(monkeypatch):
+    calls = _spy_cuda_duo(monkeypatch)
+    spec = importlib.util.spec_from_file_location("monai_duo_example_gpu", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.train(steps=8, seed=0, device="cuda", verbose=False)
+    assert len(out["losses"]) == 8 and all(v == v for v in out["losses"])
+    assert calls["duo_sums"] >= 8 and calls["duo_backward"] >= 8, calls
+    assert next(out["model"].parameters()).is_cuda
+
+
+@needs_gpu
+@needs_nnunet
+def test_nnunet_loss_on_the_gpu_uses_the_cuda_kernels_and_matches_the_cpu(monkeypatch):
+    from auvcore.integrations.nnunet import HEAD, DUODeepSupervisionLoss, attach_noise_head
+
+    calls = _spy_cuda_duo(monkeypatch)
+    torch.manual_seed(0)
+    net = attach_noise_head(_tiny_unet(), 3)
+    x = torch.randn(2, 1, 8, 16, 16)
+    labels = torch.randint(0, 3, (2, 1, 8, 16, 16)).float()
+    weights = (2 / 3, 1 / 3)
+    duo = auvcore.DUOLoss(num_classes=3, include_background=True, to_onehot_y=True)
+    losses, grads = [], []
+    for dev in ("cpu", "cuda"):
+        net = net.to(dev)
+        net.zero_grad()
+        out = net(x.to(dev))
+        targets = [labels.to(dev)] + [F.interpolate(labels.to(dev), size=o.shape[2:], mode="nearest") for o in out[1:]]
+        loss = DUODeepSupervisionLoss(duo, weights, getattr(net, HEAD).noise_logits)(out, targets)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(getattr(net, HEAD).head.conv.weight.grad.detach().cpu().clone())
+    assert calls["duo_sums"] == 2 and calls["duo_backward"] == 2, calls  # one per deep-supervision output
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
