@@ -37,7 +37,7 @@ from torch import nn
 
 from auvcore import DUOLoss, NoiseHead
 
-K = 8  # background + 7 classes
+K = 8  # classes, background included: the chest's 8; --volume sets it from the volume's labels
 
 
 def load_volume():
@@ -55,6 +55,38 @@ def load_volume():
     lab = lab.transpose(2, 1, 0)
     img = img.reshape(img.shape[0], img.shape[1] // 2, 2, img.shape[2] // 2, 2).mean(axis=(2, 4))
     lab = lab[:, ::2, ::2]
+    return img, lab, [names[c] for c in range(1, K)]
+
+
+def load_demo_volume(source, size=(48, 64, 64)):
+    """Another offline source of the demo builder (``auvcore.data.demo.load_source``): the image
+    normalised (CT: HU clipped to [-1000, 1000] / 1000; MR: z-score inside the body), cropped to the labels'
+    bounding box plus a margin and brought to about ``size`` voxels (mean pooling for the image, nearest for
+    the labels). Returns ``(image, labels, foreground names)``; sets ``K``."""
+    global K
+    from scipy import ndimage
+
+    from auvcore.data.demo import load_source
+
+    img, lab, _, names, modality = load_source(source)
+    img, lab = img.astype(np.float32), lab.astype(np.int64)
+    nz = np.argwhere(lab > 0)
+    lo = np.maximum(nz.min(0) - 8, 0)
+    hi = np.minimum(nz.max(0) + 9, lab.shape)
+    img, lab = img[tuple(map(slice, lo, hi))], lab[tuple(map(slice, lo, hi))]
+    if modality == "CT":
+        img = np.clip(img, -1000, 1000) / 1000.0
+    else:
+        body = img > np.percentile(img, 20)
+        img = (img - img[body].mean()) / (img[body].std() + 1e-6)
+    zoom = [min(1.0, t / n) for t, n in zip(size, img.shape)]
+    img = ndimage.zoom(img, zoom, order=1).astype(np.float32)
+    lab = ndimage.zoom(lab, zoom, order=0)
+    # [x, y, z] (RAS) -> [D=z, H=y, W=x]; every side a multiple of 4 (two poolings), cropped
+    img, lab = img.transpose(2, 1, 0), lab.transpose(2, 1, 0)
+    cut = tuple(slice(0, n - n % 4) for n in img.shape)
+    img, lab = np.ascontiguousarray(img[cut]), np.ascontiguousarray(lab[cut])
+    K = len(names)
     return img, lab, [names[c] for c in range(1, K)]
 
 
@@ -90,8 +122,9 @@ def block(cin, cout):
 class TinyUNet3D(nn.Module):
     """Two poolings (in-plane and depth), 8-16-32 channels, skip connections; about 60 k parameters."""
 
-    def __init__(self, cin=1, k=K, c=(8, 16, 32)):
+    def __init__(self, cin=1, k=None, c=(8, 16, 32)):
         super().__init__()
+        k = K if k is None else k
         self.e1, self.e2, self.e3 = block(cin, c[0]), block(c[0], c[1]), block(c[1], c[2])
         self.u2 = nn.ConvTranspose3d(c[2], c[1], 2, stride=2)
         self.d2 = block(2 * c[1], c[1])
@@ -140,6 +173,8 @@ RUNS = {
     "duo_detached": ("DUO, detach_scale=True", {"detach_scale": True}, {}),
     "duo_off": ("DUO with α = τ = β = 0 (must equal Dice+BCE)", {"alpha": 0.0, "tau": 0.0, "beta": 0.0}, {}),
     "reweight_only": ("re-weighting only (τ = β = 0: no noise head)", {"tau": 0.0, "beta": 0.0}, {}),
+    "reweight_detached": ("re-weighting only, detach_scale=True", {"tau": 0.0, "beta": 0.0, "detach_scale": True},
+                          {}),
     "noise_only": ("noise head only (α = 0: w = 1)", {"alpha": 0.0}, {}),
     "no_R": ("no constraint R (β = 0)", {"beta": 0.0}, {}),
     "alpha_2": ("α = 2", {"alpha": 2.0}, {}),
@@ -217,11 +252,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the whole run: network, loss, S)")
     ap.add_argument("--runs", nargs="+", default=["dice_bce", "duo"], choices=list(RUNS))
+    ap.add_argument("--volume", default="chest",
+                    help="chest (slicerio's CTChest4, the default) or another demo source (spine-ct, spine-mr, "
+                         "brain-mni, ...: auvcore.data.demo.load_source), cropped to its labels, ~48x64x64")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_duo"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    img, clean, names = load_volume()
+    img, clean, names = load_volume() if args.volume == "chest" else load_demo_volume(args.volume)
     noisy, frac = corrupt(clean, np.random.default_rng(args.seed))
     as_logits = F.one_hot(torch.from_numpy(noisy), K).movedim(-1, 0)[None].float() * 20 - 10
     label_dice = [round(v, 3) for v in dice_scores(as_logits, torch.from_numpy(clean))]
@@ -245,14 +283,14 @@ def main():
         ax[1].plot(h["eval_step"], [np.mean(d) for d in h["dice_clean"]], marker="o", ms=3, label=labels[name])
         ax[2].plot(h["eval_step"], [np.mean(d) for d in h["dice_noisy"]], marker="o", ms=3, label=labels[name])
     ax[0].set(title="training loss (moving mean of 10)", xlabel="step", yscale="log")
-    ax[1].set(title="mean Dice vs clean labels (7 classes)", xlabel="step", ylim=(0, 1))
+    ax[1].set(title=f"mean Dice vs clean labels ({K - 1} classes)", xlabel="step", ylim=(0, 1))
     ax[2].set(title="mean Dice vs corrupted training labels", xlabel="step", ylim=(0, 1))
     for a in ax:
         a.grid(alpha=0.3)
     # One legend under the panels: with many ablations a legend per panel hides the curves.
     ncol = min(3, len(hists))
     fig.legend(*ax[1].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8)
-    fig.suptitle(f"CTChest4 (slicerio), 64x64x34, {args.steps} steps, patch {tuple(args.patch)}, batch {args.batch}, "
+    fig.suptitle(f"{args.volume} {'x'.join(map(str, img.shape))}, {args.steps} steps, patch {tuple(args.patch)}, batch {args.batch}, "
                  f"training seed {seeds[0]}")
     fig.tight_layout(rect=(0, 0.05 * -(-len(hists) // ncol), 1, 1))
     fig.savefig(args.out + ".png", dpi=110)
@@ -270,6 +308,7 @@ def main():
                              final_dice_clean_per_class_mean=dict(zip(names, np.mean(
                                  [h["dice_clean"][-1] for h in hs], 0).round(3).tolist())),
                              final_dice_noisy_mean=float(np.mean([np.mean(h["dice_noisy"][-1]) for h in hs])))
+    summary["volume"] = {"source": args.volume, "shape": list(img.shape), "classes": names}
     summary["label_noise_fraction"] = frac
     summary["corrupted_label_dice"] = dict(zip(names, label_dice))
     with open(args.out + ".json", "w") as f:
