@@ -29,7 +29,7 @@ namespace auvcore {
 namespace cuda {
 namespace {
 
-constexpr int NT = 256;
+constexpr int kMaxThreads = 1024;
 constexpr int kMaxSweeps = 100;  // the CPU's cap; a sweep without a rotation ends the loop long before
 
 struct EigArgs {
@@ -85,8 +85,16 @@ __device__ __forceinline__ void jacobi_rotation(double ajj, double akk, double a
   s = t * c;
 }
 
+// Threads per block: about 8 of the round's h·n rotated V entries each (and fewer 2 x 2 blocks of A), a
+// multiple of the warp, 64..1024. A round is a fixed amount of work between two barriers and a matrix has the
+// SM to itself (its shared memory allows one block), so a large p takes the most warps to hide latency with.
+inline int eig_threads(int n) {
+  const int want = ((n / 2) * n / 8 + 31) / 32 * 32;
+  return std::min(kMaxThreads, std::max(64, want));
+}
+
 template <bool AS, bool VS>
-__global__ void __launch_bounds__(NT) eigenpairs_kernel(const EigArgs a) {
+__global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a) {
   extern __shared__ double sm[];
   const int tid = threadIdx.x, p = a.p, n = a.n, h = n / 2;
   double* slot = a.scratch ? a.scratch + (int64_t)blockIdx.x * scratch_doubles(n, AS, VS) : nullptr;
@@ -245,13 +253,13 @@ void launch(const EigArgs& a, unsigned grid, cudaStream_t s) {
   if (bytes > 48 * 1024)
     AUV_CUDA_CHECK(cudaFuncSetAttribute(eigenpairs_kernel<AS, VS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)bytes));
-  eigenpairs_kernel<AS, VS><<<grid, NT, bytes, s>>>(a);
+  eigenpairs_kernel<AS, VS><<<grid, eig_threads(a.n), bytes, s>>>(a);
   AUV_CUDA_CHECK_LAUNCH("eigenpairs_kernel");
 }
 
 }  // namespace
 
-void eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, std::uintptr_t stream,
+void gram_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, std::uintptr_t stream,
                 int device) {
   require(count >= 0, "count: expected >= 0");
   require(p >= 1 && p <= kMaxEigenpairsSize, "p: expected 1.." + std::to_string(kMaxEigenpairsSize) +

@@ -77,8 +77,8 @@ int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* coun
   });
 }
 
-int emu_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, char* err, int errlen) {
-  return guarded(err, errlen, [&] { cuda::eigenpairs(G, count, p, evals, evecs, 0, 0); });
+int emu_gram_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, char* err, int errlen) {
+  return guarded(err, errlen, [&] { cuda::gram_eigenpairs(G, count, p, evals, evecs, 0, 0); });
 }
 
 int emu_scale_backward(void* z, int dtype, int ndim, const int64_t* shape, const int64_t* strides, int mode,

@@ -47,7 +47,7 @@ void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts,
 // csrc/cuda/eigvec_cuda.cu): evals [count, p] descending, evecs [count, p, p] with the eigenvector of evals[j]
 // as row j — the layout scale_backward_decoded takes. Bit-identical from run to run; no host synchronisation.
 // A matrix with a NaN/Inf entry gets NaN eigenpairs. p must be at most kMaxEigenpairsSize.
-void eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, std::uintptr_t stream,
+void gram_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, std::uintptr_t stream,
                 int device);
 
 // Analytic backward of the decoded-map S (the twin of scale_backward_decoded in scale.h): dz[b, k] =
