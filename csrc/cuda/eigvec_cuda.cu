@@ -264,8 +264,8 @@ void gram_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, d
   require(count >= 0, "count: expected >= 0");
   require(p >= 1 && p <= kMaxEigenpairsSize, "p: expected 1.." + std::to_string(kMaxEigenpairsSize) +
                                                  " for the CUDA eigenpairs kernel, got " + std::to_string(p));
+  if (count == 0) return;  // before the pointer check: an empty torch tensor may have a null data pointer
   require(G && evals && evecs, "G, evals and evecs: pointers must not be null");
-  if (count == 0) return;
   require_device(device);
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);
