@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from auvcore import _backend as B
 from auvcore import _torch_impl as T
 from auvcore import testing
 
@@ -19,7 +20,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cuda_common import _rand, built_with_cuda, check_rc, emu_library, i64, ptr  # noqa: E402
+from cuda_common import (  # noqa: E402
+    _rand, as_if_on_gpu, built_with_cuda, check_rc, emu_library, fake_buffer, gpu, i64, no_driver, ptr,
+)
 
 pytestmark = built_with_cuda
 
@@ -256,3 +259,68 @@ def test_cuda_backward_with_kernel_eigenpairs_matches_torch_autograd(emu):
     got = _emu_backward(emu, z, "D_HW", True, 1e-8, "paper", torch.from_numpy(w), torch.from_numpy(V),
                         torch.ones(2, dtype=torch.float64), torch.float64)
     torch.testing.assert_close(got, zt.grad, rtol=1e-8, atol=1e-10 * float(zt.grad.abs().max()))
+
+
+# ---- the binding and the Python side (no GPU needed) ------------------------------------------------------------
+
+def test_binding_checks_every_buffer_before_the_device():
+    assert B._C.cuda_max_eigenpairs_size == _MAX_P
+    args = {"G": fake_buffer((3, 4, 4)), "evals": fake_buffer((3, 4)), "evecs": fake_buffer((3, 4, 4)), "stream": 0}
+    for name, bad in (("G", fake_buffer((3, 4, 5))), ("G", fake_buffer((3, 4, 4), torch.float32)),
+                      ("evals", fake_buffer((3, 5))), ("evecs", fake_buffer((2, 4, 4))),
+                      ("evecs", fake_buffer((3, 4, 4), strides=[16, 1, 4])), ("evals", fake_buffer((3, 4), device=2))):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            B._C.cuda_gram_eigenpairs(**{**args, name: bad})
+    with pytest.raises(ValueError, match="G: expected CUDA device memory, got host memory"):
+        B._C.cuda_gram_eigenpairs(B.view(torch.eye(4, dtype=torch.float64)[None]), args["evals"], args["evecs"], 0)
+    big = _MAX_P + 1
+    with pytest.raises(ValueError, match=f"p: expected 1..{_MAX_P} for the CUDA eigenpairs kernel, got {big}"):
+        B._C.cuda_gram_eigenpairs(fake_buffer((1, big, big)), fake_buffer((1, big)), fake_buffer((1, big, big)), 0)
+
+
+@no_driver
+def test_binding_without_a_device_raises_runtime_error():
+    G = torch.eye(4, dtype=torch.float64)[None]
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        B._C.cuda_gram_eigenpairs(as_if_on_gpu(G), fake_buffer((1, 4)), fake_buffer((1, 4, 4)), 0)
+
+
+def test_python_falls_back_to_torch_eigh_above_the_kernel_limit():
+    """Above 256 ``_cuda.gram_eigenpairs`` hands the matrices to torch.linalg.eigh, in the kernel's layout
+    (descending, eigenvectors as rows); run here on CPU tensors, which that branch accepts as well."""
+    from auvcore import _cuda
+
+    rng = np.random.default_rng(3)
+    a = testing.matrix(rng, _MAX_P + 1, "gram", haar=False)
+    w, V = _cuda.gram_eigenpairs(torch.from_numpy(a[None].copy()), 0)
+    assert V.is_contiguous() and w.is_contiguous()
+    check_eigenpairs(a, w[0].numpy(), V[0].numpy())
+
+
+# ---- on a GPU (skips without one) -------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("p", [1, 2, 7, 96, 128, 140, 256])
+def test_eigenpairs_on_the_gpu_match_lapack_and_are_bit_identical(p):
+    """All three placements of the working set on a real device (140: V in global memory on an H100/H200; 256:
+    A as well), a batch of centred rank-deficient Grams, two runs bit for bit, no host synchronisation inside
+    (checked by capturing the call in a CUDA graph)."""
+    from auvcore import _cuda
+
+    rng = np.random.default_rng(p)
+    x = rng.standard_normal((6, p, max(p // 2, 1))) + 2.0
+    x -= x.mean(axis=1, keepdims=True)
+    G = torch.from_numpy(x @ x.transpose(0, 2, 1)).cuda()
+    s = torch.cuda.current_stream().cuda_stream
+    w1, V1 = _cuda.gram_eigenpairs(G, s)
+    w2, V2 = _cuda.gram_eigenpairs(G, s)
+    assert torch.equal(w1, w2) and torch.equal(V1, V2)
+    for i in range(len(G)):
+        check_eigenpairs(G[i].cpu().numpy(), w1[i].cpu().numpy(), V1[i].cpu().numpy())
+    if p <= 128:  # shared-memory placement: no workspace, so the launch is capturable as it stands
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            w3, V3 = _cuda.gram_eigenpairs(G, torch.cuda.current_stream().cuda_stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(w3, w1) and torch.equal(V3, V1)
