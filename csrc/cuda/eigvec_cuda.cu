@@ -57,8 +57,21 @@ __host__ __device__ inline size_t eig_smem_bytes(int n, bool a_shared, bool v_sh
 }
 
 // Index of (a, b), a <= b, in the packed upper triangle of an n x n matrix (row a starts after rows 0..a-1).
-__device__ __forceinline__ int64_t tri(int a, int b, int n) { return (int64_t)a * (2 * n - a - 1) / 2 + b; }
-__device__ __forceinline__ int64_t sym(int a, int b, int n) { return a <= b ? tri(a, b, n) : tri(b, a, n); }
+// int: n <= 256 (kMaxEigenpairsSize), and 64-bit products cost several instructions on the GPU.
+__device__ __forceinline__ int tri(int a, int b, int n) { return a * (2 * n - a - 1) / 2 + b; }
+__device__ __forceinline__ int sym(int a, int b, int n) { return a <= b ? tri(a, b, n) : tri(b, a, n); }
+
+// Steps a (quotient, remainder) position by blockDim: a thread's flat index e = q·m + r advances by
+// dq·m + dr (dr < m) without the integer division per element that e / m, e % m would cost (~20 instructions
+// for a run-time m) in the loops of a round.
+__device__ __forceinline__ void advance(int& q, int& r, int dq, int dr, int m) {
+  q += dq;
+  r += dr;
+  if (r >= m) {
+    r -= m;
+    ++q;
+  }
+}
 
 // Pair i of round r of the round-robin ("circle") schedule on n (even) indices: n - 1 rounds pair every index
 // with every other exactly once. Index n - 1 stays put, the others turn one place per round.
@@ -111,6 +124,9 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
   int* pk = pj + h;
   int* rot = pk + h;
   int* rank = rot + h;
+  const int T = blockDim.x, hb = h + 1;
+  const int a_q0 = tid / hb, a_r0 = tid % hb, a_dq = T / hb, a_dr = T % hb;  // the folded triangle of blocks
+  const int v_q0 = tid / n, v_r0 = tid % n, v_dq = T / n, v_dr = T % n;      // rows x columns of V
 
   for (int64_t i = blockIdx.x; i < a.count; i += gridDim.x) {
     const double* Gi = a.G + i * (int64_t)p * p;
@@ -179,8 +195,7 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
         // A ← JᵀAJ by 2 x 2 blocks (P, Q), P ≤ Q: the h(h+1)/2 blocks of the triangle folded into rows of h + 1
         // (row r of the triangle beside row h-1-r), so that consecutive threads take consecutive blocks.
         const int nblocks = h * (h + 1) / 2;
-        for (int e = tid; e < nblocks; e += blockDim.x) {
-          const int fr = e / (h + 1), fc = e % (h + 1);
+        for (int e = tid, fr = a_q0, fc = a_r0; e < nblocks; e += T, advance(fr, fc, a_dq, a_dr, hb)) {
           int P, Q;
           if (fc < h - fr) {
             P = fr;
@@ -193,7 +208,7 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
           if (!rp && !rq) continue;
           const int j = pj[P], k = pk[P];
           if (P == Q) {  // the pivot block: the new diagonal from t, the pivot exactly 0
-            const int64_t jj = tri(j, j, n), kk = tri(k, k, n), jk = tri(j, k, n);
+            const int jj = tri(j, j, n), kk = tri(k, k, n), jk = tri(j, k, n);
             const double ajk = A[jk], t = rt[P];
             A[jj] -= t * ajk;
             A[kk] += t * ajk;
@@ -202,7 +217,7 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
           }
           const int l = pj[Q], m = pk[Q];
           const double c1 = rc[P], s1 = rs[P], c2 = rc[Q], s2 = rs[Q];
-          const int64_t jl = sym(j, l, n), jm = sym(j, m, n), kl = sym(k, l, n), km = sym(k, m, n);
+          const int jl = sym(j, l, n), jm = sym(j, m, n), kl = sym(k, l, n), km = sym(k, m, n);
           const double x00 = A[jl], x01 = A[jm], x10 = A[kl], x11 = A[km];
           // Rows by J_Pᵀ, then columns by J_Q (a pair that does not rotate has c = 1, s = 0: exact identity).
           const double y00 = c1 * x00 - s1 * x10, y01 = c1 * x01 - s1 * x11;
@@ -213,11 +228,10 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
           A[km] = s2 * y10 + c2 * y11;
         }
         // V ← V J: rows j, k of the stored Vᵀ; consecutive threads take consecutive columns.
-        for (int e = tid; e < h * n; e += blockDim.x) {
-          const int P = e / n, col = e % n;
+        for (int e = tid, P = v_q0, col = v_r0; e < h * n; e += T, advance(P, col, v_dq, v_dr, n)) {
           if (!rot[P]) continue;
-          double* vj = V + (int64_t)pj[P] * n;
-          double* vk = V + (int64_t)pk[P] * n;
+          double* vj = V + pj[P] * n;
+          double* vk = V + pk[P] * n;
           const double c = rc[P], s = rs[P], x = vj[col], y = vk[col];
           vj[col] = c * x - s * y;
           vk[col] = s * x + c * y;
