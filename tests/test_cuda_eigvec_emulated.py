@@ -17,7 +17,7 @@ from auvcore import _torch_impl as T
 from auvcore import testing
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
@@ -87,6 +87,8 @@ def test_eigenpairs_match_lapack_on_adversarial_matrices(emu, n, kind, seed):
 @settings(parent=_SLOW_SETTINGS, max_examples=8)
 @given(p=st.integers(2, 24), samples=st.integers(1, 30), offset=st.sampled_from([0.0, 1e3]),
        center=st.booleans(), log_scale=st.sampled_from([-150, 0, 150]), seed=st.integers(0, 2**32 - 1))
+@example(p=6, samples=4, offset=1e3, center=False, log_scale=150, seed=0)  # entries near 1e307: squares overflow
+@example(p=7, samples=9, offset=0.0, center=True, log_scale=-150, seed=1)  # near 1e-300: products underflow
 def test_eigenpairs_of_gram_matrices(emu, p, samples, offset, center, log_scale, seed):
     """Grams as the forward builds them: centred (a zero eigenvalue), fewer samples than rows (rank-deficient),
     an offset (one dominant eigenvalue), tiny and huge units; two per launch."""
