@@ -67,13 +67,30 @@ def _decoded_gram(z: torch.Tensor, layout: str, center: bool, nan_to_num: bool, 
     return G, flags, p
 
 
+def gram_eigenpairs(G: torch.Tensor, stream: int):
+    """Eigenvalues [count, p] (descending) and eigenvectors [count, p, p] (eigenvector j as row j) of the
+    symmetric float64 matrices G [count, p, p] (contiguous, on a CUDA device; not changed), on ``stream``: one
+    launch of csrc/cuda/eigvec_cuda.cu (parallel Jacobi, one block per matrix, no host synchronisation,
+    bit-identical run to run). Above ``_C.cuda_max_eigenpairs_size`` (256), where one block's O(p³) sweeps
+    lose to a library solver, ``torch.linalg.eigh`` (cuSOLVER) instead, on the same stream."""
+    count, p = int(G.shape[0]), int(G.shape[1])
+    if p > B._C.cuda_max_eigenpairs_size:
+        w, V = torch.linalg.eigh(G)  # ascending, eigenvectors as columns
+        return w.flip(-1).contiguous(), V.flip(-1).transpose(-1, -2).contiguous()
+    evals = torch.empty(count, p, dtype=torch.float64, device=G.device)
+    evecs = torch.empty(count, p, p, dtype=torch.float64, device=G.device)
+    B._C.cuda_gram_eigenpairs(B.view(G), B.view(evals), B.view(evecs), stream)
+    return evals, evecs
+
+
 def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
                    nan_to_num: bool = False, eigenpairs: bool = False):
     """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array).
     ``center`` and ``nan_to_num`` are taken as given (``auvcore.scale.preset_args`` resolves the official
     preset). With ``eigenpairs`` also what the backward needs: the eigenvalues [B·K, p] (descending) and
-    eigenvectors [B·K, p, p] (rows) of the same Gram matrices, from ``torch.linalg.eigh`` (cuSOLVER's batched
-    solvers): S itself still comes from this module's kernel, so it is the value the no-grad call returns."""
+    eigenvectors [B·K, p, p] (rows) of the same Gram matrices, from this module's batched eigenpairs kernel
+    (``gram_eigenpairs``): S itself still comes from the eigenvalue kernel, so it is the value the no-grad call
+    returns."""
     _require_kernels()
     z, stream = as_cuda_tensor(z, "z")
     _require_device_supported(z)
@@ -86,15 +103,15 @@ def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e
     dev = z.device
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
         G, flags, p = _decoded_gram(z, layout, center, nan_to_num, s)
-        G0 = G.clone() if eigenpairs else None  # the eigen kernel overwrites G
+        # Before the S kernel, which overwrites G (the eigenpairs kernel only reads it).
+        pairs = gram_eigenpairs(G, s) if eigenpairs else None
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
         B._C.cuda_scale_from_gram(B.view(G), B.view(None), p, float(eps), T.VARIANTS[variant], B.view(flags),
                                   B.view(S), B.view(None), s)
         if not nan_to_num and not _capturing(dev) and bool(flags.any()):
             raise B.non_finite("z")
         if eigenpairs:
-            w, V = torch.linalg.eigh(G0)  # ascending, eigenvectors as columns
-            return S.view(Bn, K), w.flip(-1).contiguous(), V.flip(-1).transpose(-1, -2).contiguous()
+            return (S.view(Bn, K),) + pairs
     return S.view(Bn, K)
 
 

@@ -123,6 +123,24 @@ void register_cuda(py::module_& m) {
       py::arg("G"), py::arg("counts"), py::arg("r"), py::arg("eps"), py::arg("variant"), py::arg("flags"),
       py::arg("S"), py::arg("evals"), py::arg("stream"), py::arg("sized_by_counts") = false);
 
+  // Eigenvalues and eigenvectors of G [count, p, p] (read, not changed), for the backward of S: evals
+  // [count, p] descending and evecs [count, p, p] (eigenvector j as row j) are written in full; p up to
+  // cuda_max_eigenpairs_size.
+  m.attr("cuda_max_eigenpairs_size") = cuda::kMaxEigenpairsSize;
+  m.def(
+      "cuda_gram_eigenpairs",
+      [device_of](const ArrayView& G, const ArrayView& evals, const ArrayView& evecs, std::uintptr_t stream) {
+        require(G.dim() == 3 && G.shape[1] == G.shape[2], "G: expected [count, p, p]");
+        const int64_t count = G.shape[0], p = G.shape[1];
+        const int dev = device_of(G, "G");
+        const double* g = buffer<double>(G, DType::F64, {count, p, p}, "G", false, dev);
+        double* ev = buffer<double>(evals, DType::F64, {count, p}, "evals", false, dev);
+        double* vt = buffer<double>(evecs, DType::F64, {count, p, p}, "evecs", false, dev);
+        py::gil_scoped_release nogil;
+        cuda::gram_eigenpairs(g, count, p, ev, vt, stream, dev);
+      },
+      py::arg("G"), py::arg("evals"), py::arg("evecs"), py::arg("stream"));
+
   // The analytic backward of the decoded-map S from the forward's eigenpairs; dz (float32 or float64, z's shape)
   // is written in full.
   m.def(

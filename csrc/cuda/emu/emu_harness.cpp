@@ -77,6 +77,10 @@ int emu_scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* coun
   });
 }
 
+int emu_gram_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, char* err, int errlen) {
+  return guarded(err, errlen, [&] { cuda::gram_eigenpairs(G, count, p, evals, evecs, 0, 0); });
+}
+
 int emu_scale_backward(void* z, int dtype, int ndim, const int64_t* shape, const int64_t* strides, int mode,
                        int center, double eps, int variant, const double* evals, const double* evecs,
                        const double* grad_S, void* dz, int dz_dtype, const int64_t* dz_strides, char* err, int errlen) {

@@ -42,6 +42,14 @@ void scale_from_gram(double* G, int64_t count, int64_t p, const int64_t* counts,
                      double eps, int variant, const int32_t* flags, double* S, double* evals, std::uintptr_t stream,
                      int device);
 
+// Eigenvalues and eigenvectors of `count` symmetric p x p float64 matrices G (read, not changed; both
+// triangles read, their mean used), one block per matrix in one launch (parallel cyclic Jacobi,
+// csrc/cuda/eigvec_cuda.cu): evals [count, p] descending, evecs [count, p, p] with the eigenvector of evals[j]
+// as row j — the layout scale_backward_decoded takes. Bit-identical from run to run; no host synchronisation.
+// A matrix with a NaN/Inf entry gets NaN eigenpairs. p must be at most kMaxEigenpairsSize.
+void gram_eigenpairs(const double* G, int64_t count, int64_t p, double* evals, double* evecs, std::uintptr_t stream,
+                int device);
+
 // Analytic backward of the decoded-map S (the twin of scale_backward_decoded in scale.h): dz[b, k] =
 // grad_S[b, k] * dS/dz[b, k] from the eigenpairs the forward kept (evals [B*K, p] descending, evecs [B*K, p, p]
 // with eigenvector j as row j, grad_S [B*K], all float64 device memory). dz: float32 or float64 with z's shape
@@ -52,6 +60,9 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, double ep
 
 // Largest Gram size the eigen kernel takes.
 constexpr int64_t kMaxEighSize = 4096;
+// Largest matrix the eigenpairs kernel takes: Jacobi's O(p³) work per sweep runs in one block, which beyond a
+// few hundred loses to a library solver (auvcore/_cuda.py falls back to torch.linalg.eigh there).
+constexpr int64_t kMaxEigenpairsSize = 256;
 
 }  // namespace cuda
 }  // namespace auvcore
