@@ -71,6 +71,8 @@ def sources() -> dict[str, str]:
                 line = f'{m[1]}::emu::launch("{m[2].strip()}", {m[2]}, {m[3]}, {m[4]});'
             line = _EXTERN.sub(lambda m: f'auto {m[2]} = ::emu::dyn_smem<{m[1]}>("{m[2]}");', line)
             line = _STATIC.sub(_static_shared, line)
+            if "__shared__" in line and "[" in line.split("//")[0]:  # an array the rewrite missed: no silent gap
+                raise ValueError(f"build_emu: {f.name}: put the __shared__ array on a line of its own: {line.strip()!r}")
             lines.append(line.replace("reinterpret_cast<", "::emu::ptr_cast<"))
         out[f.stem + ".emu.cpp"] = "\n".join(lines) + "\n"
     return out
