@@ -196,13 +196,13 @@ def _raise_duo_status(status, y, labels: bool, K: int, N: int):
         raise ValueError(f"target: values must lie in [0, 1], found {float(y[b, c, t]):.6f}")
 
 
-def duo_sums(z, n, y, labels: bool, c0: int, variant: int, tau: float) -> torch.Tensor:
+def duo_sums(z, n, y, labels: bool, c0: int, variant: int, tau: float, check: bool = True) -> torch.Tensor:
     """The six per-(b, c) sums ``[B, K - c0, 6]`` (float64) of the fused DUO loss (csrc/cuda/duo_cuda.cu, the
     twin of the CPU kernel that ``auvcore.duo`` calls as ``_C.duo_forward``) on z's device and current stream,
     bit-identical from run to run. ``z``, ``n``: ``[B, K, N]`` of one floating dtype (float16/bfloat16 read as
     such, computed in float32); ``y``: ``[B, K, N]`` targets in [0, 1] or, with ``labels``, ``[B, N]`` class
     indices; ``variant``: 0 paper, 1 official. NaN/Inf logits and targets out of range raise the CPU kernel's
-    errors (one small device-to-host read; skipped while a CUDA graph is captured)."""
+    errors (one small device-to-host read; skipped while a CUDA graph is captured, or with ``check=False``)."""
     _require_kernels()
     _require_device_supported(z)
     Bn, K, N = (int(d) for d in z.shape)
@@ -213,7 +213,7 @@ def duo_sums(z, n, y, labels: bool, c0: int, variant: int, tau: float) -> torch.
         status = torch.empty(2, dtype=torch.int64, device=dev)
         B._C.cuda_duo_forward(B.view(z), B.view(n), B.view(y), bool(labels), int(c0), int(variant), float(tau),
                               B.view(sums), B.view(status), s)
-        if not _capturing(dev):
+        if check and not _capturing(dev):
             _raise_duo_status(status.tolist(), y, bool(labels), K, N)
     return sums
 

@@ -32,34 +32,39 @@ _BCE, _SIGY, _SIG, _Y, _G, _G2 = range(6)
 
 
 class _FusedSums(torch.autograd.Function):
-    """[B, K, N] logits, noise logits, targets -> the per-(b, c) sums [B, K - c0, 6] (float64)."""
+    """[B, K, N] logits, noise logits, targets -> the per-(b, c) sums [B, K - c0, 6] (float64). ``path`` is
+    ``DUOLoss._path``'s answer ("cuda" or "cpp"), the one dispatch point; ``check``: the CUDA kernels' input
+    checks, which cost a device-to-host read."""
 
     @staticmethod
-    def forward(ctx, z, n, y, labels, c0, variant, tau, nt):
-        if z.is_cuda:
-            sums = _cuda.duo_sums(z, n, y, labels, c0, variant, tau)
+    def forward(ctx, z, n, y, labels, c0, variant, tau, nt, path, check):
+        if path == "cuda":
+            sums = _cuda.duo_sums(z, n, y, labels, c0, variant, tau, check=check)
         else:
             sums = torch.empty(z.shape[0], z.shape[1] - c0, B._C.duo_num_sums, dtype=torch.float64)
             B._C.duo_forward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(sums), nt)
         ctx.save_for_backward(z, n, y)  # the inputs themselves: references, not copies
-        ctx.args = (labels, c0, variant, tau, nt)
+        ctx.args = (labels, c0, variant, tau, nt, path)
         return sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         z, n, y = ctx.saved_tensors
-        labels, c0, variant, tau, nt = ctx.args
+        labels, c0, variant, tau, nt, path = ctx.args
+        # The official variant's ỹ is detached: its noise logits get no gradient (None, as from autograd), on
+        # every path.
         want_dn = ctx.needs_input_grad[1] and variant == VARIANTS["paper"]
-        if z.is_cuda:
+        none = (None,) * 8
+        if path == "cuda":
             dz, dn = _cuda.duo_backward(z, n, y, labels, c0, variant, tau, grad_sums, want_dn)
-            return dz, dn, None, None, None, None, None, None
+            return (dz, dn) + none
         g = grad_sums.to(torch.float64).contiguous()
         dz = torch.empty(z.shape, dtype=z.dtype)
         dn = torch.empty(z.shape, dtype=z.dtype) if want_dn else None
         B._C.duo_backward(B.view(z), B.view(n), B.view(y), labels, c0, variant, tau, B.view(g), B.view(dz),
                           B.view(dn), nt)
-        return dz, dn, None, None, None, None, None, None
+        return (dz, dn) + none
 
 
 def _check_number(name, value, low=0.0, high=math.inf):
@@ -86,7 +91,9 @@ class DUOLoss(nn.Module):
             ``Dice = 1 − (2 Σσ(z)ỹ + smooth_nr) / (Σσ(z) + Σỹ + smooth_dr)``; each defaults to ``smooth``
             (give either ``smooth`` or these two).
         layout: how S reads a 3-D class map (``"D_HW"``, ``"H_DW"``, ``"W_DH"``); 2-D maps use m = H, n = W.
-        detach_scale: stop the gradient through S (by default S is differentiable, a regulariser).
+        detach_scale: stop the gradient through S (by default S is differentiable, a regulariser): only the
+            forward S is computed (no eigenvectors, no backward of S). With ``alpha=0`` S is not computed at all
+            (w = 1 whatever S is), and ``last_scales`` is NaN.
         variant: ``"paper"`` (docs/method.md §3) or ``"official"``: the authors' snippet, ``w·BCE`` only, with
             ``ỹ = stopgrad(y − σ(n)·y)``, no R, and S of the snippet (``variant="official"``: no centering,
             energy on σ + 1e-6), not detached. Its noise head receives no gradient by construction.
@@ -98,6 +105,10 @@ class DUOLoss(nn.Module):
         backend: ``"auto"`` (the C++ kernels on CPU, the CUDA kernels on CUDA tensors where the build has them
             for the GPU, else torch), ``"cpp"``, ``"cuda"`` or ``"torch"``.
         num_threads: CPU threads of the native path (default ``torch.get_num_threads()``).
+        check_inputs: raise on NaN/Inf logits, targets out of range and fractional class indices (default).
+            On CUDA tensors each check is a device-to-host read that waits for the step's kernels; with
+            ``False`` a training step has no host synchronisation of DUO's own (CUDA-graph capturable once S's
+            eigenvectors come from a kernel of ours), and bad inputs give a NaN loss instead of an error.
         mode, preset: the deprecated names of ``layout`` and ``variant``.
 
     Called as ``loss(seg_logits, noise_logits, target)`` with logits ``[B, K, *spatial]`` (2-D or 3-D).
@@ -110,7 +121,7 @@ class DUOLoss(nn.Module):
                  variant: str = "paper", reduction: str = "mean", backend: str = "auto",
                  num_threads: int | None = None, mode: str | None = None, preset: str | None = None,
                  smooth_nr: float | None = None, smooth_dr: float | None = None, sigmoid: bool = True,
-                 softmax: bool = False):
+                 softmax: bool = False, check_inputs: bool = True):
         super().__init__()
         reduction = getattr(reduction, "value", reduction)  # MONAI's LossReduction enum
         layout, layout_name = B.renamed("layout", layout, "D_HW", "mode", mode)
@@ -119,7 +130,8 @@ class DUOLoss(nn.Module):
                                         or num_classes < 1):
             raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
         for name, v in (("include_background", include_background), ("to_onehot_y", to_onehot_y),
-                        ("detach_scale", detach_scale), ("sigmoid", sigmoid), ("softmax", softmax)):
+                        ("detach_scale", detach_scale), ("sigmoid", sigmoid), ("softmax", softmax),
+                        ("check_inputs", check_inputs)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
         _check_number("alpha", alpha)
@@ -155,7 +167,7 @@ class DUOLoss(nn.Module):
             float(alpha), float(lambda_bce), float(tau), float(sigma0), float(beta))
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
         self.layout, self.detach_scale, self.variant, self.reduction = layout, detach_scale, variant, reduction
-        self.backend, self.num_threads = backend, num_threads
+        self.backend, self.num_threads, self.check_inputs = backend, num_threads, check_inputs
         self.last_weights: torch.Tensor | None = None
         self.last_scales: torch.Tensor | None = None
 
@@ -189,7 +201,7 @@ class DUOLoss(nn.Module):
                                  f"{(Bn,) + spatial}, got {tuple(y.shape)}")
             if y.dtype not in B.INTS + B.FLOATS:
                 raise TypeError(f"target: expected integer (or integral float) class indices, got {y.dtype}")
-            if y.dtype in B.FLOATS and not bool((y == torch.round(y)).all()):
+            if y.dtype in B.FLOATS and self.check_inputs and not bool((y == torch.round(y)).all()):
                 raise ValueError("target: to_onehot_y=True needs integral class indices, found a fractional value")
         else:
             if tuple(y.shape) != tuple(z.shape):
@@ -204,14 +216,16 @@ class DUOLoss(nn.Module):
         self._check(z, n, y)
         with torch.autocast(device_type=z.device.type, enabled=False):
             be = self._path(z)
-            zs = None  # a float32 copy of half logits for S, where the fused kernel reads the halves themselves
+            zs = z  # the logits S reads: a float32 copy of half logits, where the fused kernel reads the halves
+            dt = z.dtype
             if z.dtype in _HALF or n.dtype in _HALF or n.dtype != z.dtype:
                 dt = torch.float64 if torch.float64 in (z.dtype, n.dtype) else torch.float32
                 if be == "cuda" and z.dtype in _HALF and n.dtype == z.dtype:
-                    zs = z.to(dt)
+                    zs = z.to(dt) if self.alpha != 0.0 else None  # alpha = 0: no S, no copy
                 else:
                     z, n = z.to(dt), n.to(dt)
-            per, S, w = self._torch(z, n, y) if be == "torch" else self._native(z, n, y, zs)
+                    zs = z
+            per, S, w = self._torch(z, n, y) if be == "torch" else self._native(z, n, y, zs, dt, be)
         self.last_scales, self.last_weights = S.detach(), w.detach()
         if self.reduction == "none":
             return per
@@ -240,16 +254,19 @@ class DUOLoss(nn.Module):
         """S [B, K'] of the included classes, NaN (maps too thin for a spectrum) read as 0, i.e. w = 1.
 
         S is taken over all K maps and sliced afterwards: the slice's gradient is then a [B, K] vector with a
-        zero for the background, instead of a full-size zero-filled copy of z on the backward.
+        zero for the background, instead of a full-size zero-filled copy of z on the backward. A detached z
+        takes semantic_scale's no-grad path: the forward S alone, no eigenvectors kept for a backward.
+        Without input checks non-finite values are read as 0 (the fused sums, and so the loss, are NaN then),
+        which spares the CUDA path its device-to-host read of the non-finite flags.
         """
         if self.detach_scale:
             z = z.detach()
-        S = semantic_scale(z, layout=self.layout, variant=self.variant,
+        S = semantic_scale(z, layout=self.layout, variant=self.variant, nan_to_num=not self.check_inputs,
                            backend="torch" if self.backend == "torch" else "auto", num_threads=self.num_threads)
         S = S[:, self._c0:]
         return torch.where(torch.isnan(S), torch.zeros_like(S), S)
 
-    def _native(self, z, n, y, zs=None):
+    def _native(self, z, n, y, zs, dtype, path):
         Bn, K = z.shape[:2]
         if self.to_onehot_y:
             y3 = y.reshape(Bn, -1)
@@ -263,30 +280,35 @@ class DUOLoss(nn.Module):
                 y3 = y3.float()
         nt = B.threads(self.num_threads)
         sums = _FusedSums.apply(z.reshape(Bn, K, -1), n.reshape(Bn, K, -1), y3, self.to_onehot_y, self._c0,
-                                VARIANTS[self.variant], self.tau, nt)
-        return self._from_sums(z if zs is None else zs, sums)
+                                VARIANTS[self.variant], self.tau, nt, path, self.check_inputs)
+        return self._from_sums(zs, sums, z.shape, dtype)
 
-    def _from_sums(self, z, sums):
-        """The per-(b, c) losses, S and w from the six sums of either path: the loss's formula, once."""
-        N = z[0, 0].numel()
-        S = self._scale(z).to(torch.float64)
-        w = 1.0 / (1.0 + self.alpha * S)
+    def _from_sums(self, z, sums, shape, dtype):
+        """The per-(b, c) losses, S and w (of ``dtype``) from the six sums of either path, S read from ``z``
+        (logits of ``shape``): the loss's formula, once."""
+        N = math.prod(shape[2:])
+        if self.alpha == 0.0:  # w = 1 whatever S is: S, the costly part of DUO, is not computed
+            S = torch.full(sums.shape[:2], math.nan, dtype=torch.float64, device=sums.device)
+            w = torch.ones_like(S)
+        else:
+            S = self._scale(z).to(torch.float64)
+            w = 1.0 / (1.0 + self.alpha * S)
         sums = sums.to(torch.float64)
         bce = sums[..., _BCE] / N
         if self.variant == "official":
             per = w * bce
         else:
             dice = 1 - (2 * sums[..., _SIGY] + self.smooth_nr) / (sums[..., _SIG] + sums[..., _Y] + self.smooth_dr)
-            count = z.shape[0] * N
+            count = shape[0] * N
             mean_g, mean_g2 = sums[..., _G].sum(0) / count, sums[..., _G2].sum(0) / count
             R = (mean_g**2 + (mean_g2 - self.sigma0**2) ** 2).sum()
             per = w * (self.lambda_bce * bce + dice) + self.beta * R
-        return per.to(z.dtype), S.to(z.dtype), w.to(z.dtype)
+        return per.to(dtype), S.to(dtype), w.to(dtype)
 
     def _torch(self, z, n, y):
         K = z.shape[1]
         for name, t in (("seg_logits", z), ("noise_logits", n)):
-            if not bool(torch.isfinite(t).all()):
+            if self.check_inputs and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}: contains NaN or Inf")
         if self.to_onehot_y:
             lab = (y[:, 0] if y.dim() == z.dim() else y).long()
@@ -297,9 +319,9 @@ class DUOLoss(nn.Module):
             y = nn.functional.one_hot(lab, K).movedim(-1, 1)
         else:
             yf = y.to(z.dtype)
-            if not bool(((yf >= 0) & (yf <= 1)).all()):
+            if self.check_inputs and not bool(((yf >= 0) & (yf <= 1)).all()):
                 raise ValueError("target: values must lie in [0, 1]")
-        return self._from_sums(z, T.duo_sums(z, n, y, self._c0, self.variant, self.tau))
+        return self._from_sums(z, T.duo_sums(z, n, y, self._c0, self.variant, self.tau), z.shape, z.dtype)
 
 
 class NoiseHead(nn.Module):

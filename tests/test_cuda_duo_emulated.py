@@ -245,7 +245,7 @@ def test_emulated_loss_matches_duo_loss_reference(emu):
     z5, n5 = z.view(Bn, K, 6, 7, 8), n.view(Bn, K, 6, 7, 8)
     sums, _ = emu_forward(emu, z, n, y, True, 1, 0)
     loss = auvcore.DUOLoss(to_onehot_y=True, reduction="none")
-    per, _, _ = loss._from_sums(z5, sums)
+    per, _, _ = loss._from_sums(z5, sums, z5.shape, z5.dtype)
     want = duo_loss_reference(z5, n5, onehot(y, True, K).view(Bn, K, 6, 7, 8))
     torch.testing.assert_close(per, want, rtol=1e-10, atol=1e-12)
 
@@ -306,3 +306,111 @@ def test_float_to_half_rounding_matches_torch(emu):
             ref_h, _ = emu_backward(emu, z.to(dt).float(), n.to(dt).float(), y, True, 0, 0, grad, want_dn=False)
             assert torch.equal(got.view(torch.int16), ref_h.to(dt).view(torch.int16)), (dt, scale)
         assert not math.isnan(float(ref.sum()))
+
+
+# ---- DUOLoss's CUDA branch on CPU tensors ---------------------------------------------------------------------
+
+def _emulated_cuda_path(monkeypatch, lib):
+    """DUOLoss as it runs on a GPU, without one: ``_path`` answers "cuda", so the Python code of the CUDA branch
+    runs (half logits read as they are, S from a float32 copy, the fused backward's own gradients), and
+    ``auvcore._cuda``'s fused-loss entry points run duo_cuda.cu's kernels under the host emulation. S itself
+    comes from the CPU kernels (its CUDA twin is checked against them in test_cuda_emulated.py)."""
+    from auvcore import _cuda
+
+    calls = []
+
+    def duo_sums(z, n, y, labels, c0, variant, tau, check=True):
+        calls.append(("sums", check))
+        sums, status = emu_forward(lib, z, n, y, labels, c0, variant, tau)
+        if check:
+            _cuda._raise_duo_status(status, y, bool(labels), int(z.shape[1]), int(z.shape[2]))
+        return sums
+
+    def duo_backward(z, n, y, labels, c0, variant, tau, grad_sums, want_dn=True):
+        calls.append(("backward", want_dn))
+        return emu_backward(lib, z, n, y, labels, c0, variant, grad_sums.double(), tau, want_dn=want_dn)
+
+    monkeypatch.setattr(_cuda, "duo_sums", duo_sums)
+    monkeypatch.setattr(_cuda, "duo_backward", duo_backward)
+    monkeypatch.setattr(auvcore.DUOLoss, "_path", lambda self, z: "cuda")
+    return calls
+
+
+def _duo_inputs(Bn, K, spatial, dtype, seed, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    n = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    y = torch.randint(0, K, (Bn, 1) + spatial, generator=g)
+    if not labels:
+        y = torch.nn.functional.one_hot(y[:, 0], K).movedim(-1, 1).float().contiguous()
+    return z, n, y
+
+
+def _step(loss, z, n, y):
+    zz, nn_ = z.clone().requires_grad_(), n.clone().requires_grad_()
+    out = loss(zz, nn_, y)
+    out.backward()
+    return out.detach(), zz.grad, nn_.grad
+
+
+@pytest.mark.parametrize("variant,dtype,labels", [
+    ("paper", torch.float32, True), ("paper", torch.float64, False), ("paper", torch.bfloat16, True),
+    ("official", torch.float32, False), ("official", torch.float64, True), ("official", torch.bfloat16, False),
+])
+def test_cuda_branch_of_duo_loss_keeps_the_cpu_gradient_contract(emu, monkeypatch, variant, dtype, labels):
+    """Same loss and gradients as the CPU path, and the same None where a tensor gets no gradient (the official
+    variant's noise logits: its ỹ is detached), through the Python code the CUDA path runs (issue 22)."""
+    z, n, y = _duo_inputs(2, 3, (5, 6, 7), dtype, 4, labels)
+    loss = auvcore.DUOLoss(to_onehot_y=labels, variant=variant)
+    want = _step(loss, z, n, y)
+    calls = _emulated_cuda_path(monkeypatch, emu)
+    got = _step(loss, z, n, y)
+    assert [c[0] for c in calls] == ["sums", "backward"], "the CUDA branch must call the CUDA kernels"
+    assert (got[2] is None) == (want[2] is None) == (variant == "official")
+    rel = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype)
+    torch.testing.assert_close(got[0], want[0], rtol=rel or 1e-5, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        if b is None:
+            continue
+        assert a.dtype == b.dtype == dtype
+        if rel is None:  # half logits: see test_cuda_branch_half_gradients_round_each_part_once
+            tol = dict(rtol=2 ** -6, atol=2 ** -7 * float(b.abs().max().float()))
+        else:
+            tol = dict(rtol=rel, atol=rel * float(b.abs().max()))
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_branch_half_gradients_round_each_part_once(emu, monkeypatch, dtype):
+    """Half logits on the CUDA path: the fused kernel returns its part of dL/dz in the logits' dtype, and S's
+    backward its part (in float32, from the float32 copy S read); autograd rounds and adds the two in the half
+    type. The CPU path widens the logits first and rounds the float32 total once. Where the parts cancel the
+    two differ by up to about one unit in the last place of the larger part, which can be most of a near-zero
+    gradient (the 7 % at 2e-7 of issue 22): both are right to that unit, so the bound is one ulp of the
+    largest gradient, checked here against the float64 gradient of the same half inputs."""
+    z, n, y = _duo_inputs(2, 3, (8, 9, 10), dtype, 2)  # the GPU test's case
+    loss = auvcore.DUOLoss(to_onehot_y=True)
+    want = _step(loss, z, n, y)  # CPU: float32 throughout, one rounding
+    exact = _step(loss, z.double(), n.double(), y)  # float64 gradient of the same (exactly widened) inputs
+    _emulated_cuda_path(monkeypatch, emu)
+    got = _step(loss, z, n, y)
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    for a, b, x in zip(got[1:], want[1:], exact[1:]):
+        scale = float(x.abs().max())
+        for t in (a, b):  # each within one ulp of the largest gradient of the float64 answer
+            assert float((t.double() - x).abs().max()) <= ulp * scale
+        torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=ulp * scale)
+
+
+def test_cuda_branch_input_checks_are_optional(emu, monkeypatch):
+    """check_inputs=False skips the CUDA path's device-to-host reads (the status of the fused forward, S's
+    non-finite flags): a NaN logit then gives a NaN loss instead of the error."""
+    z, n, y = _duo_inputs(1, 3, (4, 5, 6), torch.float32, 0)
+    calls = _emulated_cuda_path(monkeypatch, emu)
+    bad = z.clone()
+    bad[0, 1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="seg_logits: contains NaN or Inf"):
+        auvcore.DUOLoss(to_onehot_y=True)(bad, n, y)
+    assert calls[-1] == ("sums", True)
+    val = auvcore.DUOLoss(to_onehot_y=True, check_inputs=False)(bad, n, y)
+    assert calls[-1] == ("sums", False) and torch.isnan(val)

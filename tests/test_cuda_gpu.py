@@ -238,11 +238,13 @@ def _duo_inputs(Bn, K, spatial, dtype, seed, labels=True):
 
 
 def _duo_step(loss, z, n, y, device):
+    """The loss and the gradients of both logit tensors on the host; None where a tensor gets no gradient (the
+    official variant's noise logits, on every path)."""
     zz = z.to(device).requires_grad_()
     nn_ = n.to(device).requires_grad_()
     out = loss(zz, nn_, y.to(device))
     out.backward()
-    return out.detach().cpu(), zz.grad.cpu(), nn_.grad.cpu()
+    return tuple(None if t is None else t.detach().cpu() for t in (out, zz.grad, nn_.grad))
 
 
 def _count_fused_calls(monkeypatch):
@@ -327,8 +329,10 @@ def test_duo_loss_auto_on_cuda_matches_cpu(monkeypatch, Bn, K, D, H, W, dtype, l
     # float64: 1e-10 on the fused part; the loss and gradients include S and its analytic backward (CUDA and
     # C++; the eigenvectors from different solvers), held to 1e-8 as in tests/test_duo.py.
     rel = 1e-5 if dtype == torch.float32 else 1e-8
+    assert (got[2] is None) == (want[2] is None) == (variant == "official")  # the same None contract
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))
 
 
 @pytest.mark.cuda
@@ -387,8 +391,14 @@ def test_duo_loss_half_logits_on_cuda(dtype):
     want = _duo_step(loss, z, n, y, "cpu")  # the CPU path widens the halves to float32
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    # The CUDA path rounds its two parts of dL/dz (the fused kernel's and S's) to the half type before autograd
+    # adds them; the CPU path rounds the float32 total once. Where the parts cancel they differ by about one
+    # unit in the last place of the larger part, so the bound is one ulp of the largest gradient (not a fraction
+    # of one: 3 of 4,320 elements near zero failed 1e-4·max). test_cuda_duo_emulated.py checks both against the
+    # float64 gradient to that bound.
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
     for a, b in zip(got[1:], want[1:]):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4 * float(b.abs().max().float()))
+        torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=ulp * float(b.abs().max().float()))
     # under autocast (bf16 logits from a convolution) the loss is float32 and the gradient reaches the weights
     conv = torch.nn.Conv3d(2, 6, 1).cuda()
     x = torch.randn(2, 2, 8, 9, 10, device="cuda")

@@ -476,3 +476,69 @@ def test_monai_loss_reduction_enum():
         a = DUOLoss(to_onehot_y=True, reduction=member)
         assert a.reduction == name and type(a.reduction) is str
         assert torch.equal(a(z, n, y), DUOLoss(to_onehot_y=True, reduction=name)(z, n, y))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what a training step computes: no S with alpha = 0, only the forward S with detach_scale
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_alpha_zero_computes_no_scale(monkeypatch, backend, dtype):
+    """w = 1 whatever S is, so S (DUO's eigen solve) must not run: any call of the scale fails the test."""
+    from auvcore import duo as duo_module
+    from auvcore import testing
+
+    z, n, y = make_inputs((2, 3, 4, 5, 6), 3, torch.float64, False)
+    want = testing.duo_loss_reference(z, n, y, alpha=0.0).mean()
+    gz, gn = torch.autograd.grad(want, (z, n))
+
+    def no_scale(*a, **k):
+        raise AssertionError("alpha=0 must not compute S")
+
+    monkeypatch.setattr(duo_module, "semantic_scale", no_scale)
+    loss = DUOLoss(alpha=0.0, backend=backend)
+    zz, nn_ = z.detach().to(dtype).requires_grad_(), n.detach().to(dtype).requires_grad_()
+    val = loss(zz, nn_, y)
+    val.backward()
+    assert torch.isnan(loss.last_scales).all() and loss.last_scales.shape == (2, 2)
+    assert torch.equal(loss.last_weights, torch.ones_like(loss.last_weights))
+    if dtype == torch.float64:
+        torch.testing.assert_close(val, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(zz.grad, gz, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(nn_.grad, gn, rtol=1e-10, atol=1e-14)
+    else:  # half logits: a float32 loss, as with alpha > 0
+        assert val.dtype == torch.float32 and torch.isfinite(val) and zz.grad.dtype == dtype
+    with pytest.raises(AssertionError, match="alpha=0 must not compute S"):  # the check itself can fire
+        DUOLoss(alpha=0.5, backend=backend)(zz, nn_, y)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_scale_computes_only_the_forward_scale(monkeypatch, detach):
+    """detach_scale=True: S's forward alone, no eigenvectors kept and no backward of S; the gradient is the
+    oracle's with S detached. detach_scale=False (the control) does both."""
+    from auvcore import _cpu
+    from auvcore import testing
+
+    calls = []
+    real_scale, real_backward = _cpu.semantic_scale, _cpu.scale_backward
+
+    def scale(*a, eigenpairs=False, **k):
+        calls.append("eigenpairs" if eigenpairs else "forward")
+        return real_scale(*a, eigenpairs=eigenpairs, **k)
+
+    def backward(*a, **k):
+        calls.append("backward")
+        return real_backward(*a, **k)
+
+    monkeypatch.setattr(_cpu, "semantic_scale", scale)
+    monkeypatch.setattr(_cpu, "scale_backward", backward)
+    z, n, y = make_inputs((2, 3, 4, 5, 6), 4, torch.float64, False)
+    val = DUOLoss(detach_scale=detach, backend="cpp")(z, n, y)
+    gz, gn = torch.autograd.grad(val, (z, n))
+    assert calls == (["forward"] if detach else ["eigenpairs", "backward"])
+    want = testing.duo_loss_reference(z, n, y, detach_scale=detach).mean()
+    wz, wn = torch.autograd.grad(want, (z, n))
+    torch.testing.assert_close(val, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gz, wz, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(gn, wn, rtol=1e-8, atol=1e-12)

@@ -73,6 +73,16 @@ class Workspace {
 
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// Every dynamic shared-memory size a launch asks for, rounded up to whole 16-byte granules. nvcc declares each
+// `extern __shared__` array `.align 16`, and ptxas takes an object's size to be a multiple of its alignment, so
+// it may merge the loads of neighbouring elements into one 16-byte LDS.128 that runs past an allocation that
+// ends mid-granule: weights_kernel read g[p-1] and g[p] together when p % 4 == 1, past the 8p bytes asked for
+// (compute-sanitizer: "Invalid __shared__ read of size 16", issue 22). The host emulation enforces this rule.
+constexpr size_t kSmemGranule = 16;
+__host__ __device__ constexpr size_t dyn_smem_bytes(size_t bytes) {
+  return (bytes + kSmemGranule - 1) / kSmemGranule * kSmemGranule;
+}
+
 #ifdef __CUDACC__
 constexpr int kWarp = 32;
 
@@ -90,15 +100,16 @@ __device__ __forceinline__ double warp_max(double v) {
 }
 
 // Block-wide reductions; every thread of the block calls them and gets the result. `red` is 33 doubles of
-// shared memory. Safe to call back to back: the slot read at the end (red[32]) is written only after the
-// next call's first barrier.
+// shared memory (a double* on the GPU; its type is a parameter so the host emulation can pass a bounds-checked
+// pointer). Safe to call back to back: the slot read at the end (red[32]) is written only after the next
+// call's first barrier.
 enum class Red { Sum, Min, Max };
 template <Red R>
 __device__ __forceinline__ double warp_red(double v) {
   return R == Red::Sum ? warp_sum(v) : R == Red::Min ? warp_min(v) : warp_max(v);
 }
-template <Red R>
-__device__ double block_reduce(double v, double* red) {
+template <Red R, typename SharedPtr>
+__device__ double block_reduce(double v, SharedPtr red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
   v = warp_red<R>(v);
   if (lane == 0) red[warp] = v;

@@ -34,18 +34,20 @@ struct ScaleArgs {
 
 // Shared layout: [A (p*p, shared path only)] d[p] e[p] u[p] w[p] red[33].
 __host__ __device__ inline size_t scale_smem_bytes(int p, bool shared_matrix) {
-  return sizeof(double) * ((shared_matrix ? (size_t)p * p : 0) + 4 * (size_t)p + 33);
+  return dyn_smem_bytes(sizeof(double) * ((shared_matrix ? (size_t)p * p : 0) + 4 * (size_t)p + 33));
 }
 
 // Householder reduction of the full symmetric n x n matrix A (row-major, overwritten) to tridiagonal (d, e),
 // e[i] coupling i and i+1. Each step: u = x - alpha e1 from the row right of the diagonal, p = beta A22 u,
 // w = p - (beta/2)(uᵀp) u, A22 -= u wᵀ + w uᵀ. A warp owns a row in the matrix-vector product and the update,
 // so global and shared reads alike are contiguous.
-__device__ void tridiagonalise(double* A, int n, double* d, double* e, double* u, double* w, double* red) {
+// A and the vectors are double* on the GPU (template parameters for the emulation's checked shared pointers).
+template <typename MatPtr, typename VecPtr>
+__device__ void tridiagonalise(MatPtr A, int n, VecPtr d, VecPtr e, VecPtr u, VecPtr w, VecPtr red) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
   for (int k = 0; k + 2 < n; ++k) {
     const int m = n - k - 1;
-    const double* rowk = A + (size_t)k * n + k + 1;
+    const auto rowk = A + (size_t)k * n + k + 1;
     double part = 0.0;
     for (int j = tid; j < m; j += blockDim.x) {
       const double x = rowk[j];
@@ -72,7 +74,7 @@ __device__ void tridiagonalise(double* A, int n, double* d, double* e, double* u
     __syncthreads();
     double upart = 0.0;
     for (int i = warp; i < m; i += nw) {
-      const double* row = A + (size_t)(k + 1 + i) * n + (k + 1);
+      const auto row = A + (size_t)(k + 1 + i) * n + (k + 1);
       double s = 0.0;
       for (int j = lane; j < m; j += 32) s += row[j] * u[j];
       s = warp_sum(s) * beta;
@@ -86,7 +88,7 @@ __device__ void tridiagonalise(double* A, int n, double* d, double* e, double* u
     for (int i = tid; i < m; i += blockDim.x) w[i] -= kk * u[i];
     __syncthreads();
     for (int i = warp; i < m; i += nw) {
-      double* row = A + (size_t)(k + 1 + i) * n + (k + 1);
+      auto row = A + (size_t)(k + 1 + i) * n + (k + 1);
       const double ui = u[i], wi = w[i];
       for (int j = lane; j < m; j += 32) row[j] -= ui * w[j] + wi * u[j];
     }
@@ -106,7 +108,8 @@ __device__ void tridiagonalise(double* A, int n, double* d, double* e, double* u
 // All eigenvalues of the tridiagonal (d, e2) into out[0..n) (ascending, times 2^ex): groups of g lanes
 // share an eigenvalue (g = 1 for n >= blockDim / 2). Every thread runs the same rounds and steps, inactive
 // lanes included, so the full-warp ballots never diverge.
-__device__ void multisect_all(const double* d, const double* e2, int n, const Bracket& br, int ex, double* out) {
+template <typename VecPtr>  // double* on the GPU
+__device__ void multisect_all(VecPtr d, VecPtr e2, int n, const Bracket& br, int ex, VecPtr out) {
   const int g = multisect_lanes(n, blockDim.x);
   const int lane = threadIdx.x & 31, sub = lane & (g - 1);
   const unsigned group = (g == 32 ? 0xffffffffu : ((1u << g) - 1u)) << (lane & ~(g - 1));
@@ -144,12 +147,12 @@ __global__ void __launch_bounds__(NT, 2) scale_kernel(const ScaleArgs a) {
       continue;
     }
     double* Gi = a.G + i * (int64_t)a.p * a.p;
-    double* A = SHARED ? sm : Gi;
-    double* d = SHARED ? sm + (size_t)p * p : sm;
-    double* e = d + p;
-    double* u = e + p;
-    double* w = u + p;
-    double* red = w + p;
+    auto A = SHARED ? sm : Gi;  // auto: the host emulation's checked shared pointers (csrc/cuda/emu)
+    auto d = SHARED ? sm + (size_t)p * p : sm;
+    auto e = d + p;
+    auto u = e + p;
+    auto w = u + p;
+    auto red = w + p;
 
     // Scale by a power of two near 1/max|a_ij| (exact, undone on the eigenvalues), so that no square in the
     // reduction over- or underflows whatever the data's units, indefinite matrices included. ldexp per entry,

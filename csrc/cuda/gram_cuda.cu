@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
     poffB[i] = rowB0 + i < p ? a.pmap(rowB0 + i) : 0;
   }
   const bool inblock_center = a.cent == kAcrossP && a.mu == nullptr;  // host guarantees p <= TP then
-  T(*Bt)[TP + PAD] = diag ? As : Bs;
+  auto Bt = diag ? As : Bs;  // T (*)[TP + PAD]
   const int b = blockIdx.z;
   const int tx = tid & 15, ty = tid >> 4;
 
@@ -378,8 +378,8 @@ __global__ void scan_kernel(const SortArgs a, int64_t B) {
 // segment with a single global atomic, and writes the feature offsets there.
 __global__ void __launch_bounds__(NT, 2) scatter_kernel(const SortArgs a) {
   extern __shared__ unsigned long long scat_sh[];
-  unsigned long long* lbase = scat_sh;                                   // K
-  unsigned int* lcount = reinterpret_cast<unsigned int*>(scat_sh + a.K);  // K
+  auto lbase = scat_sh;                                   // K unsigned long long
+  auto lcount = reinterpret_cast<unsigned int*>(scat_sh + a.K);  // K unsigned int
   const int b = blockIdx.y;
   if (a.shared_hist) {
     for (int k = threadIdx.x; k < a.K; k += NT) lcount[k] = 0;
@@ -699,11 +699,12 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
   const int64_t vox_per_block = (int64_t)NT * kVoxPerThread;
   const dim3 sgrid((unsigned)((N + vox_per_block - 1) / vox_per_block), (unsigned)B);
   require(sgrid.x >= 1 && (N + vox_per_block - 1) / vox_per_block < ((int64_t)1 << 31), "features: too many voxels");
-  hist_kernel<<<sgrid, NT, sa.shared_hist ? sizeof(unsigned int) * K : 0, s>>>(sa);
+  hist_kernel<<<sgrid, NT, sa.shared_hist ? dyn_smem_bytes(sizeof(unsigned int) * K) : 0, s>>>(sa);
   AUV_CUDA_CHECK_LAUNCH("hist_kernel");
   scan_kernel<<<(unsigned)std::min<int64_t>((B + 127) / 128, 1024), 128, 0, s>>>(sa, B);
   AUV_CUDA_CHECK_LAUNCH("scan_kernel");
-  scatter_kernel<<<sgrid, NT, sa.shared_hist ? (sizeof(unsigned long long) + sizeof(unsigned int)) * K : 0, s>>>(sa);
+  const size_t scatter_bytes = dyn_smem_bytes((sizeof(unsigned long long) + sizeof(unsigned int)) * K);
+  scatter_kernel<<<sgrid, NT, sa.shared_hist ? scatter_bytes : 0, s>>>(sa);
   AUV_CUDA_CHECK_LAUNCH("scatter_kernel");
 
   GramArgs a;

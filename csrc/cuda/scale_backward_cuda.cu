@@ -46,7 +46,7 @@ struct BackwardArgs {
   double* mu = nullptr;           // [count, p] (AcrossSamples)
 };
 
-// Block per (b, k); shared: g[p]. A zero upstream gradient (e.g. an excluded class) leaves A untouched: the
+// Block per (b, k); shared: g[p] (allocated in whole 16-byte granules: see dyn_smem_bytes). A zero upstream gradient (e.g. an excluded class) leaves A untouched: the
 // apply kernel writes zeros for it without reading A.
 __global__ void __launch_bounds__(NT) weights_kernel(const BackwardArgs a) {
   extern __shared__ double g[];
@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(NT) mean_kernel(const BackwardArgs a) {
 
 // Subtract from each of the ts columns of the p x ts tile X its mean over the rows (ts threads, a serial sum
 // each: the forward's per-sample centring, and in the backward the projection back through it).
-__device__ void center_columns(double* X, int p, int ts, double* colmean) {
+template <typename SharedPtr>  // double* on the GPU
+__device__ void center_columns(SharedPtr X, int p, int ts, SharedPtr colmean) {
   if ((int)threadIdx.x < ts) {
     double s = 0.0;
     for (int r = 0; r < p; ++r) s += X[r * ts + threadIdx.x];
@@ -110,10 +111,10 @@ template <typename In>
 __global__ void __launch_bounds__(NT) apply_kernel(const BackwardArgs a) {
   extern __shared__ double sm[];
   const int p = a.p, ts = a.ts;
-  double* X = sm;
-  double* Y = X + p * ts;
-  double* colmean = Y + p * ts;
-  unsigned char* bad = reinterpret_cast<unsigned char*>(colmean + ts);
+  auto X = sm;  // auto: the host emulation's checked shared pointers (csrc/cuda/emu)
+  auto Y = X + p * ts;
+  auto colmean = Y + p * ts;
+  auto bad = reinterpret_cast<unsigned char*>(colmean + ts);
   const int64_t tiles = (a.zl.ns + ts - 1) / ts;
   for (int64_t i = blockIdx.y; i < a.count; i += gridDim.y) {
     const int64_t zbase = (i / a.K) * a.zb + (i % a.K) * a.zk, dbase = (i / a.K) * a.db + (i % a.K) * a.dk;
@@ -169,7 +170,9 @@ __global__ void __launch_bounds__(NT) apply_kernel(const BackwardArgs a) {
   }
 }
 
-size_t apply_smem_bytes(int p, int ts) { return (sizeof(double) * 2 + 1) * (size_t)p * ts + sizeof(double) * ts; }
+size_t apply_smem_bytes(int p, int ts) {
+  return dyn_smem_bytes((sizeof(double) * 2 + 1) * (size_t)p * ts + sizeof(double) * ts);
+}
 
 template <typename In>
 void launch(const BackwardArgs& a, size_t apply_bytes, cudaStream_t s) {
@@ -244,7 +247,7 @@ void scale_backward_decoded(const ArrayView& z, int mode, bool center, double ep
   Workspace ws(device, s);
   a.A = ws.alloc_n<double>(a.count * a.p * a.p);
   if (a.cent == (int)Centering::AcrossSamples) a.mu = ws.alloc_n<double>(a.count * a.p);
-  const size_t g_bytes = sizeof(double) * (size_t)a.p;
+  const size_t g_bytes = dyn_smem_bytes(sizeof(double) * (size_t)a.p);
   if (g_bytes > 48 * 1024)
     AUV_CUDA_CHECK(cudaFuncSetAttribute(weights_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)g_bytes));
   weights_kernel<<<(unsigned)std::min<int64_t>(a.count, 65535), NT, g_bytes, s>>>(a);

@@ -16,7 +16,8 @@ namespace cuda {
 // e2[0..n-1)) that are smaller than x: the count of negative pivots of the LDLᵀ factorisation of T - x I
 // (Sturm sequence). A pivot that falls to within pivmin of 0 is replaced by -pivmin (as LAPACK's dlaebz does)
 // so the recurrence never divides by 0.
-__host__ __device__ inline int sturm_count(const double* d, const double* e2, int n, double x, double pivmin) {
+template <typename VecPtr>  // const double* (the CUDA emulation passes its checked shared pointers)
+__host__ __device__ inline int sturm_count(VecPtr d, VecPtr e2, int n, double x, double pivmin) {
   int count = 0;
   double q = d[0] - x;
   if (fabs(q) <= pivmin) q = -pivmin;

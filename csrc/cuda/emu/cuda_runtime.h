@@ -4,14 +4,30 @@
 // blocks one after another, so `__shared__` variables become statics. __syncthreads is a std::barrier and
 // warp shuffles go through a per-warp exchange buffer with its own barrier. It checks the kernels' logic
 // (indexing, barriers, reductions, centring, the solver), not their speed or the memory model of a GPU.
+//
+// Shared memory is checked as compute-sanitizer memcheck checks it on a GPU: build_emu.py turns every
+// `extern __shared__ T x[]` and every `__shared__ T x[...]` into an emu::Smem<T>, a pointer that carries its
+// allocation's bounds through indexing, arithmetic and casts and throws emu::SmemError (naming the kernel, the
+// array, the offset, the thread and the block) on an access outside the allocation or misaligned for its type.
+// A dynamic allocation is held to more: nvcc declares `extern __shared__` arrays `.align 16` and ptxas takes
+// the object's size to be a multiple of that, so it may widen an 8-byte access into a 16-byte LDS.128/STS.128
+// (issue 22: weights_kernel read g[p-1] and g[p] in one LDS.128 when p % 4 == 1). Every access to a dynamic
+// allocation must therefore lie in 16-byte granules that the allocation covers whole. An Smem does not
+// convert to a raw pointer, so a kernel cannot slip an unchecked access past the emulation: code that passes a
+// shared array to a helper takes the pointer type as a template parameter (or `auto`), which is the raw
+// pointer on the GPU.
 #pragma once
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -60,18 +76,149 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<double> xbuf;  // shuffle exchange, one slot per thread
   std::vector<unsigned char> dyn;
-  explicit Block(int n, size_t smem) : bar(n), xbuf(n), dyn(smem + 64) {
+  size_t dyn_bytes;          // the dynamic shared memory the launch asked for
+  std::mutex err_mu;
+  std::string error;         // the first thread's SmemError (or other exception), rethrown by launch
+  explicit Block(int n, size_t smem) : bar(n), xbuf(n), dyn(smem + 64), dyn_bytes(smem) {
     for (int w = 0; w < (n + 31) / 32; ++w) warp_bar.emplace_back(new std::barrier<>(std::min(32, n - 32 * w)));
   }
 };
 inline thread_local dim3 t_threadIdx, t_blockIdx, t_blockDim, t_gridDim;
 inline thread_local Block* t_block = nullptr;
+inline thread_local const char* t_kernel = "?";
 
+// What compute-sanitizer memcheck would report as an invalid or misaligned __shared__ access.
+struct SmemError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The granule that ptxas may widen an access to a dynamic shared array to (its `.align 16`).
+constexpr size_t kDynSmemGranule = 16;
+
+[[noreturn]] inline void smem_fail(const char* what, const char* name, bool dynamic, size_t bytes, ptrdiff_t off,
+                                   size_t size, const char* why) {
+  throw SmemError(std::string("emulated memcheck: ") + what + " __shared__ access of " + std::to_string(size) +
+                  " bytes at offset " + std::to_string(off) + " of " + (dynamic ? "dynamic" : "static") +
+                  " shared array '" + name + "' (" + std::to_string(bytes) + " bytes) in kernel " + t_kernel +
+                  ", thread (" + std::to_string(t_threadIdx.x) + "," + std::to_string(t_threadIdx.y) + "," +
+                  std::to_string(t_threadIdx.z) + ") of block (" + std::to_string(t_blockIdx.x) + "," +
+                  std::to_string(t_blockIdx.y) + "," + std::to_string(t_blockIdx.z) + ")" + why);
+}
+
+// A pointer into one shared allocation that checks every access against it (see the header comment). T may be
+// an array type (a row of a static 2-D array): indexing then gives an Smem of the row, bounded by the whole
+// allocation as memcheck bounds it. Built from a raw pointer it is an unchecked view of global memory, so that
+// `SHARED ? sm : global_ptr` keeps one type.
 template <typename T>
-T* dyn_smem() { return reinterpret_cast<T*>(t_block->dyn.data()); }
+class Smem {
+ public:
+  Smem() = default;
+  Smem(std::nullptr_t) {}
+  Smem(T* global) : raw_(reinterpret_cast<unsigned char*>(global)) {}  // NOLINT: implicit, see above
+  Smem(unsigned char* base, size_t bytes, ptrdiff_t off, const char* name, bool dynamic)
+      : base_(base), bytes_(bytes), off_(off), name_(name), dynamic_(dynamic) {}
+  template <typename U, typename = std::enable_if_t<std::is_same_v<std::remove_const_t<T>, U>>>
+  Smem(const Smem<U>& o)  // T* -> const T*
+      : raw_(o.raw_), base_(o.base_), bytes_(o.bytes_), off_(o.off_), name_(o.name_), dynamic_(o.dynamic_) {}
+
+  decltype(auto) operator[](int64_t i) const {
+    if constexpr (std::is_array_v<T>) {
+      using Row = std::remove_extent_t<T>;
+      if (!base_) return Smem<Row>(*reinterpret_cast<T*>(raw_ + i * (ptrdiff_t)sizeof(T)));
+      return Smem<Row>(base_, bytes_, off_ + i * (ptrdiff_t)sizeof(T), name_, dynamic_);
+    } else {
+      return *at(i * (ptrdiff_t)sizeof(T));
+    }
+  }
+  T& operator*() const { return *at(0); }
+  Smem operator+(int64_t n) const { return moved(n); }
+  Smem operator-(int64_t n) const { return moved(-n); }
+  friend Smem operator+(int64_t n, const Smem& p) { return p.moved(n); }
+  Smem& operator+=(int64_t n) { return *this = moved(n); }
+  Smem& operator-=(int64_t n) { return *this = moved(-n); }
+  Smem& operator++() { return *this = moved(1); }
+  Smem& operator--() { return *this = moved(-1); }
+  Smem operator++(int) { Smem o = *this; *this = moved(1); return o; }
+  Smem operator--(int) { Smem o = *this; *this = moved(-1); return o; }
+  ptrdiff_t operator-(const Smem& o) const { return (addr() - o.addr()) / (ptrdiff_t)sizeof(T); }
+  bool operator==(const Smem& o) const { return addr() == o.addr(); }
+  bool operator!=(const Smem& o) const { return addr() != o.addr(); }
+  bool operator<(const Smem& o) const { return addr() < o.addr(); }
+  explicit operator bool() const { return base_ || raw_; }
+
+  template <typename U>
+  Smem<U> cast() const {  // reinterpret_cast<U*>(p)
+    Smem<U> r;
+    r.raw_ = raw_;
+    r.base_ = base_, r.bytes_ = bytes_, r.off_ = off_, r.name_ = name_, r.dynamic_ = dynamic_;
+    return r;
+  }
+  // The checked address of the element at byte offset `rel` from here (also for atomics on shared memory).
+  T* at(ptrdiff_t rel) const {
+    if (!base_) return reinterpret_cast<T*>(raw_ + rel);
+    const ptrdiff_t o = off_ + rel;
+    constexpr size_t size = sizeof(T);
+    if (o < 0 || o + (ptrdiff_t)size > (ptrdiff_t)bytes_) smem_fail("invalid", name_, dynamic_, bytes_, o, size, "");
+    if (o % (ptrdiff_t)alignof(T) != 0) smem_fail("misaligned", name_, dynamic_, bytes_, o, size, "");
+    if (dynamic_) {
+      const size_t end = ((size_t)o + size + kDynSmemGranule - 1) / kDynSmemGranule * kDynSmemGranule;
+      if (end > bytes_)
+        smem_fail("invalid", name_, dynamic_, bytes_, o, size,
+                  (": its 16-byte granule ends at " + std::to_string(end) +
+                   ", past the allocation; ptxas may widen this access to a 16-byte LDS/STS (nvcc aligns "
+                   "extern __shared__ to 16), which reads past the end on the GPU: round the dynamic shared "
+                   "size up to a multiple of 16").c_str());
+    }
+    return reinterpret_cast<T*>(base_ + o);
+  }
+
+ private:
+  template <typename U>
+  friend class Smem;
+  Smem moved(int64_t n) const {
+    Smem r = *this;
+    if (base_) r.off_ += n * (ptrdiff_t)sizeof(T);
+    else r.raw_ += n * (ptrdiff_t)sizeof(T);
+    return r;
+  }
+  ptrdiff_t addr() const { return base_ ? (ptrdiff_t)(base_ + off_) : (ptrdiff_t)raw_; }
+
+  unsigned char* raw_ = nullptr;   // unchecked (global memory) view
+  unsigned char* base_ = nullptr;  // the shared allocation
+  size_t bytes_ = 0;
+  ptrdiff_t off_ = 0;              // bytes from base_; may leave the allocation until it is accessed
+  const char* name_ = "";
+  bool dynamic_ = false;
+};
+
+// `extern __shared__ T name[]`: the block's dynamic allocation, as large as the launch asked.
+template <typename T>
+Smem<T> dyn_smem(const char* name) {
+  return Smem<T>(t_block->dyn.data(), t_block->dyn_bytes, 0, name, true);
+}
+// `__shared__ T name[N]...`: a static array of the kernel.
+template <typename T, size_t N>
+Smem<T> static_smem(T (&a)[N], const char* name) {
+  return Smem<T>(reinterpret_cast<unsigned char*>(&a), sizeof(a), 0, name, false);
+}
+
+// reinterpret_cast as build_emu.py rewrites it: a shared pointer stays checked.
+template <typename T>
+struct is_smem : std::false_type {};
+template <typename T>
+struct is_smem<Smem<T>> : std::true_type {};
+template <typename To, typename From>
+auto ptr_cast(From&& x) {
+  if constexpr (is_smem<std::decay_t<From>>::value) {
+    static_assert(std::is_pointer_v<To>, "a shared pointer casts to a pointer type");
+    return x.template cast<std::remove_pointer_t<To>>();
+  } else {
+    return reinterpret_cast<To>(x);
+  }
+}
 
 template <typename K, typename... A>
-void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, A... args) {
+void launch(const char* name, K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, A... args) {
   ++launches();
   const int n = (int)(block.x * block.y * block.z);
   for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -87,25 +234,33 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, A... arg
             t_blockDim = block;
             t_gridDim = grid;
             t_block = &blk;
-            kernel(args...);
+            t_kernel = name;
+            try {
+              kernel(args...);
+            } catch (const std::exception& e) {
+              // The thread stops here (as a faulting thread stops the kernel on the GPU); the first report wins.
+              std::lock_guard<std::mutex> lock(blk.err_mu);
+              if (blk.error.empty()) blk.error = e.what();
+            }
             // A finished thread no longer holds up barriers (as on the GPU, where exited threads do not count).
             blk.bar.arrive_and_drop();
             blk.warp_bar[t / 32]->arrive_and_drop();
           });
         for (auto& x : th) x.join();
+        if (!blk.error.empty()) throw SmemError(blk.error);
       }
 }
 template <typename K, typename... A>
-void launch(K kernel, unsigned grid, unsigned block, size_t smem, cudaStream_t s, A... args) {
-  launch(kernel, dim3(grid), dim3(block), smem, s, args...);
+void launch(const char* name, K kernel, unsigned grid, unsigned block, size_t smem, cudaStream_t s, A... args) {
+  launch(name, kernel, dim3(grid), dim3(block), smem, s, args...);
 }
 template <typename K, typename... A>
-void launch(K kernel, dim3 grid, int block, size_t smem, cudaStream_t s, A... args) {
-  launch(kernel, grid, dim3((unsigned)block), smem, s, args...);
+void launch(const char* name, K kernel, dim3 grid, int block, size_t smem, cudaStream_t s, A... args) {
+  launch(name, kernel, grid, dim3((unsigned)block), smem, s, args...);
 }
 template <typename K, typename... A>
-void launch(K kernel, unsigned grid, int block, size_t smem, cudaStream_t s, A... args) {
-  launch(kernel, dim3(grid), dim3((unsigned)block), smem, s, args...);
+void launch(const char* name, K kernel, unsigned grid, int block, size_t smem, cudaStream_t s, A... args) {
+  launch(name, kernel, dim3(grid), dim3((unsigned)block), smem, s, args...);
 }
 }  // namespace emu
 
@@ -150,6 +305,8 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+template <typename T, typename V>
+inline T atomicAdd(const emu::Smem<T>& p, V v) { return atomicAdd(p.at(0), (T)v); }
 inline int atomicOr(int* p, int v) { return std::atomic_ref<int>(*p).fetch_or(v); }
 inline unsigned long long atomicOr(unsigned long long* p, unsigned long long v) {
   return std::atomic_ref<unsigned long long>(*p).fetch_or(v);

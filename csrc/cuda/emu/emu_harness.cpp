@@ -47,10 +47,43 @@ DuoArgs duo_args(void* z, void* n, int zdtype, const int64_t* shape, const int64
   a.tau = tau;
   return a;
 }
+
+// Deliberate shared-memory faults, one per mode, so that tests/test_cuda_emu_bounds.py can show the checker
+// reports each one (a checker that never fires would pass every kernel). Thread 0 of each block acts.
+void probe_kernel(int mode, int n) {
+  auto buf = ::emu::dyn_smem<double>("buf");
+  static double st__emu[4];
+  auto st = ::emu::static_smem(st__emu, "st");
+  if (threadIdx.x != 0) return;
+  switch (mode) {
+    case 0:  // buf[0..n): in bounds, but n doubles need an allocation of whole 16-byte granules
+      for (int i = 0; i < n; ++i) buf[i] = i;
+      break;
+    case 1:  // one element past the end of the dynamic allocation
+      buf[n] = 1.0;
+      break;
+    case 2:  // one before its start, through pointer arithmetic
+      (buf - 1)[0] = 1.0;
+      break;
+    case 3:  // past the end of a static array
+      st[4] = 1.0;
+      break;
+    case 4:  // a double at byte offset 4: misaligned
+      *::emu::ptr_cast<double*>(::emu::ptr_cast<char*>(buf) + 4) = 1.0;
+      break;
+    case 5:  // bytes after the doubles, as apply_kernel lays out its flags: in bounds
+      ::emu::ptr_cast<unsigned char*>(buf + n)[0] = 1;
+      break;
+  }
+}
 }  // namespace
 
 extern "C" {
 void emu_set_optin(int bytes) { emu::optin_bytes() = bytes; }
+
+int emu_smem_probe(int mode, int n, int64_t bytes, char* err, int errlen) {
+  return guarded(err, errlen, [&] { emu::launch("probe_kernel", probe_kernel, 2u, 40, (size_t)bytes, nullptr, mode, n); });
+}
 int emu_launch_count() { return emu::launches(); }
 
 int emu_decoded_gram(void* z, int dtype, int ndim, const int64_t* shape, const int64_t* strides, int mode, int center,

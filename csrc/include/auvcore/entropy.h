@@ -48,11 +48,13 @@ AUVCORE_HD inline double entropy_scale(const double* lambda, int64_t r, double e
 // dS/dλ_j of entropy_scale over a descending spectrum, written to g[0..r). Eigenvalues at or below `tol`
 // (zero, clamped, or rounding noise) get 0: there the derivative with respect to the matrix is 0 in the limit
 // (paper: p ∝ σ² and σ² log σ² has slope 0) or undefined (official: σ is not smooth at 0). r < 2 or zero
-// total energy: all 0.
+// total energy: all 0. `g` is a double* (a template parameter so that the CUDA emulation can pass its
+// bounds-checked shared-memory pointer).
 //   paper    p_j = λ_j / D, D = Σλ + ε:  ∂S/∂λ_k = (−log p_k − H − ε/D) / (D log r), the −ε/D from Σp = 1 − ε/D;
 //   official p_j = q_j / Σq, q_j = σ_j + 1e-6:  ∂S/∂q_k = (−log p_k − H) / (Σq log r), ∂q_k/∂λ_k = 1 / (2σ_k).
+template <typename Out>
 AUVCORE_HD inline void entropy_scale_grad(const double* lambda, int64_t r, double eps, int variant, double tol,
-                                          double* g) {
+                                          Out g) {
   for (int64_t j = 0; j < r; ++j) g[j] = 0.0;
   if (r < 2) return;
   double sum = 0.0;
