@@ -52,8 +52,10 @@ __host__ __device__ inline int64_t scratch_doubles(int n, bool a_shared, bool v_
 // Shared layout: [A packed (a_shared)] [V n*n (v_shared)] c[h] s[h] t[h] red[33] | int: pj[h] pk[h] rot[h] rank[n].
 __host__ __device__ inline size_t eig_smem_bytes(int n, bool a_shared, bool v_shared) {
   const size_t h = (size_t)n / 2;
-  return sizeof(double) * ((a_shared ? (size_t)packed_size(n) : 0) + (v_shared ? (size_t)n * n : 0) + 3 * h + 33) +
-         sizeof(int) * (3 * h + (size_t)n);
+  // whole 16-byte granules: ptxas may widen the last access to 16 bytes (dyn_smem_bytes, common_cuda.cuh)
+  return dyn_smem_bytes(
+      sizeof(double) * ((a_shared ? (size_t)packed_size(n) : 0) + (v_shared ? (size_t)n * n : 0) + 3 * h + 33) +
+      sizeof(int) * (3 * h + (size_t)n));
 }
 
 // Index of (a, b), a <= b, in the packed upper triangle of an n x n matrix (row a starts after rows 0..a-1).
@@ -111,19 +113,19 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
   extern __shared__ double sm[];
   const int tid = threadIdx.x, p = a.p, n = a.n, h = n / 2;
   double* slot = a.scratch ? a.scratch + (int64_t)blockIdx.x * scratch_doubles(n, AS, VS) : nullptr;
-  double* next = sm;
-  double* A = AS ? next : slot;
+  auto next = sm;
+  auto A = AS ? next : slot;
   if (AS) next += packed_size(n);
-  double* V = VS ? next : slot + (AS ? 0 : packed_size(n));
+  auto V = VS ? next : slot + (AS ? 0 : packed_size(n));
   if (VS) next += (int64_t)n * n;
-  double* rc = next;
-  double* rs = rc + h;
-  double* rt = rs + h;
-  double* red = rt + h;
-  int* pj = reinterpret_cast<int*>(red + 33);
-  int* pk = pj + h;
-  int* rot = pk + h;
-  int* rank = rot + h;
+  auto rc = next;
+  auto rs = rc + h;
+  auto rt = rs + h;
+  auto red = rt + h;
+  auto pj = reinterpret_cast<int*>(red + 33);
+  auto pk = pj + h;
+  auto rot = pk + h;
+  auto rank = rot + h;
   const int T = blockDim.x, hb = h + 1;
   const int a_q0 = tid / hb, a_r0 = tid % hb, a_dq = T / hb, a_dr = T % hb;  // the folded triangle of blocks
   const int v_q0 = tid / n, v_r0 = tid % n, v_dq = T / n, v_dr = T % n;      // rows x columns of V
@@ -230,8 +232,8 @@ __global__ void __launch_bounds__(kMaxThreads) eigenpairs_kernel(const EigArgs a
         // V ← V J: rows j, k of the stored Vᵀ; consecutive threads take consecutive columns.
         for (int e = tid, P = v_q0, col = v_r0; e < h * n; e += T, advance(P, col, v_dq, v_dr, n)) {
           if (!rot[P]) continue;
-          double* vj = V + pj[P] * n;
-          double* vk = V + pk[P] * n;
+          auto vj = V + pj[P] * n;
+          auto vk = V + pk[P] * n;
           const double c = rc[P], s = rs[P], x = vj[col], y = vk[col];
           vj[col] = c * x - s * y;
           vk[col] = s * x + c * y;
