@@ -174,12 +174,12 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Mean embedding of each class: ``[1, C, *g]``, ``[1, *g]`` → ``[K, C]`` (NaN rows for
-    classes with no voxel)."""
+    classes with no voxel), on the features' device."""
     f, lab = _check_fl(features, labels, num_classes)
     C = f.shape[0]
     flat = f.reshape(C, -1).double()
     l = lab.reshape(-1)
-    sums = torch.zeros(num_classes, C, dtype=torch.float64).index_add_(0, l, flat.T)
+    sums = torch.zeros(num_classes, C, dtype=torch.float64, device=flat.device).index_add_(0, l, flat.T)
     cnt = torch.bincount(l, minlength=num_classes).double()[:, None]
     out = sums / cnt
     out[cnt[:, 0] == 0] = float("nan")
