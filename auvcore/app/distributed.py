@@ -263,25 +263,27 @@ def auto_workers(device, cores: int | None = None, ranks_per_node: int = 1) -> i
     return max(1, min(4, cores // max(1, ranks_per_node) - 1))
 
 
-def loaded_cases(cases, spacing, modality: str, ds, workers: int = 0, device=None):
+def loaded_cases(cases, spacing, modality: str, ds, workers: int = 0, device=None, resample_in_loaders=None):
     """Yield ``(case, volume or None, error or None, load seconds)`` for ``cases`` in order. ``workers=0``
     reads them here; ``workers=N`` in N processes of a torch ``DataLoader`` (two cases ahead per worker), which
     overlap the reading with the encoder. ``device``: the scoring device; on a GPU the resampling and label
-    counts run there, in this process (the loaders only read), on the CPU in whichever process reads."""
+    counts run there, in this process (the loaders only read), on the CPU in whichever process reads
+    (``resample_in_loaders`` overrides this choice: the tests take the GPU's way on the CPU)."""
     if workers < 0:
         raise ValueError(f"--workers: expected 0 or more, got {workers}")
     gpu = device is not None and torch.device(device).type == "cuda"
+    here = gpu if resample_in_loaders is None else not resample_in_loaders  # resampled in this process
     if workers == 0 or not cases:
         for case in cases:
             vol, err, dt = load_checked(case, spacing, modality, ds, device if gpu else None)
             yield case, vol, err, dt
         return
-    loader = torch.utils.data.DataLoader(_Loads(list(cases), spacing, modality, ds, not gpu), batch_size=None,
+    loader = torch.utils.data.DataLoader(_Loads(list(cases), spacing, modality, ds, not here), batch_size=None,
                                          shuffle=False, num_workers=min(workers, len(cases)), collate_fn=_as_is,
                                          prefetch_factor=2, persistent_workers=False)
     for case, (vol, err, dt) in zip(cases, loader):
-        if gpu and err is None:
-            vol, err, dt2 = finish_load(case, vol, spacing, ds, device)
+        if here and err is None:
+            vol, err, dt2 = finish_load(case, vol, spacing, ds, device if gpu else None)
             dt += dt2
         yield case, vol, err, dt
 
