@@ -224,7 +224,7 @@ def resample(
         for ax in range(3):
             cc = _coords(int(shape_in[ax]), int(shape_out[ax]), scale[ax], offset[ax])
             idx = np.floor(cc + 0.5).astype(np.int64).clip(0, int(shape_in[ax]) - 1)
-            out = out.index_select(ax, torch.from_numpy(idx).to(dev))
+            out = _take(out, ax, torch.from_numpy(idx).to(dev))
     else:
         out = _linear(out, shape_in, shape_out, scale, offset)
     if out.dtype == torch.float64:
@@ -235,6 +235,12 @@ def resample(
     if was_numpy:
         out = out.cpu().numpy()
     return out, new_affine
+
+
+def _take(t, ax: int, idx):
+    """``t.index_select(ax, idx)`` for a 3-D tensor; advanced indexing for the last axis, where torch's CPU
+    ``index_select`` gathers element by element (4x slower on the demo volumes)."""
+    return t[..., idx] if ax == t.dim() - 1 else t.index_select(ax, idx)
 
 
 def _coords(n_in: int, n_out: int, scale: float, offset: float) -> np.ndarray:
@@ -271,10 +277,11 @@ def _linear(x, shape_in, shape_out, scale, offset):
     for ax in range(3):
         shape = [1, 1, 1]
         shape[ax] = -1
-        out = out.index_select(ax, idx[ax][0]).lerp_(out.index_select(ax, idx[ax][1]), w[ax][1].view(shape))
+        out = _take(out, ax, idx[ax][0]).lerp_(_take(out, ax, idx[ax][1]), w[ax][1].view(shape))
     tol = 64 * 2.0 ** -53 * float(x.abs().max()) if x.numel() else 0.0
-    res = out.to(torch.float32)
-    near = ((out - tol).to(torch.float32) != (out + tol).to(torch.float32)).nonzero()
+    # rounding is monotone: where no float32 boundary lies within tol, value - tol rounds as the value does
+    res = (out - tol).to(torch.float32)
+    near = (res != (out + tol).to(torch.float32)).nonzero()
     if len(near):
         ii, jj, kk = near.unbind(1)
         acc = None
