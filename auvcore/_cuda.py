@@ -84,13 +84,14 @@ def gram_eigenpairs(G: torch.Tensor, stream: int):
 
 
 def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
-                   nan_to_num: bool = False, eigenpairs: bool = False):
+                   nan_to_num: bool = False, eigenpairs: bool = False, spectrum: bool = False):
     """S [B, K] float64 on z's device; z [B, K, D, H, W] or [B, K, H, W] (torch CUDA tensor or CuPy array).
     ``center`` and ``nan_to_num`` are taken as given (``auvcore.scale.preset_args`` resolves the official
     preset). With ``eigenpairs`` also what the backward needs: the eigenvalues [B·K, p] (descending) and
     eigenvectors [B·K, p, p] (rows) of the same Gram matrices, from this module's batched eigenpairs kernel
     (``gram_eigenpairs``): S itself still comes from the eigenvalue kernel, so it is the value the no-grad call
-    returns."""
+    returns. With ``spectrum`` also the energies [B, K, p] from the kernel's eigenvalues
+    (``_torch_impl.entropy_scale``, the torch formula of the energies), on z's device."""
     _require_kernels()
     z, stream = as_cuda_tensor(z, "z")
     _require_device_supported(z)
@@ -106,10 +107,13 @@ def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e
         # Before the S kernel, which overwrites G (the eigenpairs kernel only reads it).
         pairs = gram_eigenpairs(G, s) if eigenpairs else None
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
+        ev = torch.empty(Bn * K, p, dtype=torch.float64, device=dev) if spectrum else None
         B._C.cuda_scale_from_gram(B.view(G), B.view(None), p, float(eps), T.VARIANTS[variant], B.view(flags),
-                                  B.view(S), B.view(None), s)
+                                  B.view(S), B.view(ev), s)
         if not nan_to_num and not _capturing(dev) and bool(flags.any()):
             raise B.non_finite("z")
+        if spectrum:
+            return S.view(Bn, K), T.entropy_scale(ev, p, eps, variant)[1].view(Bn, K, p)
         if eigenpairs:
             return (S.view(Bn, K),) + pairs
     return S.view(Bn, K)
@@ -129,8 +133,10 @@ def scale_backward(z, layout, center, eps, variant, evals, evecs, grad_S):
 
 
 def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: float = 1e-8,
-                          nan_to_num: bool = False) -> torch.Tensor:
-    """S [B, K] float64 on the features' device; features [B, C, *spatial], labels [B, *spatial] in 0..K-1."""
+                          nan_to_num: bool = False, spectrum: bool = False):
+    """S [B, K] float64 on the features' device; features [B, C, *spatial], labels [B, *spatial] in 0..K-1.
+    With ``spectrum`` also the energies [B, K, C] (0 past each class's r, NaN rows where r < 2) from the
+    kernel's eigenvalues (``_torch_impl.entropy_scale``), on the features' device."""
     _require_kernels()
     features, stream = as_cuda_tensor(features, "features")
     labels, _ = as_cuda_tensor(labels, "labels")
@@ -147,11 +153,12 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
         flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
         label_error = torch.zeros(2, dtype=torch.int64, device=dev)
         S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
+        ev = torch.empty(Bn * K, C, dtype=torch.float64, device=dev) if spectrum else None
         # Each class's Gram on its smaller side: n x n for a class of n < C voxels.
         B._C.cuda_masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), B.view(G),
                               B.view(counts), B.view(flags), B.view(label_error), s, smaller_side=True)
         B._C.cuda_scale_from_gram(B.view(G), B.view(counts), 0, float(eps), 0, B.view(flags), B.view(S),
-                                  B.view(None), s, sized_by_counts=True)
+                                  B.view(ev), s, sized_by_counts=True)
         if not _capturing(dev):
             # One transfer for both checks: [any NaN/Inf, label error flag, offending label].
             status = torch.cat([flags.any().view(1).to(torch.int64), label_error]).tolist()
@@ -159,6 +166,8 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
                 raise ValueError(f"labels: value {status[2]} is outside 0..{K - 1} (num_classes={K})")
             if status[0] and not nan_to_num:
                 raise B.non_finite("features")
+        if spectrum:
+            return S.view(Bn, K), T.entropy_scale(ev, counts.clamp(max=C), eps, "paper")[1].view(Bn, K, C)
     return S.view(Bn, K)
 
 

@@ -65,7 +65,8 @@ def _decoded_torch(z, layout, center, eps, variant, nan_to_num, spectrum):
 
 
 def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e-8, variant: str = "paper",
-                   nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None, mode=None):
+                   nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None, mode=None,
+                   spectrum: bool = False):
     """Semantic perception scale of decoded class maps.
 
     Args:
@@ -80,6 +81,8 @@ def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e
         backend: ``"auto"``, ``"cpp"``, ``"cuda"`` or ``"torch"``.
         num_threads: CPU threads (default ``torch.get_num_threads()``).
         mode: the deprecated name of ``layout``.
+        spectrum: also return the energies p_j that S is taken from (:func:`energy_spectrum`'s, float64), from
+            the same pass: ``(S, p)``. Not differentiable.
 
     Returns:
         S ``[B, K]`` in [0, 1] (NaN where min(m, n) < 2), same kind as ``z``; float64 for float64 input,
@@ -91,6 +94,9 @@ def semantic_scale(z, layout: str = "D_HW", center: bool = True, eps: float = 1e
     _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, z)
     center, nan_to_num = preset_args(variant, center, nan_to_num)
+    if spectrum:
+        S, p = _decoded_spectrum(z.detach(), layout, center, eps, variant, nan_to_num, num_threads, be)
+        return _finish(S, z, was_numpy), _finish_spectrum(p, was_numpy)
     if z.requires_grad and torch.is_grad_enabled():
         return _finish(_autograd.semantic_scale(z, layout, center, eps, variant, nan_to_num, be, num_threads), z,
                        was_numpy)
@@ -134,13 +140,16 @@ def _masked_torch(features, labels, num_classes, center, eps, nan_to_num, spectr
 
 
 def masked_semantic_scale(features, labels, num_classes: int, center: bool = True, eps: float = 1e-8,
-                          nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None):
+                          nan_to_num: bool = False, backend: str = "auto", num_threads: int | None = None,
+                          spectrum: bool = False):
     """Semantic perception scale of the embeddings inside each class (within-class feature covariance).
 
     Args:
         features: ``[B, C, *spatial]`` embeddings (torch or numpy, any strides).
         labels: ``[B, *spatial]`` integer labels in ``0..num_classes-1`` on the same grid.
         num_classes: K.
+        spectrum: also return the energies p_j (:func:`energy_spectrum`'s ``[B, K, C]``, float64) from the same
+            pass: ``(S, p)``.
 
     Returns:
         S ``[B, K]``: for class k of sample b, M stacks the n = #(labels == k) embedding vectors (n x C);
@@ -152,15 +161,40 @@ def masked_semantic_scale(features, labels, num_classes: int, center: bool = Tru
     _check_masked(features, labels, num_classes)
     _check_common(center, eps, nan_to_num, num_threads)
     be = B.resolve(backend, features)
+    S, p = _masked(features.detach() if spectrum else features, labels, num_classes, center, eps, nan_to_num,
+                   num_threads, be, spectrum)
+    return (_finish(S, features, was_numpy), _finish_spectrum(p, was_numpy)) if spectrum else \
+        _finish(S, features, was_numpy)
+
+
+def _masked(features, labels, num_classes, center, eps, nan_to_num, num_threads, be, spectrum):
+    """(S, energies or None) of validated masked input on backend ``be``: one pass gives both."""
+    K = int(num_classes)
     if be == "cpp":
-        S = _cpu.masked_semantic_scale(features, labels, int(num_classes), center, eps, nan_to_num, num_threads)
+        out = _cpu.masked_semantic_scale(features, labels, K, center, eps, nan_to_num, num_threads, spectrum=spectrum)
     elif be == "cuda":
         from . import _cuda
 
-        S = _cuda.masked_semantic_scale(features, labels, int(num_classes), center, eps, nan_to_num)
+        out = _cuda.masked_semantic_scale(features, labels, K, center, eps, nan_to_num, spectrum=spectrum)
     else:
-        S = _masked_torch(features, labels, num_classes, center, eps, nan_to_num, False)
-    return _finish(S, features, was_numpy)
+        out = _masked_torch(features, labels, num_classes, center, eps, nan_to_num, spectrum)
+    return out if spectrum else (out, None)
+
+
+def _decoded_spectrum(z, layout, center, eps, variant, nan_to_num, num_threads, be):
+    """(S, energies) of validated decoded maps (preset resolved) on backend ``be``, in one pass."""
+    if be == "cpp":
+        return _cpu.semantic_scale(z, layout, center, eps, variant, nan_to_num, num_threads, spectrum=True)
+    if be == "cuda":
+        from . import _cuda
+
+        return _cuda.semantic_scale(z, layout, center, eps, variant, nan_to_num, spectrum=True)
+    return _decoded_torch(z, layout, center, eps, variant, nan_to_num, True)
+
+
+def _finish_spectrum(p, was_numpy):
+    p = p.to(torch.float64)
+    return p.numpy() if was_numpy else p
 
 
 def energy_spectrum(x, labels=None, num_classes: int | None = None, layout: str = "D_HW", center: bool = True,
@@ -178,23 +212,11 @@ def energy_spectrum(x, labels=None, num_classes: int | None = None, layout: str 
         _check_common(center, eps, nan_to_num, num_threads)
         be = B.resolve(backend, x)
         center, nan_to_num = preset_args(variant, center, nan_to_num)
-        x = x.detach()
-        if be == "cpp":
-            _, p = _cpu.semantic_scale(x, layout, center, eps, variant, nan_to_num, num_threads, spectrum=True)
-        else:
-            _, p = _decoded_torch(x.cpu() if be == "cuda" else x, layout, center, eps, variant, nan_to_num, True)
+        _, p = _decoded_spectrum(x.detach(), layout, center, eps, variant, nan_to_num, num_threads, be)
     else:
         labels, _ = B.as_tensor(labels, "labels")
         _check_masked(x, labels, num_classes)
         _check_common(center, eps, nan_to_num, num_threads)
         be = B.resolve(backend, x)
-        x = x.detach()
-        if be == "cpp":
-            _, p = _cpu.masked_semantic_scale(x, labels, int(num_classes), center, eps, nan_to_num, num_threads,
-                                              spectrum=True)
-        else:
-            if be == "cuda":
-                x, labels = x.cpu(), labels.cpu()
-            _, p = _masked_torch(x, labels, num_classes, center, eps, nan_to_num, True)
-    p = p.to(torch.float64)
-    return p.numpy() if was_numpy else p
+        _, p = _masked(x.detach(), labels, num_classes, center, eps, nan_to_num, num_threads, be, True)
+    return _finish_spectrum(p, was_numpy)

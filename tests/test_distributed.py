@@ -195,3 +195,40 @@ def test_device_cuda_gives_the_cpu_table(data, tmp_path, mode):
     pd.testing.assert_frame_equal(a[other], b[other])
     S = [c for c in num if c.startswith("S[")]
     np.testing.assert_allclose(b[S].to_numpy(), a[S].to_numpy(), rtol=0, atol=2e-3)
+
+
+def test_workers_auto(data, ref, tmp_path, monkeypatch):
+    from auvcore.app.distributed import auto_workers
+
+    # the rule (distributed.auto_workers): no loader beside a CPU encoder on a small machine, one from 8 cores;
+    # on a GPU the cores of the rank's share less one, 1..4
+    assert [auto_workers("cpu", n) for n in (1, 2, 7, 8, 64)] == [0, 0, 0, 1, 1]
+    assert [auto_workers("cuda", n) for n in (1, 2, 4, 16, 128)] == [1, 1, 3, 4, 4]
+    assert auto_workers("cuda:1", 16, ranks_per_node=8) == 1 and auto_workers("cuda", 16, ranks_per_node=4) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert auto_workers("cpu") == 1
+    out = tmp_path / "auto"
+    assert score_random3d(data, out, "--workers", "auto", "--timing", str(tmp_path / "t.json")) == 0
+    same_run(ref, out)
+    assert json.loads((tmp_path / "t.json").read_text())["workers"] == 1
+    with pytest.raises(SystemExit):
+        score_random3d(data, tmp_path / "r", "--workers", "many")
+
+
+def test_loaders_that_only_read_give_the_volumes_of_load_case(data):
+    """The GPU's way (the loader processes read, the scoring process resamples and counts), taken on the CPU:
+    the same volumes, label counts and errors as reading and resampling in one go."""
+    from auvcore.app.distributed import loaded_cases
+    from auvcore.data import discover, load_case
+
+    ds = discover(data)
+    cases = ds.cases[:3]
+    got = list(loaded_cases(cases, (1.5, 1.5, 3.0), "CT", ds, workers=2, resample_in_loaders=False))
+    assert [c.case_id for c, *_ in got] == [c.case_id for c in cases]
+    for case, vol, err, dt in got:
+        assert err is None and dt > 0
+        want = load_case(case, (1.5, 1.5, 3.0))
+        np.testing.assert_array_equal(vol.image, want.image)
+        np.testing.assert_array_equal(vol.label, want.label)
+        np.testing.assert_array_equal(vol.label_counts, np.bincount(want.label.reshape(-1)))
+        np.testing.assert_array_equal(vol.affine, want.affine)

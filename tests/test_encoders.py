@@ -280,3 +280,84 @@ def test_mahalanobis_flags_outlier_and_handles_absent_classes():
         sc.score(np.zeros((K, C + 1)))
     with pytest.raises(RuntimeError, match="fit"):
         MahalanobisScorer().score(np.zeros((K, C)))
+
+
+class _FactoryDevices(torch.overrides.TorchFunctionMode):
+    """Records the tensor factories (torch.zeros, torch.empty, ...) that auvcore calls without ``device=``
+    outside its CPU-only kernel wrapper (``_cpu.py``): on a GPU such a tensor lands on the CPU beside CUDA
+    inputs, the bug that broke ``--device cuda --mode decoded`` (class_means' prototypes). The CPU-only build
+    has no second device to mix, so this is how a CPU test sees the mix coming."""
+
+    FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.eye, torch.tensor,
+                 torch.rand, torch.randn, torch.randint, torch.linspace}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and "device" not in kwargs:
+            import sys
+
+            f = sys._getframe(1)
+            path = f.f_code.co_filename.replace("\\", "/")
+            if "/auvcore/" in path and "/tests/" not in path and not path.endswith("/_cpu.py"):
+                self.found.append(f"{path.split('/auvcore/')[-1]}:{f.f_lineno} {func.__name__}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["masked", "decoded"])
+def test_scoring_creates_its_tensors_on_the_features_device(mode):
+    from auvcore.app.scoring import score_case
+
+    enc = Random3DEncoder("layer1", seed=0)  # built outside: its weights are drawn on the CPU on purpose
+    v = _volume()
+    feats, lab = encode_case(enc, v, num_classes=4)
+    with _FactoryDevices() as guard:
+        class_means(feats, lab, 4)
+        prototype_maps(feats, lab, 4)
+        score_case(enc, v, 4, mode)
+    assert guard.found == [], guard.found
+
+
+def test_the_factory_guard_sees_a_tensor_made_without_device():
+    with _FactoryDevices() as guard:
+        from auvcore.encoders import common
+
+        common.torch.zeros(2)  # called from this test file: not auvcore's
+    assert guard.found == []
+    # the bug it is there for, as class_means had it: torch.zeros(num_classes, C) in auvcore/encoders/common.py
+    code = compile("torch.zeros(3, 4, dtype=torch.float64)", "/x/auvcore/encoders/common.py", "exec")
+    with _FactoryDevices() as guard:
+        exec(code, {"torch": torch})
+    assert guard.found == ["encoders/common.py:1 zeros"]
+
+
+def test_score_case_spectra_come_from_the_s_op_and_equal_a_second_pass():
+    """S and its energies from one call of the S op (spectrum=True): the same S as without the spectrum, and
+    the spectrum that energy_spectrum's separate pass gives (masked and decoded)."""
+    import auvcore
+    from auvcore.app.scoring import score_case
+
+    enc = Random3DEncoder("layer1", seed=0)
+    v = _volume()
+    feats, lab = encode_case(enc, v, num_classes=4)
+    S, p = auvcore.masked_semantic_scale(feats, lab, 4, spectrum=True)
+    same = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(S, auvcore.masked_semantic_scale(feats, lab, 4), **same)
+    torch.testing.assert_close(p, auvcore.energy_spectrum(feats, labels=lab, num_classes=4), **same)
+    out = score_case(enc, v, 4, "masked")
+    np.testing.assert_array_equal(out["spectrum"], p[0].numpy().astype(np.float32))
+    np.testing.assert_array_equal(out["S"], S[0].double().numpy())
+    maps = torch.nan_to_num(prototype_maps(feats, lab, 4), nan=0.0)
+    S, p = auvcore.semantic_scale(maps, spectrum=True)
+    torch.testing.assert_close(S, auvcore.semantic_scale(maps), **same)
+    torch.testing.assert_close(p, auvcore.energy_spectrum(maps), **same)
+    # the torch fallback gives the pair too, equal to the kernels' to float32 rounding
+    St, pt = auvcore.masked_semantic_scale(feats, lab, 4, backend="torch", spectrum=True)
+    torch.testing.assert_close(St, auvcore.masked_semantic_scale(feats, lab, 4), equal_nan=True, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pt, auvcore.energy_spectrum(feats, labels=lab, num_classes=4), equal_nan=True,
+                               rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError):
+        auvcore.semantic_scale(maps, spectrum=True, layout="nope")

@@ -21,11 +21,19 @@ class Problem:
     error: bool  # False: a warning
 
 
-def case_errors(case, label: np.ndarray, ds) -> list[str]:
+def case_errors(case, label, ds, counts=None) -> list[str]:
     """The errors of one loaded case that ``load_case`` does not raise itself (it checks readability, grids,
-    integer and non-negative labels, NaN/Inf images) but that would make its scale wrong; each names the file."""
+    integer and non-negative labels, NaN/Inf images) but that would make its scale wrong; each names the file.
+
+    The label values present are read off ``counts`` (voxels per value: ``Volume.label_counts``, counted by
+    ``load_case`` on the resampled label), else counted here by one ``torch.bincount`` of ``label`` (numpy or
+    torch, on its device): a count per value instead of ``np.unique``'s sort of every voxel."""
+    import torch
+
     out = []
-    bad = sorted(int(v) for v in np.unique(label) if int(v) not in ds.class_names)
+    if counts is None:
+        counts = torch.bincount(torch.as_tensor(label).reshape(-1).long()).cpu().numpy()
+    bad = [int(v) for v in np.flatnonzero(np.asarray(counts)) if int(v) not in ds.class_names]
     if bad and not ds.meta:
         out.append(f"label {case.label}: values {bad}, but the data set has no dataset.json to name its classes "
                    f"(put one beside the {ds.layout.upper()} with \"labels\": {{\"background\": 0, ...}})")
@@ -76,11 +84,12 @@ def check_dataset(dataset, encoder: str = "merlin", layer: str | None = None, li
         except (ValueError, OSError, EOFError) as e:
             problems.append(Problem(cid, str(case.label if "label" in str(e) else case.image), str(e), True))
             continue
-        errors = case_errors(case, vol.label, ds)
+        errors = case_errors(case, vol.label, ds, vol.label_counts)
         problems += [Problem(cid, str(case.label if m.startswith("label") else case.image), m, True) for m in errors]
         if errors:
             continue
-        counts = np.bincount(vol.label.reshape(-1).clip(0), minlength=ds.num_classes)
+        counts = np.bincount(vol.label.reshape(-1), minlength=ds.num_classes) if vol.label_counts is None \
+            else vol.label_counts
         if not counts[1:].any():
             problems.append(Problem(cid, str(case.label), "the label has no foreground class: no AUV", False))
             continue

@@ -27,11 +27,13 @@ def _quantile(s: str) -> float:
     return q
 
 
-def _workers(s: str) -> int:
+def _workers(s: str) -> int | str:
+    if s == "auto":
+        return s
     try:
         n = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of processes >= 0, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 0 or 'auto', got {s!r}")
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a number of processes >= 0, got {n}")
     return n
@@ -67,9 +69,9 @@ def _add_score_args(p, dataset: bool = True):
                         "on another device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the encoder's forward precision (default float32; S is always taken in float32)")
-    p.add_argument("--workers", type=_workers, default=0, metavar="N",
-                   help="read and resample cases in N worker processes ahead of the encoder (default 0: in the "
-                        "main process)")
+    p.add_argument("--workers", type=_workers, default=0, metavar="N|auto",
+                   help="read cases in N worker processes ahead of the encoder (default 0: in the main process); "
+                        "auto: 0 on a CPU below 8 cores (1 from 8), on a GPU min(4, cores per rank - 1), at least 1")
     p.add_argument("--timing", metavar="FILE", help=argparse.SUPPRESS)  # bench: the time split as JSON
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -91,6 +91,7 @@ class Ranks:
         self.world = _env_int("WORLD_SIZE", 1)
         self.rank = _env_int("RANK", 0)
         self.local_rank = _env_int("LOCAL_RANK", self.rank)
+        self.local_world = _env_int("LOCAL_WORLD_SIZE", self.world)  # ranks on this node (torchrun sets it)
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"environment: RANK={self.rank} and WORLD_SIZE={self.world} do not fit together")
         self._owned = False
@@ -157,15 +158,32 @@ class Ranks:
 
 # ---- loading ----------------------------------------------------------------------------------------
 
-def load_checked(case, spacing, modality: str, ds):
-    """``load_case`` + ``case_errors`` of one case: ``(volume, None, seconds)`` or ``(None, error, seconds)``."""
-    from ..data import load_case
+def load_checked(case, spacing, modality: str, ds, device=None, resample: bool = True):
+    """``load_case`` + ``case_errors`` of one case: ``(volume, None, seconds)`` or ``(None, error, seconds)``.
+    ``device``: where the resampling runs (``load_case``). ``resample=False``: read only (``read_case``), for a
+    loader process whose scoring process resamples on its GPU (:func:`finish_load`)."""
+    from ..data.dataset import read_case
+
+    t0 = time.perf_counter()
+    try:
+        if not resample:
+            return read_case(case, modality), None, time.perf_counter() - t0
+        vol, err, _ = finish_load(case, read_case(case, modality), spacing, ds, device)
+        return vol, err, time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - handed to the caller, recorded per case
+        return None, e, time.perf_counter() - t0
+
+
+def finish_load(case, raw, spacing, ds, device=None):
+    """Resample a read case (``read_case``) on ``device`` and check its labels (``case_errors``, on the counts
+    that the resampling took): ``(volume, None, seconds)`` or ``(None, error, seconds)``."""
+    from ..data.dataset import resample_volume
     from .check import case_errors
 
     t0 = time.perf_counter()
     try:
-        vol = load_case(case, spacing=spacing, modality=modality)
-        errors = case_errors(case, vol.label, ds)
+        vol = resample_volume(raw, spacing, device)
+        errors = case_errors(case, vol.label, ds, vol.label_counts)
         if errors:
             raise ValueError("; ".join(errors))
         return vol, None, time.perf_counter() - t0
@@ -174,14 +192,14 @@ def load_checked(case, spacing, modality: str, ds):
 
 
 class _Loads(torch.utils.data.Dataset):
-    def __init__(self, cases, spacing, modality, ds):
-        self.cases, self.spacing, self.modality, self.ds = cases, spacing, modality, ds
+    def __init__(self, cases, spacing, modality, ds, resample):
+        self.cases, self.spacing, self.modality, self.ds, self.resample = cases, spacing, modality, ds, resample
 
     def __len__(self):
         return len(self.cases)
 
     def __getitem__(self, i):
-        vol, err, dt = load_checked(self.cases[i], self.spacing, self.modality, self.ds)
+        vol, err, dt = load_checked(self.cases[i], self.spacing, self.modality, self.ds, resample=self.resample)
         return vol, None if err is None else portable_error(err), dt
 
 
@@ -226,20 +244,47 @@ def _make_look_alike(name, base, msg, state):
     return e
 
 
-def loaded_cases(cases, spacing, modality: str, ds, workers: int = 0):
+def auto_workers(device, cores: int | None = None, ranks_per_node: int = 1) -> int:
+    """``--workers auto``: how many loader processes feed one rank.
+
+    * CPU: 0 below 8 cores, else 1. Reading and resampling a case take a few percent of the encoder's time
+      there (bench/RESULTS.md), and a loader process takes its core from the encoder, which uses them all: on
+      a few cores the two then fight over them (torch's threads wait on each other at every parallel step
+      while the loader holds a core), for a gain of at most those few percent. With 8 or more cores one core
+      less for the encoder costs less than the reading it hides.
+    * GPU: the cores of this rank's share of the machine, less one for the scoring process, at most 4, at least
+      1: the scoring process then only resamples on the GPU (``read_case`` in the loaders, the reading and
+      decompression being most of a case's host work) while the GPU encodes the case before. Four loaders
+      read 4 cases in the time of one, which keeps 20 cases/s fed at up to 200 ms of reading per case."""
+    if cores is None:
+        cores = os.cpu_count() or 1
+    if torch.device(device).type != "cuda":
+        return 0 if cores < 8 else 1
+    return max(1, min(4, cores // max(1, ranks_per_node) - 1))
+
+
+def loaded_cases(cases, spacing, modality: str, ds, workers: int = 0, device=None, resample_in_loaders=None):
     """Yield ``(case, volume or None, error or None, load seconds)`` for ``cases`` in order. ``workers=0``
-    reads them here; ``workers=N`` in N processes of a torch ``DataLoader`` (two cases ahead per worker)."""
+    reads them here; ``workers=N`` in N processes of a torch ``DataLoader`` (two cases ahead per worker), which
+    overlap the reading with the encoder. ``device``: the scoring device; on a GPU the resampling and label
+    counts run there, in this process (the loaders only read), on the CPU in whichever process reads
+    (``resample_in_loaders`` overrides this choice: the tests take the GPU's way on the CPU)."""
     if workers < 0:
         raise ValueError(f"--workers: expected 0 or more, got {workers}")
+    gpu = device is not None and torch.device(device).type == "cuda"
+    here = gpu if resample_in_loaders is None else not resample_in_loaders  # resampled in this process
     if workers == 0 or not cases:
         for case in cases:
-            vol, err, dt = load_checked(case, spacing, modality, ds)
+            vol, err, dt = load_checked(case, spacing, modality, ds, device if gpu else None)
             yield case, vol, err, dt
         return
-    loader = torch.utils.data.DataLoader(_Loads(list(cases), spacing, modality, ds), batch_size=None,
+    loader = torch.utils.data.DataLoader(_Loads(list(cases), spacing, modality, ds, not here), batch_size=None,
                                          shuffle=False, num_workers=min(workers, len(cases)), collate_fn=_as_is,
                                          prefetch_factor=2, persistent_workers=False)
     for case, (vol, err, dt) in zip(cases, loader):
+        if here and err is None:
+            vol, err, dt2 = finish_load(case, vol, spacing, ds, device if gpu else None)
+            dt += dt2
         yield case, vol, err, dt
 
 

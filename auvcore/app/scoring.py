@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..scale import energy_spectrum
 from .run import (SETTINGS_KEYS, TABLE, atomic_text, case_file, check_same_settings, clear_run, error_file, fingerprint,
                   record_failure, save_result, stored_fingerprint, sweep_partial)
 from .table import write_table
@@ -25,10 +24,10 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
     layout ``"D_HW"``), and their image embeddings in masked mode; any other encoder's decoded maps are
     prototype-similarity maps of its embeddings.
 
-    S is computed on the encoder's device (``encoder.device``: the CUDA kernels for a GPU encoder), in
-    float32; the spectra, class means and baselines on the CPU. ``timing`` (a dict) accumulates the seconds
-    spent in the encoder (``encode_s``: preprocessing, forward, labels onto the grid), in S (``S_s``) and in the
-    rest (``other_s``)."""
+    S and the energy spectra come from one pass of the S op on the encoder's device (``encoder.device``: the
+    CUDA kernels for a GPU encoder), in float32; the class means and baselines on the CPU. ``timing`` (a dict)
+    accumulates the seconds spent in the encoder (``encode_s``: preprocessing, forward, labels onto the grid),
+    in S (``S_s``: S and the spectra) and in the rest (``other_s``)."""
     from ..baselines import intensity_variance
     from ..encoders import class_means, encode_case, prototype_maps
     from ..scale import masked_semantic_scale, semantic_scale
@@ -45,32 +44,30 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
         else:
             feats, lab = encode_case(encoder, volume, input=input, num_classes=num_classes)
     # S reads the features where the encoder left them (no round trip through the host for a GPU encoder);
-    # the spectra, class means and baselines then take one copy to the host.
+    # the class means and baselines then take one copy to the host.
     feats, lab = feats.float().to(device), lab.to(device)
     t1 = time.perf_counter()
     if mode == "masked":
-        S = masked_semantic_scale(feats, lab, num_classes)
+        S, spec = masked_semantic_scale(feats, lab, num_classes, spectrum=True)
     elif prompted:
         # decoded by the model itself: one row per axial slice
-        S = semantic_scale(feats.permute(0, 1, 4, 2, 3), layout="D_HW")
+        S, spec = semantic_scale(feats.permute(0, 1, 4, 2, 3), layout="D_HW", spectrum=True)
     else:
         # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
         maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)
-        S = semantic_scale(maps)
+        S, spec = semantic_scale(maps, spectrum=True)
     S = S[0].double().cpu().numpy()
+    spec = spec[0].cpu().numpy()
     t2 = time.perf_counter()
     feats, lab = feats.cpu(), lab.cpu()
     counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
-    label_counts = np.bincount(np.asarray(volume.label).reshape(-1), minlength=num_classes)[:num_classes]
-    if mode == "masked":
-        spec = energy_spectrum(feats, labels=lab, num_classes=num_classes)[0].numpy()
-    else:
+    # the label's voxels per value, counted when it was resampled (load_case); else counted here
+    label_counts = volume.label_counts if getattr(volume, "label_counts", None) is not None \
+        else np.bincount(np.asarray(volume.label).reshape(-1))
+    label_counts = np.pad(label_counts, (0, max(0, num_classes - len(label_counts))))[:num_classes]
+    if mode != "masked":
         if prompted:
-            maps = feats.permute(0, 1, 4, 2, 3)
             agreement = label_agreement(feats, lab, num_classes)
-        else:
-            maps = maps.cpu()
-        spec = energy_spectrum(maps)[0].numpy()
         absent = counts < 2  # classes absent from the case -> NaN
         S[absent] = np.nan
         spec[absent] = np.nan
@@ -108,7 +105,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
                   mode: str = "masked", input: str = "raw", reduction: str = "mean", seed: int | None = None,
                   csv: bool = False, limit: int | None = None, progress: bool = True, force: bool = False,
                   checkpoint: str | None = None, config: str | None = None, device: str = "cpu",
-                  dtype: str = "float32", workers: int = 0, timing: dict | None = None) -> Path:
+                  dtype: str = "float32", workers: int | str = 0, timing: dict | None = None) -> Path:
     """Score every case of ``dataset`` into the run folder ``out`` (resumable); returns the table path.
 
     A case is scored again when its stored result is missing, failed, or stale (its files or the settings
@@ -118,7 +115,8 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
 
     How the run is computed: ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) holds the encoder and S,
     ``dtype`` (``float32``, ``bfloat16``) is the encoder's forward precision (S is taken in float32),
-    ``workers`` processes read the cases ahead of the encoder (0: this process). Device and workers are not
+    ``workers`` processes read the cases ahead of the encoder (0: this process; ``"auto"``: the number that
+    :func:`~auvcore.app.distributed.auto_workers` picks for the device). Device and workers are not
     part of the run's settings or the cases' fingerprints: a run may be resumed on another device (see
     ``app/distributed.py``). A ``dtype`` other than float32 is (it changes S): a run is not resumed in
     another precision. Under ``torchrun`` (``WORLD_SIZE > 1``) the cases to score are shared out over
@@ -131,7 +129,7 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
     with ``cases`` (scored by this rank), ``rank``, ``world``, ``device``, ``workers``."""
     from ..data import discover
     from ..encoders import encoder_options, get_encoder
-    from .distributed import Ranks, resolve_device, resolve_dtype
+    from .distributed import Ranks, auto_workers, resolve_device, resolve_dtype
 
     timing = {} if timing is None else timing
     t_start = time.perf_counter()
@@ -145,9 +143,11 @@ def score_dataset(dataset, out, encoder: str = "merlin", layer: str | None = Non
                 raise ValueError(f"--input: expected 'raw' or 'normalized', got {input!r}")
             if reduction not in ("mean", "sum"):
                 raise ValueError(f"--reduction: expected 'mean' or 'sum', got {reduction!r}")
-            if isinstance(workers, bool) or int(workers) != workers or workers < 0:
-                raise ValueError(f"--workers: expected 0 or more, got {workers!r}")
+            if workers != "auto" and (isinstance(workers, (bool, str)) or int(workers) != workers or workers < 0):
+                raise ValueError(f"--workers: expected 0 or more, or 'auto', got {workers!r}")
             dev = resolve_device(device, ranks.local_rank, ranks.world)
+            if workers == "auto":
+                workers = auto_workers(dev, ranks_per_node=ranks.local_world)
             torch_dtype = resolve_dtype(dtype)
             ds = discover(dataset)
             cases = ds.cases[:limit] if limit else ds.cases
@@ -244,7 +244,8 @@ def _score_cases(run, cases, enc, ds, mode, input, fingerprints, workers, timing
     from .distributed import loaded_cases
 
     t = time.perf_counter()
-    for case, vol, err, load_s in loaded_cases(cases, enc.spacing, ds.modality or "CT", ds, workers):
+    for case, vol, err, load_s in loaded_cases(cases, enc.spacing, ds.modality or "CT", ds, workers,
+                                               device=getattr(enc, "device", None)):
         timing["load_wait_s"] += time.perf_counter() - t
         timing["load_s"] += load_s
         case_file(run, case.case_id).unlink(missing_ok=True)  # a stale result must not outlive a failure

@@ -67,6 +67,8 @@ class Volume:
     ``image``: float32 ``[X, Y, Z]`` in RAS voxel order, raw intensities (HU for CT), resampled to
     ``spacing``. ``label``: int64 ``[X, Y, Z]`` on the same grid (nearest-neighbour resampled, so
     no class is invented). ``spacing``: mm per axis. ``affine``: voxel → RAS world (mm).
+    ``label_counts``: voxels per label value (``bincount`` of ``label``, length max + 1; ``load_case`` counts
+    them once, on the resampled label, for the label checks and the table), ``None`` if not counted.
     """
 
     image: np.ndarray
@@ -75,6 +77,7 @@ class Volume:
     affine: np.ndarray
     case_id: str = ""
     modality: str = "CT"
+    label_counts: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -281,6 +284,7 @@ def load_case(
     spacing: tuple[float, float, float] | None = (1.5, 1.5, 3.0),
     modality: str = "CT",
     require_label: bool = True,
+    device=None,
 ) -> Volume:
     """Read a case, reorient it to RAS and resample image and label to ``spacing`` (mm).
 
@@ -289,7 +293,18 @@ def load_case(
     Errors name the case: a missing or unreadable file, a label whose shape or affine differs
     from the image's, a label with negative or non-integer values, or a missing label when
     ``require_label`` (default) → ``ValueError`` (``FileNotFoundError`` for missing files).
+
+    Resampling (:func:`auvcore.data.io.resample`) runs as torch ops on ``device`` (default the CPU, with torch's
+    threads; a GPU when the scoring device is one); the label's voxels per value (``Volume.label_counts``) are
+    counted there too, on the resampled label, by one ``bincount``. The volume comes back in host memory.
     """
+    return resample_volume(read_case(case, modality, require_label), spacing, device)
+
+
+def read_case(case: Case, modality: str = "CT", require_label: bool = True) -> Volume:
+    """The first half of :func:`load_case`: read and check a case and reorient it to RAS, on its native grid
+    (the label as read: int16 where its values allow, not yet counted). A loader process hands this to the
+    scoring process, which resamples it on its GPU (:func:`resample_volume`)."""
     if not isinstance(case, Case):
         raise TypeError(f"case: expected an auvcore.data.Case, got {type(case).__name__}")
     if modality not in MODALITIES:
@@ -329,13 +344,24 @@ def load_case(
     img, aff_ras = to_ras(img, aff)
     if lab is not None:
         lab, _ = to_ras(lab, aff)
-    img, new_aff = resample(img, aff_ras, spacing, order=1)
+    return Volume(img, lab, voxel_spacing(aff_ras), aff_ras, cid, modality)
+
+
+def resample_volume(vol: Volume, spacing: tuple[float, float, float] | None, device=None) -> Volume:
+    """The second half of :func:`load_case`: ``vol`` (from :func:`read_case`) resampled to ``spacing`` on
+    ``device`` (image trilinear, label nearest neighbour, then int64 and counted), back in host memory."""
+    import torch
+
+    img, new_aff = resample(vol.image, vol.affine, spacing, order=1, device=device)
+    lab, counts = vol.label, None
     if lab is not None:
-        lab, _ = resample(lab, aff_ras, spacing, order=0)
-        lab = lab.astype(np.int64, copy=False)
-    sp = voxel_spacing(new_aff)
-    return Volume(np.ascontiguousarray(img, dtype=np.float32),
-                  None if lab is None else np.ascontiguousarray(lab), sp, new_aff, cid, modality)
+        lab = torch.from_numpy(np.ascontiguousarray(lab))
+        lab, _ = resample(lab, vol.affine, spacing, order=0, device=device)
+        lab = lab.long()
+        counts = torch.bincount(lab.reshape(-1)).cpu().numpy()
+        lab = np.ascontiguousarray(lab.cpu().numpy())
+    return Volume(np.ascontiguousarray(img, dtype=np.float32), lab, voxel_spacing(new_aff), new_aff, vol.case_id,
+                  vol.modality, counts)
 
 
 def _as_label(lab: np.ndarray, cid: str) -> np.ndarray:

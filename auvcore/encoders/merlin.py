@@ -100,11 +100,14 @@ class I3ResNet152(nn.Module):
         return x.permute(0, 1, 3, 4, 2).contiguous()  # back to [B, C, X, Y, Z]
 
 
-def _random_net(layer: str, seed: int) -> I3ResNet152:
-    """A trunk up to ``layer`` with deterministic He-normal convs and identity batch norms."""
+def _random_net(layer: str, seed: int, device="cpu", dtype=torch.float32) -> I3ResNet152:
+    """A trunk up to ``layer`` with deterministic He-normal convs and identity batch norms, built on ``device``
+    in ``dtype`` (no initialisation on the CPU and move: the module is made on the meta device, given its
+    storage on ``device``, and filled there). The random numbers are drawn from a seeded CPU generator and
+    copied over, so every device gets the same weights (a GPU run gives the CPU run's table)."""
     with torch.device("meta"):
-        net = I3ResNet152(upto=layer)
-    net = net.to_empty(device="cpu")
+        net = I3ResNet152(upto=layer).to(dtype)
+    net = net.to_empty(device=device)
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for m in net.modules():
@@ -133,11 +136,12 @@ def weights_path(name: str = "astra") -> Path:
     return Path(lw.path(name))
 
 
-def load_state_dict(src) -> dict:
+def load_state_dict(src, device="cpu") -> dict:
     """Read a state dict from a weight file: plain, or ``{"state_dict": ...}``; strips common
     prefixes (``module.``, Merlin's ``visual_encoder.model.encode_image.i3_resnet.``) and drops
-    head keys (``fc``, ``classifier``, ``contrastive_head``) that the trunk does not have."""
-    obj = torch.load(str(src), map_location="cpu", weights_only=True)
+    head keys (``fc``, ``classifier``, ``contrastive_head``) that the trunk does not have. The tensors are
+    read onto ``device``."""
+    obj = torch.load(str(src), map_location=device, weights_only=True)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{src}: not a state dict")
@@ -189,7 +193,7 @@ class MerlinEncoder:
         self.max_shape = tuple(int(s) for s in max_shape) if max_shape is not None else None
         self.num_threads = num_threads
         if isinstance(weights, str) and weights == "random":
-            net = _random_net(layer, seed)
+            net = _random_net(layer, seed, self.device, dtype)
             self.weights = "random"
         else:
             if isinstance(weights, str) and weights in ("astra", "merlin"):
@@ -202,7 +206,7 @@ class MerlinEncoder:
                 self.weights = str(src)
             else:
                 raise TypeError(f"weights: expected 'astra', 'merlin', 'random' or a path, got {weights!r}")
-            sd = load_state_dict(src)
+            sd = load_state_dict(src, self.device)  # read onto the device: no copy through the host
             # Built on the meta device: the loaded tensors are assigned, so no time is spent on an
             # initialisation that would be overwritten. strict: a missing/unexpected key or a shape
             # mismatch means the architecture above is wrong.

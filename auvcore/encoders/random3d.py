@@ -31,18 +31,23 @@ class Random3DEncoder:
         self.layer, self.seed, self.dtype = layer, int(seed), dtype
         self.device = torch.device(device)
         self.max_shape = tuple(max_shape) if max_shape is not None else None
+        # Built on the meta device and given its storage on ``device`` (no initialisation on the CPU and move);
+        # the weights are drawn from a seeded CPU generator, so every device gets the same ones.
         g = torch.Generator().manual_seed(self.seed)
         mods, cin = [], 1
-        for name in LAYERS[: LAYERS.index(layer) + 1]:
-            cout = _WIDTHS[name]
-            conv = nn.Conv3d(cin, cout, 3, stride=2, padding=1)
-            with torch.no_grad():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * np.sqrt(2.0 / conv.weight[0].numel()))
-                conv.bias.zero_()
-            # no GroupNorm: its whole-volume statistics would make tiled and whole forwards differ
-            mods += [conv, nn.ReLU()]
-            cin = cout
-        self.net = nn.Sequential(*mods).eval().to(self.device, dtype)
+        with torch.device("meta"):
+            for name in LAYERS[: LAYERS.index(layer) + 1]:
+                cout = _WIDTHS[name]
+                # no GroupNorm: its whole-volume statistics would make tiled and whole forwards differ
+                mods += [nn.Conv3d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
+                cin = cout
+            net = nn.Sequential(*mods).to(dtype)
+        self.net = net.to_empty(device=self.device).eval()
+        with torch.no_grad():
+            for conv in self.net:
+                if isinstance(conv, nn.Conv3d):
+                    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * np.sqrt(2.0 / conv.weight[0].numel()))
+                    conv.bias.zero_()
         for p in self.net.parameters():
             p.requires_grad_(False)
 
