@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
 
-from auvcore.data.demo import SOURCES as BUILDER_SOURCES  # noqa: E402
+from auvcore.data.cohorts import SOURCES as BUILDER_SOURCES  # noqa: E402
 
 # name -> score_dataset arguments (the Merlin layer-2 masked raw run is the README's default)
 CONFIGS = {
@@ -111,7 +111,7 @@ def bootstrap(draws, metric, n=2000, seed=0):
 def cohort_tag(source, draw, fraction, strength="default", kinds=None):
     """The folder name of one cohort under OUT/data and OUT/runs: the first studies' ``<source>-<draw>`` for
     the default rate, strength and kinds (so their data and scores are reused), else one per setting."""
-    from auvcore.data.demo import DEFAULT_KINDS
+    from auvcore.data.cohorts import DEFAULT_KINDS
 
     kinds = tuple(DEFAULT_KINDS if kinds is None else kinds)
     if fraction == 0.25 and strength == "default" and kinds == tuple(DEFAULT_KINDS):
@@ -125,7 +125,7 @@ def run_study(out: Path, sources, draws, configs, cases, fractions, progress, st
 
     from auvcore import scores as A
     from auvcore.data import build_demo
-    from auvcore.data.demo import DEFAULT_KINDS
+    from auvcore.data.cohorts import DEFAULT_KINDS
     from auvcore.app.scoring import score_dataset
 
     if isinstance(fractions, (int, float)):
@@ -334,7 +334,7 @@ def _rate_tables(res):
 
 
 def main(argv=None):
-    from auvcore.data.demo import DEFAULT_KINDS, KINDS, STRENGTHS
+    from auvcore.data.cohorts import DEFAULT_KINDS, KINDS, STRENGTHS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/study"))

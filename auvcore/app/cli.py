@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
     p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
-    from ..data.demo import DEFAULT_KINDS, KINDS, SOURCES, STRENGTHS
+    from ..data.cohorts import DEFAULT_KINDS, KINDS, SOURCES, STRENGTHS
 
     p.add_argument("--source", default="chest", choices=SOURCES,
                    help="real volume the cases are varied from: chest CT (default), spine CT or MR, brain MR, lung "
@@ -258,7 +258,7 @@ def run(argv=None) -> int:
 
         print(f"report: {write_report(args.run, args.quantile)}")
     elif args.command == "demo":
-        from ..data.demo import build_demo, describe
+        from ..data.cohorts import build_demo, describe
 
         if _world() > 1:
             raise ValueError("demo runs in one process; under torchrun use `auvcore score` on a data set")
