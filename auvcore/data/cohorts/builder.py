@@ -1,15 +1,20 @@
-"""The cohort builder: cases varied from a source volume, some with a recorded label corruption, written as a data set.
+"""The cohort builder: cases varied from a source volume, some with a recorded defect, written as a data set.
 
 ``build_demo(out_dir, source=..., n_cases=..., seed=...)`` loads the source (``sources``), makes every case
-(``variation.make_case``, from the case's own random stream, so a case is the same whatever ``n_cases`` is) and
-gives ``round(corrupt_fraction · n_cases)`` of them a corrupted label (``corruptions``).
+(``variation.make_case``, from the case's own random stream, so a case is the same whatever ``n_cases`` is),
+gives ``round(corrupt_fraction · n_cases)`` of them a corrupted label (``corruptions``) and, when ``degrade``
+names kinds, ``round(degrade_fraction · n_cases)`` others a degraded image (``degradations``; never the same
+case as a label corruption, so each recorded case has one known defect).
 
 Output, in nnU-Net v2 raw layout under ``out_dir``: ``dataset.json``, ``imagesTr/<case>_0000.nii.gz``
-(int16: HU for CT, scaled intensities for MR), ``labelsTr/<case>.nii.gz`` (the labels as delivered,
-corrupted where recorded),
-``labelsTr_clean/<case>.nii.gz`` (the labels before corruption) and ``corruption.json``:
-``{case_id: {"corrupted": bool, "kind": str | None, "classes": [...], "params": {...},
-"changed_voxels": int}}`` — the ground truth for "does AUV find the noisy cases".
+(int16: HU for CT, scaled intensities for MR; degraded where recorded), ``labelsTr/<case>.nii.gz`` (the labels
+as delivered, corrupted where recorded), ``labelsTr_clean/<case>.nii.gz`` (the labels before corruption),
+with ``degrade`` also ``imagesTr_clean/<case>_0000.nii.gz`` (the images before degradation), and
+``corruption.json``: ``{case_id: {"corrupted": bool, "kind": str | None, "classes": [...], "params": {...},
+"changed_voxels": int, "case_params": {...}}}`` — the ground truth for "does the score find the bad cases".
+A degraded case's entry is ``{"corrupted": true, "kind": <degradation>, "degraded": true, "strength": ...,
+"classes": [], "params": {...}, "changed_voxels": 0, "psnr_db": ...}`` (its label unchanged: 0 voxels).
+Cohorts built without ``degrade`` are byte-identical to those of the builder before degradations existed.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 
 from ..io import umask_mode, write_image
 from .corruptions import DEFAULT_KINDS, KINDS, STRENGTHS, applicable, corrupt
+from .degradations import DEGRADATIONS, degrade as degrade_image
 from .sources import SOURCES, SPECS
 from .variation import make_case
 
@@ -30,14 +36,18 @@ BUILDER_VERSION = 1
 
 
 def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed: int = 0,
-               source: str = "chest", size_mm=None, kinds=DEFAULT_KINDS, strength: str = "default") -> Path:
+               source: str = "chest", size_mm=None, kinds=DEFAULT_KINDS, strength: str = "default",
+               degrade=(), degrade_fraction: float = 0.25, degrade_strength: str = "default") -> Path:
     """Build the demo data set (see the module doc) under ``out_dir`` and return its path.
 
     ``source``: one of ``SOURCES`` (default ``"chest"``). ``n_cases`` cases,
     ``round(corrupt_fraction · n_cases)`` of them with corrupted labels (chosen and corrupted from
     ``seed``; ``kinds``, a subset of ``KINDS``, default ``DEFAULT_KINDS``: those that do not apply to the
-    source are skipped, see the module doc; ``strength``, one of ``STRENGTHS``, scales the size of each
+    source are skipped, see ``corruptions``; ``strength``, one of ``STRENGTHS``, scales the size of each
     corruption, ``"default"`` giving the cohorts of the original builder);
+    ``degrade``: image degradation kinds (a subset of ``DEGRADATIONS``; default none), cycled over
+    ``round(degrade_fraction · n_cases)`` other cases at ``degrade_strength`` (for a cohort whose labels are all
+    clean, ``corrupt_fraction=0``);
     ``size_mm`` is the field of view of each case (default: the source's; the chest's 224×224×192 mm
     gives about 149×149×64 voxels at Merlin's 1.5×1.5×3 mm). Idempotent: if ``out_dir`` already holds a
     complete demo built with the same arguments it is returned untouched; otherwise it is built in
@@ -59,6 +69,18 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
                          f"(it skips {SPECS[source].skip_kinds})")
     if strength not in STRENGTHS:
         raise ValueError(f"strength: expected one of {STRENGTHS}, got {strength!r}")
+    degrade = (degrade,) if isinstance(degrade, str) else tuple(degrade)
+    if [k for k in degrade if k not in DEGRADATIONS]:
+        raise ValueError(f"degrade: expected a subset of {DEGRADATIONS}, got {degrade!r}")
+    if degrade:
+        if not (isinstance(degrade_fraction, (int, float)) and 0.0 <= degrade_fraction <= 1.0):
+            raise ValueError(f"degrade_fraction: expected a number in [0, 1], got {degrade_fraction!r}")
+        if degrade_strength not in STRENGTHS:
+            raise ValueError(f"degrade_strength: expected one of {STRENGTHS}, got {degrade_strength!r}")
+        n_bad, n_deg = int(round(corrupt_fraction * n_cases)), int(round(degrade_fraction * n_cases))
+        if n_bad + n_deg > n_cases:
+            raise ValueError(f"degrade_fraction: {n_deg} degraded and {n_bad} label-corrupted cases do not fit in "
+                             f"{n_cases} (a case gets one defect at most)")
     if size_mm is None:
         size_mm = SPECS[source].size_mm
     size_mm = tuple(float(s) for s in size_mm)
@@ -68,6 +90,9 @@ def build_demo(out_dir, n_cases: int = 24, corrupt_fraction: float = 0.25, seed:
     params = {"version": BUILDER_VERSION, "source": source, "n_cases": int(n_cases),
               "corrupt_fraction": float(corrupt_fraction), "seed": int(seed),
               "size_mm": list(size_mm), "kinds": list(kinds), "strength": strength}
+    if degrade:  # only then: the record of a cohort without degradations stays what it was
+        params.update(degrade=list(dict.fromkeys(degrade)), degrade_fraction=float(degrade_fraction),
+                      degrade_strength=degrade_strength)
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"out_dir: {out} exists and is not a folder")
@@ -129,6 +154,7 @@ def _build_into(root: Path, params: dict) -> None:
     order = [kinds[j % len(kinds)] for j in range(n_bad)]
     rng.shuffle(order)
     kind_of = dict(zip(sorted(bad), order))
+    degrade_of = _degraded_cases(params, bad)
     record = {}
     for i in range(n):
         cid = f"demo_{i:03d}"
@@ -140,9 +166,19 @@ def _build_into(root: Path, params: dict) -> None:
         im, lb, caff, cparams = make_case(crng, img, lab, aff, params["size_mm"], spec, modality, ref)
         if patient is not None:
             cparams = {"patient": patient, **cparams}
+        entry = {"corrupted": False, "kind": None, "classes": [], "params": {}, "changed_voxels": 0}
+        if degrade_of:
+            write_image(root / "imagesTr_clean" / f"{cid}_0000.nii.gz", im, caff)
+        if i in degrade_of:
+            # its own stream (not crng): the case's geometry and label draws stay those of the cohort without it
+            drng = np.random.default_rng([params["seed"], i, 1])
+            st = params["degrade_strength"]
+            im, rec = degrade_image(drng, im, np.abs(np.diag(caff)[:3]), degrade_of[i], st, modality,
+                                    spec.slice_axis)
+            entry = {"corrupted": True, "kind": degrade_of[i], "degraded": True, "strength": st, "classes": [],
+                     "params": rec["params"], "changed_voxels": 0, "psnr_db": rec["psnr_db"]}
         write_image(root / "imagesTr" / f"{cid}_0000.nii.gz", im, caff)
         write_image(root / "labelsTr_clean" / f"{cid}.nii.gz", lb, caff)
-        entry = {"corrupted": False, "kind": None, "classes": [], "params": {}, "changed_voxels": 0}
         if i in kind_of:
             # the drawn kind, else the next one (in the cycle) that finds something to act on here
             j = kinds.index(kind_of[i])
@@ -156,7 +192,7 @@ def _build_into(root: Path, params: dict) -> None:
         record[cid] = entry
     ds = {
         "name": f"auvcore-demo-{params['source']}",
-        "description": spec.title,
+        "description": spec.title + (" and recorded image degradation" if degrade_of else ""),
         "channel_names": {"0": spec.channel},
         "labels": {v: k for k, v in names.items()},
         "numTraining": n,
@@ -173,3 +209,20 @@ def _build_into(root: Path, params: dict) -> None:
         json.dump(record, f, indent=1)
     with open(root / "dataset.json", "w", encoding="utf-8") as f:
         json.dump(ds, f, indent=1)
+
+
+def _degraded_cases(params: dict, bad: set) -> dict:
+    """``{case index: degradation kind}``: ``round(degrade_fraction · n)`` of the cases without a label
+    corruption, the kinds cycled in their order and shuffled, from a stream of their own (so that asking for
+    degradations changes neither which cases get a label corruption nor how)."""
+    kinds = params.get("degrade") or []
+    if not kinds:
+        return {}
+    n = params["n_cases"]
+    n_deg = int(round(params["degrade_fraction"] * n))
+    rng = np.random.default_rng([params["seed"], n, 2])
+    pool = [i for i in range(n) if i not in bad]
+    chosen = sorted(int(i) for i in rng.choice(pool, size=n_deg, replace=False))
+    order = [kinds[j % len(kinds)] for j in range(n_deg)]
+    rng.shuffle(order)
+    return dict(zip(chosen, order))
