@@ -11,8 +11,8 @@ the chosen kinds cycled in their order like the label corruptions'. The kinds (`
 * ``"blur"``: a Gaussian blur of σ 1.5–2.5 mm along every axis (voxels: σ / spacing);
 * ``"motion"``: the subject moved during the acquisition: the k-space lines along one in-plane
   (phase-encoding) axis come, in segments, from the image rigidly moved (one or two moves, each a rotation
-  about the slice axis of 3–5° and an in-plane shift of 3–5 mm at full size), so the image shows ghosts and
-  smearing along that axis (after TorchIO's ``RandomMotion``);
+  about the slice axis of half to all of m and an in-plane shift of up to m mm per axis, m 4–6: degrees and mm),
+  so the image shows ghosts and smearing along that axis (after TorchIO's ``RandomMotion``);
 * ``"ghosting"``: every n-th k-space line along one in-plane axis (n 2–4; the centre line kept) scaled by
   1 − a, a 0.4–0.6: faint copies of the anatomy shifted by 1/n of the field of view (after TorchIO's
   ``RandomGhosting``);
