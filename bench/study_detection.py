@@ -283,8 +283,8 @@ def markdown(res, meta):
     lines = [f"Machine: {meta['machine']}; commit {meta['commit']}; {meta['date']}; command: `{meta['command']}`.", ""]
     by_rate = res.get("by_rate") or {rate_key(meta.get("fractions", [0.25])[0]): res}
     if meta.get("degrade"):
-        lines += [f"Image degradation (labels clean), strength {meta['strength']}; kinds: {', '.join(meta['degrade'])}; "
-                  f"{meta['cases']} cases per cohort; \"corrupted\" below = the image is degraded.", ""]
+        lines += [f"Image degradation (labels clean), strength {meta['strength']}; "
+                  f"kinds: {', '.join(meta['degrade'])}; {meta['cases']} cases per cohort; \"corrupted\" below = the image is degraded.", ""]
     elif "strength" in meta:
         lines += [f"Corruption strength {meta['strength']}; kinds: {', '.join(meta['kinds'])}; "
                   f"{meta['cases']} cases per cohort.", ""]

@@ -147,7 +147,8 @@ def test_bad_arguments_name_themselves():
     img = _phantom("CT")
     rng = np.random.default_rng(0)
     for kw, name in ((dict(kind="fog"), "kind"), (dict(kind="noise", strength="huge"), "strength"),
-                     (dict(kind="noise", modality="PET"), "modality"), (dict(kind="noise", spacing=(1, 0, 1)), "spacing"),
+                     (dict(kind="noise", modality="PET"), "modality"),
+                     (dict(kind="noise", spacing=(1, 0, 1)), "spacing"),
                      (dict(kind="noise", slice_axis=3), "slice_axis")):
         args = {"spacing": SPACING, **kw}
         with pytest.raises(ValueError, match=f"^{name}"):
@@ -230,6 +231,7 @@ def test_demo_command_with_degrade(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--source", "spine-ct", "--cases", "4", "--encoder", "random3d", "--out", str(out),
                  "--degrade", "blur,lowres", "--fraction", "0.5", "--strength", "mild", "--no-progress"]) == 0
+    assert "0.5 of them with degraded images (blur, lowres; labels clean)" in capsys.readouterr().out
     params = json.loads((out / "data" / "dataset.json").read_text())["auvcore_demo"]
     assert params["degrade"] == ["blur", "lowres"] and params["degrade_strength"] == "mild"
     assert params["corrupt_fraction"] == 0.0 and params["degrade_fraction"] == 0.5

@@ -77,7 +77,8 @@ def test_cli_checks_the_rates(sd, capsys):
 
 def test_degraded_image_cohorts(sd, capsys):
     """--degrade: clean labels, degraded images, their own folders; not together with label --kinds."""
-    assert sd.cohort_tag("chest", 0, 0.25, "default", None, ["noise", "blur"]) == "chest-0-f0.25-default-degrade-noise+blur"
+    tag = sd.cohort_tag("chest", 0, 0.25, "default", None, ["noise", "blur"])
+    assert tag == "chest-0-f0.25-default-degrade-noise+blur"
     assert sd.cohort_tag("chest", 0, 0.25, "default", None, None) == "chest-0"
     with pytest.raises(SystemExit):
         sd.main(["--degrade", "noise", "--kinds", "erode"])

@@ -283,7 +283,10 @@ def run(argv=None) -> int:
 
         t0 = time.time()
         out = Path(args.out)
-        print(f"[1/4] building {args.cases} demo cases from {describe(args.source)} in {out / 'data'}", flush=True)
+        what = (f", {args.fraction:g} of them with degraded images ({', '.join(k for ks in args.degrade for k in ks)}; "
+                f"labels clean)" if args.degrade else "")
+        print(f"[1/4] building {args.cases} demo cases from {describe(args.source)}{what} in {out / 'data'}",
+              flush=True)
         try:
             if args.degrade:  # clean labels, degraded images: --fraction and --strength are the degradation's
                 if args.kinds:
