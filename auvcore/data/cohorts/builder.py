@@ -170,7 +170,8 @@ def _build_into(root: Path, params: dict) -> None:
         if degrade_of:
             write_image(root / "imagesTr_clean" / f"{cid}_0000.nii.gz", im, caff)
         if i in degrade_of:
-            # its own stream (not crng): the case's geometry and label draws stay those of the cohort without it
+            # a stream of its own (not crng): what a case's degradation draws does not hang on how many numbers
+            # make_case took
             drng = np.random.default_rng([params["seed"], i, 1])
             st = params["degrade_strength"]
             im, rec = degrade_image(drng, im, np.abs(np.diag(caff)[:3]), degrade_of[i], st, modality,
