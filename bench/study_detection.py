@@ -2,7 +2,9 @@
 
 For every corruption rate, source and draw (``build_demo(source=..., seed=draw, corrupt_fraction=rate)``: 24
 cases varied from one real volume, by default a quarter of them with a recorded label corruption of one of six
-kinds; ``--kinds`` and ``--strength`` choose the kinds and their size), every scoring configuration runs as
+kinds; ``--kinds`` and ``--strength`` choose the kinds and their size; with ``--degrade`` the labels stay clean and
+that share of the cases gets a degraded image instead, of the kinds named, at ``--strength``: what does each score
+see of an image outlier), every scoring configuration runs as
 ``auvcore score`` would (``auvcore.app.scoring.score_dataset``; resumable, so an interrupted study continues),
 and every score of its table is compared with the corruption record:
 
@@ -13,7 +15,8 @@ and every score of its table is compared with the corruption record:
   a random score (seeded).
 
 Each rate is analysed on its own (a rate's cohorts are other cohorts: ``OUT/data/<source>-<draw>-f<rate>-<strength>``,
-with the kinds appended when ``--kinds`` is given; the default 0.25 / default / six kinds keeps the path of the
+with the kinds appended when ``--kinds`` is given, ``-degrade-<kinds>`` with ``--degrade``; the default 0.25 / default
+/ six kinds keeps the path of the
 first studies, ``OUT/data/<source>-<draw>``, so their data and scores are reused). With few cases a low rate
 leaves one or two corrupted cases per draw, an AUROC from one positive: take ``--cases 40`` or more for 5 %.
 The builder cycles the kinds in their order, so a rate that corrupts fewer cases than there are kinds sees only
@@ -31,6 +34,8 @@ the rate; a single-rate study also keeps ``"by_source"`` / ``"by_kind"`` at the 
     python bench/study_detection.py --sources spine-ct --draws 1 --configs merlin-l2 litemedsam-decoded
     python bench/study_detection.py --cases 40 --fractions 0.05 0.1 0.2 --configs merlin-l2
     python bench/study_detection.py --cases 40 --fractions 0.2 --kinds boundary partial --strength mild
+    python bench/study_detection.py --sources chest --draws 1 --configs merlin-l2 --degrade noise blur motion \
+        ghosting lowres bias                                              # clean labels, degraded images
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
 
-from auvcore.data.demo import SOURCES as BUILDER_SOURCES  # noqa: E402
+from auvcore.data.cohorts import SOURCES as BUILDER_SOURCES  # noqa: E402
 
 # name -> score_dataset arguments (the Merlin layer-2 masked raw run is the README's default)
 CONFIGS = {
@@ -108,11 +113,14 @@ def bootstrap(draws, metric, n=2000, seed=0):
     return point, float(lo), float(hi)
 
 
-def cohort_tag(source, draw, fraction, strength="default", kinds=None):
+def cohort_tag(source, draw, fraction, strength="default", kinds=None, degrade=None):
     """The folder name of one cohort under OUT/data and OUT/runs: the first studies' ``<source>-<draw>`` for
-    the default rate, strength and kinds (so their data and scores are reused), else one per setting."""
-    from auvcore.data.demo import DEFAULT_KINDS
+    the default rate, strength and kinds (so their data and scores are reused), else one per setting; a cohort of
+    degraded images (``degrade``: its kinds; the labels clean) ends in ``-degrade-<kinds>``."""
+    from auvcore.data.cohorts import DEFAULT_KINDS
 
+    if degrade:
+        return f"{source}-{draw}-f{fraction:g}-{strength}-degrade-" + "+".join(degrade)
     kinds = tuple(DEFAULT_KINDS if kinds is None else kinds)
     if fraction == 0.25 and strength == "default" and kinds == tuple(DEFAULT_KINDS):
         return f"{source}-{draw}"
@@ -120,12 +128,15 @@ def cohort_tag(source, draw, fraction, strength="default", kinds=None):
     return tag if kinds == tuple(DEFAULT_KINDS) else tag + "-" + "+".join(kinds)
 
 
-def run_study(out: Path, sources, draws, configs, cases, fractions, progress, strength="default", kinds=None):
+def run_study(out: Path, sources, draws, configs, cases, fractions, progress, strength="default", kinds=None,
+              degrade=None):
+    """Build the cohorts and score them; ``degrade``: image degradation kinds, then each ``fraction`` is the share of
+    degraded images (labels clean) and ``strength`` theirs."""
     import pandas as pd
 
     from auvcore import scores as A
     from auvcore.data import build_demo
-    from auvcore.data.demo import DEFAULT_KINDS
+    from auvcore.data.cohorts import DEFAULT_KINDS
     from auvcore.app.scoring import score_dataset
 
     if isinstance(fractions, (int, float)):
@@ -137,9 +148,13 @@ def run_study(out: Path, sources, draws, configs, cases, fractions, progress, st
     for fraction in fractions:
         for source in sources:
             for draw in range(draws):
-                tag = cohort_tag(source, draw, fraction, strength, kinds)
-                ds = build_demo(out / "data" / tag, n_cases=cases, corrupt_fraction=fraction, seed=draw,
-                                source=source, kinds=kinds, strength=strength)
+                tag = cohort_tag(source, draw, fraction, strength, kinds, degrade)
+                if degrade:
+                    ds = build_demo(out / "data" / tag, n_cases=cases, corrupt_fraction=0.0, seed=draw, source=source,
+                                    degrade=degrade, degrade_fraction=fraction, degrade_strength=strength)
+                else:
+                    ds = build_demo(out / "data" / tag, n_cases=cases, corrupt_fraction=fraction, seed=draw,
+                                    source=source, kinds=kinds, strength=strength)
                 tables = {}
                 for name in configs:
                     run = out / "runs" / tag / name
@@ -267,7 +282,10 @@ def plot_auroc(by_source: dict, path: Path, title: str, skip=("[",)):
 def markdown(res, meta):
     lines = [f"Machine: {meta['machine']}; commit {meta['commit']}; {meta['date']}; command: `{meta['command']}`.", ""]
     by_rate = res.get("by_rate") or {rate_key(meta.get("fractions", [0.25])[0]): res}
-    if "strength" in meta:
+    if meta.get("degrade"):
+        lines += [f"Image degradation (labels clean), strength {meta['strength']}; "
+                  f"kinds: {', '.join(meta['degrade'])}; {meta['cases']} cases per cohort; \"corrupted\" below = the image is degraded.", ""]
+    elif "strength" in meta:
         lines += [f"Corruption strength {meta['strength']}; kinds: {', '.join(meta['kinds'])}; "
                   f"{meta['cases']} cases per cohort.", ""]
     if len(by_rate) > 1:
@@ -334,7 +352,7 @@ def _rate_tables(res):
 
 
 def main(argv=None):
-    from auvcore.data.demo import DEFAULT_KINDS, KINDS, STRENGTHS
+    from auvcore.data.cohorts import DEFAULT_KINDS, DEGRADATIONS, KINDS, STRENGTHS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/study"))
@@ -347,8 +365,12 @@ def main(argv=None):
     rate.add_argument("--fractions", type=float, nargs="+", metavar="FRACTION",
                       help="several shares of corrupted cases, each its own cohorts and tables")
     ap.add_argument("--strength", default="default", choices=STRENGTHS, help="size of each corruption")
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
-                    help=f"corruption kinds cycled over the corrupted cases (default: {' '.join(DEFAULT_KINDS)})")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                      help=f"corruption kinds cycled over the corrupted cases (default: {' '.join(DEFAULT_KINDS)})")
+    kind.add_argument("--degrade", nargs="+", choices=DEGRADATIONS, default=None, metavar="KIND",
+                      help=f"clean labels, degraded images: kinds of {', '.join(DEGRADATIONS)} cycled over the "
+                           "--fraction(s) of the cases, at --strength")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--name", default="detection", help="stem of the output files in OUT")
     ap.add_argument("--progress", action="store_true")
@@ -364,7 +386,9 @@ def main(argv=None):
             print(f"warning: --fraction {f:g} of --cases {a.cases} corrupts one case per cohort: each draw's AUROC "
                   "rests on a single case (take more --cases)", file=sys.stderr)
     kinds = list(DEFAULT_KINDS) if a.kinds is None else list(dict.fromkeys(a.kinds))
-    df, timing = run_study(a.out, a.sources, a.draws, a.configs, a.cases, fractions, a.progress, a.strength, kinds)
+    degrade = list(dict.fromkeys(a.degrade)) if a.degrade else None
+    df, timing = run_study(a.out, a.sources, a.draws, a.configs, a.cases, fractions, a.progress, a.strength, kinds,
+                           degrade)
     df.to_csv(a.out / f"{a.name}_cases.csv", index=False)
     res = tables(df, a.bootstrap)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -372,13 +396,14 @@ def main(argv=None):
     meta = {"machine": cpu_name(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
             "command": "python bench/study_detection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "fractions": fractions, "strength": a.strength, "kinds": kinds, "cases": a.cases,
-            "seconds_per_case": timing}
+            "seconds_per_case": timing, **({"degrade": degrade} if degrade else {})}
     (a.out / f"{a.name}.json").write_text(json.dumps({"meta": meta, **res}, indent=1))
     md = markdown(res, meta)
     (a.out / f"{a.name}.md").write_text(md)
     for rate, r in res.get("by_rate", {"": res}).items():
         plot_auroc(r["by_source"], a.out / f"{a.name}{'_' + rate if len(fractions) > 1 else ''}.png",
-                   f"Noise detection, {float(rate or fractions[0]):.0%} of the cases corrupted")
+                   f"Noise detection, {float(rate or fractions[0]):.0%} of the cases "
+                   + ("with degraded images (labels clean)" if degrade else "corrupted"))
     print(md)
 
 

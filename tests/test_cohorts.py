@@ -12,7 +12,9 @@ pytest.importorskip("scipy")
 pytest.importorskip("pandas")
 import auvcore.data as D
 from auvcore.app.cli import main
-from auvcore.data.demo import KINDS, SOURCES, _applicable, _corrupt, _SPECS, build_demo, load_source
+from auvcore.data.cohorts import KINDS, SOURCES, build_demo, load_source
+from auvcore.data.cohorts.corruptions import applicable, corrupt
+from auvcore.data.cohorts.sources import SPECS
 from auvcore.data.io import read_image
 
 # source -> (package that ships its volumes, classes, modality, small field of view for the tests)
@@ -31,7 +33,7 @@ N = 5
 def _need(source):
     pkg = COHORTS[source][0]
     if pkg is None:
-        from auvcore.data.demo import MRICRON_INSTALL, mricron_templates
+        from auvcore.data.cohorts import MRICRON_INSTALL, mricron_templates
 
         if not (mricron_templates() / "aal.nii.gz").is_file():
             pytest.skip(f"the {source} cohort reads Debian's mricron-data templates, not found at "
@@ -120,7 +122,7 @@ def test_cohort_record_matches_label_changes(cohort):
         involved = np.isin(clean[diff], e["classes"]) | np.isin(lab[diff], e["classes"])
         assert involved.all(), (cid, e)
         if e["kind"] == "swap":
-            assert tuple(e["classes"]) in _SPECS[source].swap_pairs
+            assert tuple(e["classes"]) in SPECS[source].swap_pairs
 
 
 def test_cohort_main_job_end_to_end(cohort, tmp_path):
@@ -160,27 +162,27 @@ def test_brain_skips_drop_and_refuses_only_drop(tmp_path):
 def test_inapplicable_kinds_are_not_applied():
     lab = np.zeros((20, 20, 10), np.uint8)
     lab[5:15, 5:15, 2:8] = 1
-    assert not _applicable("swap", lab, 4) and _applicable("erode", lab, 4) and _applicable("drop", lab, 4)
-    assert not _applicable("erode", np.zeros_like(lab), 4)
+    assert not applicable("swap", lab, 4) and applicable("erode", lab, 4) and applicable("drop", lab, 4)
+    assert not applicable("erode", np.zeros_like(lab), 4)
     with pytest.raises(ValueError, match="swap"):
-        _corrupt(np.random.default_rng(0), lab, "swap", 4)
+        corrupt(np.random.default_rng(0), lab, "swap", 4)
     # "partial" needs a class on two slices or more (the chest's slice axis is z); "boundary" a boundary
-    assert _applicable("partial", lab, 4) and _applicable("boundary", lab, 4)
+    assert applicable("partial", lab, 4) and applicable("boundary", lab, 4)
     flat = np.zeros_like(lab)
     flat[5:15, 5:15, 4] = 1
-    assert not _applicable("partial", flat, 4) and _applicable("boundary", flat, 4)
-    assert not _applicable("boundary", np.ones_like(lab), 4)
+    assert not applicable("partial", flat, 4) and applicable("boundary", flat, 4)
+    assert not applicable("boundary", np.ones_like(lab), 4)
     with pytest.raises(ValueError, match="partial"):
-        _corrupt(np.random.default_rng(0), flat, "partial", 4)
+        corrupt(np.random.default_rng(0), flat, "partial", 4)
 
 
 def test_spine_mr_partial_erases_sagittal_slices():
     """The spine MR is sliced sagittally: an annotation stopped early misses a block of x slices."""
     _need("spine-mr")
     _, lab, _, names, _ = load_source("spine-mr")
-    spec = _SPECS["spine-mr"]
+    spec = SPECS["spine-mr"]
     for seed in range(4):
-        out, rec = _corrupt(np.random.default_rng(seed), lab, "partial", len(names), spec)
+        out, rec = corrupt(np.random.default_rng(seed), lab, "partial", len(names), spec)
         lo, hi = rec["params"]["slices"]
         assert rec["params"]["axis"] == spec.slice_axis == 0 and hi > lo
         diff = out != lab
@@ -191,7 +193,7 @@ def test_spine_mr_partial_erases_sagittal_slices():
 def test_spine_swap_exchanges_adjacent_vertebrae():
     _need("spine-ct")
     _, lab, _, names, _ = load_source("spine-ct")
-    out, rec = _corrupt(np.random.default_rng(0), lab, "swap", len(names), _SPECS["spine-ct"])
+    out, rec = corrupt(np.random.default_rng(0), lab, "swap", len(names), SPECS["spine-ct"])
     a, b = rec["classes"]
     assert abs(a - b) == 1
     assert ((out == a) == (lab == b)).all() and ((out == b) == (lab == a)).all()
@@ -201,7 +203,7 @@ def test_aal_swap_is_a_laterality_or_neighbour_slip():
     _need("brain-aal")
     _, lab, _, names, _ = load_source("brain-aal")
     for seed in range(3):
-        out, rec = _corrupt(np.random.default_rng(seed), lab, "swap", len(names), _SPECS["brain-aal"])
+        out, rec = corrupt(np.random.default_rng(seed), lab, "swap", len(names), SPECS["brain-aal"])
         a, b = rec["classes"]
         assert {names[a].split()[0], names[b].split()[0]} in ({"caudate"}, {"putamen"}, {"thalamus"},
                                                               {"hippocampus"}, {"caudate", "putamen"})
@@ -210,7 +212,7 @@ def test_aal_swap_is_a_laterality_or_neighbour_slip():
 
 def test_aal_source_errors_name_the_templates(tmp_path, monkeypatch):
     """No templates: the error says where it looked and how to get them; a relabelled atlas is refused."""
-    from auvcore.data.demo import MRICRON_ENV
+    from auvcore.data.cohorts import MRICRON_ENV
 
     monkeypatch.setenv(MRICRON_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=MRICRON_ENV) as e:
@@ -250,7 +252,7 @@ def _need_sdist():
     import os
     from pathlib import Path
 
-    from auvcore.data.demo import PYRADIOMICS_DOWNLOAD, PYRADIOMICS_ENV
+    from auvcore.data.cohorts import PYRADIOMICS_DOWNLOAD, PYRADIOMICS_ENV
 
     p = os.environ.get(PYRADIOMICS_ENV, "")
     if not p or not Path(p).is_file():
@@ -301,7 +303,7 @@ def test_tumour_cohort_has_both_patients(tumour_cohort):
 def test_tumour_source_patients(source):
     _need_sdist()
     modality, patients = TUMOUR[source]
-    vols = _SPECS[source].load(patients)  # both patients in one pass through the archive
+    vols = SPECS[source].load(patients)  # both patients in one pass through the archive
     for img, lab, aff, names, mod in vols:
         assert mod == modality and names == {0: "background", 1: "tumour"} and np.all(np.diag(aff)[:3] > 0)
         assert img.shape == lab.shape and set(np.unique(lab)) == {0, 1}
@@ -311,7 +313,7 @@ def test_tumour_source_patients(source):
 
 
 def test_tumour_source_without_sdist_says_how_to_get_it(tmp_path, monkeypatch, capsys):
-    from auvcore.data.demo import PYRADIOMICS_ENV
+    from auvcore.data.cohorts import PYRADIOMICS_ENV
 
     monkeypatch.delenv(PYRADIOMICS_ENV, raising=False)
     cmd = "pip download pyradiomics==3.0.1 --no-deps --no-binary :all: --no-build-isolation -d DIR"

@@ -1,4 +1,4 @@
-"""auvcore.data.demo: the builder's record matches what it corrupted; layout; idempotence; the corruption kinds
+"""auvcore.data.cohorts: the builder's record matches what it corrupted; layout; idempotence; the corruption kinds
 and strengths."""
 import hashlib
 import importlib.util
@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("slicerio")
 import auvcore.data as D
-from auvcore.data.demo import DEFAULT_KINDS, KINDS, STRENGTHS, _corrupt, _source_chest, build_demo
+from auvcore.data.cohorts import DEFAULT_KINDS, KINDS, STRENGTHS, build_demo, load_source
+from auvcore.data.cohorts.corruptions import corrupt
 from auvcore.data.io import read_image
 
 
@@ -55,11 +56,11 @@ def test_demo_record_matches_label_changes(demo):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_corruption_kind_does_what_it_says(kind):
-    _, lab, _, names = _source_chest()
+    _, lab, _, names, _ = load_source("chest")
     lab = lab[20:110, 20:110, 5:30].copy()
     K = max(names) + 1
     rng = np.random.default_rng(7)
-    out, rec = _corrupt(rng, lab, kind, K)
+    out, rec = corrupt(rng, lab, kind, K)
     before, after = np.bincount(lab.ravel(), minlength=K), np.bincount(out.ravel(), minlength=K)
     cls = rec["classes"]
     assert rec["changed_voxels"] == int((out != lab).sum()) > 0
@@ -92,11 +93,11 @@ def test_each_corruption_kind_does_what_it_says(kind):
 
 @pytest.fixture(scope="module")
 def chest_crop():
-    _, lab, _, names = _source_chest()
+    _, lab, _, names, _ = load_source("chest")
     return lab[20:110, 20:110, 5:30].copy(), max(names) + 1
 
 
-# sha256 (first 16 hex digits) of _corrupt's output on the chest crop with default_rng(7), recorded with the
+# sha256 (first 16 hex digits) of corrupt's output on the chest crop with default_rng(7), recorded with the
 # builder before `strength` and the boundary/partial kinds existed: "default" must keep drawing exactly that
 ORIGINAL = {"erode": "bf89874eacb8aa97", "dilate": "d26c6d259d3ced1d", "shift": "1d1b711be3790666",
             "drop": "6db64595cebf3749", "spurious": "aeb7039dfbed6fda", "swap": "cd5dc7d0b856fddb"}
@@ -106,7 +107,7 @@ ORIGINAL = {"erode": "bf89874eacb8aa97", "dilate": "d26c6d259d3ced1d", "shift": 
 def test_default_strength_corrupts_as_the_original_builder(kind, chest_crop):
     lab, K = chest_crop
     for kw in ({}, {"strength": "default"}):
-        out, _ = _corrupt(np.random.default_rng(7), lab, kind, K, **kw)
+        out, _ = corrupt(np.random.default_rng(7), lab, kind, K, **kw)
         assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()[:16] == ORIGINAL[kind]
 
 
@@ -115,7 +116,7 @@ def test_boundary_changes_only_voxels_near_boundaries(chest_crop):
 
     lab, K = chest_crop
     for strength in STRENGTHS:
-        out, rec = _corrupt(np.random.default_rng(11), lab, "boundary", K, strength=strength)
+        out, rec = corrupt(np.random.default_rng(11), lab, "boundary", K, strength=strength)
         w = rec["params"]["band_vox"]
         assert 1 <= w <= 3 and rec["changed_voxels"] > 0
         # a changed voxel has another label within w voxels in its slice (the chest's slice axis is z)
@@ -136,7 +137,7 @@ def test_partial_erases_whole_slices_of_one_block(chest_crop):
     lab, K = chest_crop
     scopes = set()
     for seed in range(12):
-        out, rec = _corrupt(np.random.default_rng(seed), lab, "partial", K)
+        out, rec = corrupt(np.random.default_rng(seed), lab, "partial", K)
         p = rec["params"]
         ax, (lo, hi) = p["axis"], p["slices"]
         assert ax == 2 and 0.30 <= p["fraction"] < 0.50
@@ -160,7 +161,7 @@ def test_partial_erases_whole_slices_of_one_block(chest_crop):
 @pytest.mark.parametrize("kind", KINDS)
 def test_strength_orders_the_size_of_the_change(kind, chest_crop):
     lab, K = chest_crop
-    n = {st: _corrupt(np.random.default_rng(7), lab, kind, K, strength=st)[1]["changed_voxels"] for st in STRENGTHS}
+    n = {st: corrupt(np.random.default_rng(7), lab, kind, K, strength=st)[1]["changed_voxels"] for st in STRENGTHS}
     if kind in ("drop", "swap"):  # all or nothing: the same at every strength
         assert n["mild"] == n["default"] == n["strong"] > 0
     else:
@@ -173,12 +174,22 @@ def test_demo_is_idempotent_and_rebuilds_on_new_args(demo):
     assert {p: p.stat().st_mtime_ns for p in demo.rglob("*.nii.gz")} == stamp
 
 
+DRAWN = {"imagesTr/demo_000_0000.nii.gz": "c8b54eef702412bd", "imagesTr/demo_001_0000.nii.gz": "34684198dd490593",
+         "labelsTr/demo_000.nii.gz": "94553ef6f3d2d074", "labelsTr/demo_001.nii.gz": "1477a9e9f590f0ae"}
+
+
 def test_demo_rebuild_with_other_args_and_determinism(tmp_path):
     a = build_demo(tmp_path / "a", n_cases=2, corrupt_fraction=1.0, seed=5, size_mm=(96, 96, 60), kinds=["swap"])
     b = build_demo(tmp_path / "b", n_cases=2, corrupt_fraction=1.0, seed=5, size_mm=(96, 96, 60), kinds=["swap"])
     for name in ("imagesTr/demo_001_0000.nii.gz", "labelsTr/demo_001.nii.gz"):
         np.testing.assert_array_equal(read_image(a / name)[0], read_image(b / name)[0])
     assert json.loads((a / "corruption.json").read_text()) == json.loads((b / "corruption.json").read_text())
+    # the arrays are those the builder drew before it was split into auvcore.data.cohorts (sha256, first 16 hex
+    # digits): moving code must not change a cohort (float rounding of another CPU could flip a voxel in principle;
+    # not seen)
+    got = {name: hashlib.sha256(np.ascontiguousarray(read_image(a / name)[0]).tobytes()).hexdigest()[:16]
+           for name in DRAWN}
+    assert got == DRAWN
     build_demo(a, n_cases=3, corrupt_fraction=0.0, seed=5, size_mm=(96, 96, 60))
     rec = json.loads((a / "corruption.json").read_text())
     assert len(rec) == 3 and not any(e["corrupted"] for e in rec.values())
@@ -236,7 +247,7 @@ def test_demo_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"strength: expected one of \('mild', 'default', 'strong'\)"):
         build_demo(tmp_path / "x", strength="extreme")
     with pytest.raises(ValueError, match="strength"):
-        _corrupt(np.random.default_rng(0), np.ones((4, 4, 4), np.uint8), "erode", 2, strength="Strong")
+        corrupt(np.random.default_rng(0), np.ones((4, 4, 4), np.uint8), "erode", 2, strength="Strong")
     assert not (tmp_path / "x").exists()
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "precious.txt").write_text("keep")

@@ -73,3 +73,20 @@ def test_cli_checks_the_rates(sd, capsys):
     with pytest.raises(SystemExit):
         sd.main(["--strength", "huge"])
     assert "choose from 'mild', 'default', 'strong'" in capsys.readouterr().err
+
+
+def test_degraded_image_cohorts(sd, capsys):
+    """--degrade: clean labels, degraded images, their own folders; not together with label --kinds."""
+    tag = sd.cohort_tag("chest", 0, 0.25, "default", None, ["noise", "blur"])
+    assert tag == "chest-0-f0.25-default-degrade-noise+blur"
+    assert sd.cohort_tag("chest", 0, 0.25, "default", None, None) == "chest-0"
+    with pytest.raises(SystemExit):
+        sd.main(["--degrade", "noise", "--kinds", "erode"])
+    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sd.main(["--degrade", "fog"])
+    assert "invalid choice" in capsys.readouterr().err
+    res = sd.tables(_cases((0.25,)), 20)
+    md = sd.markdown(res, {"machine": "m", "commit": "c", "date": "d", "command": "x", "strength": "mild",
+                           "kinds": ["erode"], "cases": 20, "degrade": ["noise", "blur"]})
+    assert "Image degradation (labels clean), strength mild; kinds: noise, blur" in md

@@ -27,6 +27,17 @@ def _quantile(s: str) -> float:
     return q
 
 
+def _degradations(known):
+    """argparse type: one or more comma-separated image degradation kinds of ``known``."""
+    def parse(s: str) -> list:
+        kinds = [k.strip() for k in s.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in known]
+        if not kinds or bad:
+            raise argparse.ArgumentTypeError(f"expected kinds of {', '.join(known)}, got {s!r}")
+        return kinds
+    return parse
+
+
 def _workers(s: str) -> int | str:
     if s == "auto":
         return s
@@ -136,17 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
     p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
-    from ..data.demo import DEFAULT_KINDS, KINDS, SOURCES, STRENGTHS
+    from ..data.cohorts import DEFAULT_KINDS, DEGRADATIONS, KINDS, SOURCES, STRENGTHS
 
     p.add_argument("--source", default="chest", choices=SOURCES,
                    help="real volume the cases are varied from: chest CT (default), spine CT or MR, brain MR, lung "
                         "or brain tumours, brain atlas (README 'Cohorts' says which package each needs)")
     p.add_argument("--fraction", type=_quantile, default=0.25,
-                   help="share of cases whose labels are corrupted (default 0.25)")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(DEFAULT_KINDS), metavar="KIND",
-                   help=f"corruption kinds cycled over the corrupted cases, of {', '.join(KINDS)} "
+                   help="share of cases whose labels are corrupted, or with --degrade whose images are degraded "
+                        "(default 0.25)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None, metavar="KIND",
+                   help=f"label corruption kinds cycled over the corrupted cases, of {', '.join(KINDS)} "
                         f"(default: {' '.join(DEFAULT_KINDS)})")
-    p.add_argument("--strength", choices=STRENGTHS, default="default", help="size of each corruption")
+    p.add_argument("--degrade", nargs="+", type=_degradations(DEGRADATIONS), metavar="KIND",
+                   help=f"degrade images instead of corrupting labels (the labels stay clean): kinds cycled over "
+                        f"the degraded cases, of {', '.join(DEGRADATIONS)} (space- or comma-separated)")
+    p.add_argument("--strength", choices=STRENGTHS, default="default",
+                   help="size of each corruption (or degradation)")
     p.add_argument("--quantile", type=_quantile, default=0.95)
     _add_score_args(p, dataset=False)
 
@@ -260,7 +276,7 @@ def run(argv=None) -> int:
 
         print(f"report: {write_report(args.run, args.quantile)}")
     elif args.command == "demo":
-        from ..data.demo import build_demo, describe
+        from ..data.cohorts import build_demo, describe
 
         if _world() > 1:
             raise ValueError("demo runs in one process; under torchrun use `auvcore score` on a data set")
@@ -269,10 +285,21 @@ def run(argv=None) -> int:
 
         t0 = time.time()
         out = Path(args.out)
-        print(f"[1/4] building {args.cases} demo cases from {describe(args.source)} in {out / 'data'}", flush=True)
+        what = (f", {args.fraction:g} of them with degraded images ({', '.join(k for ks in args.degrade for k in ks)}; "
+                f"labels clean)" if args.degrade else "")
+        print(f"[1/4] building {args.cases} demo cases from {describe(args.source)}{what} in {out / 'data'}",
+              flush=True)
         try:
-            data = build_demo(out / "data", n_cases=args.cases, source=args.source, corrupt_fraction=args.fraction,
-                              kinds=args.kinds, strength=args.strength)
+            if args.degrade:  # clean labels, degraded images: --fraction and --strength are the degradation's
+                if args.kinds:
+                    raise ValueError("--kinds: label corruptions and --degrade are separate cohorts; give one")
+                kinds = list(dict.fromkeys(k for ks in args.degrade for k in ks))
+                data = build_demo(out / "data", n_cases=args.cases, source=args.source, corrupt_fraction=0.0,
+                                  degrade=kinds, degrade_fraction=args.fraction, degrade_strength=args.strength)
+            else:
+                data = build_demo(out / "data", n_cases=args.cases, source=args.source,
+                                  corrupt_fraction=args.fraction, strength=args.strength,
+                                  **({"kinds": args.kinds} if args.kinds else {}))
         except ImportError as e:  # the source's package is not installed: say which extra brings it
             raise ValueError(str(e)) from e
         from ..encoders import encoder_options

