@@ -16,84 +16,96 @@
 namespace auvcore {
 namespace {
 
-constexpr int64_t kRowBlock = 6, kColBlock = 4;  // register block of G
-constexpr int64_t kPad = 12;  // rows are padded to a multiple of both
+constexpr int64_t kPad = 12;  // rows are padded to a multiple of every register tile's sides (4, 3 and 6, 4)
 constexpr int64_t kPanelBytes = 2048;  // one panel row: 512 floats or 256 doubles
 
+// One vector type per (instruction set, precision), each the width of that set's registers: a 64-byte type
+// on AVX2 is two ymm registers, on SSE2 four xmm, and a tile of them spills.
 typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
 typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
 
-// Horizontal sum by halving: a few shuffles instead of one scalar add per lane.
-__attribute__((always_inline)) inline double hsum(v16f x) {
-  typedef int v16i __attribute__((vector_size(64)));
-  x += __builtin_shuffle(x, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x += __builtin_shuffle(x, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-  x += __builtin_shuffle(x, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+// Horizontal sums by halving: a few shuffles instead of one scalar add per lane. Float lanes add in float
+// down to two, then in double.
+__attribute__((always_inline)) inline double hsum(v4f x) {
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1);
   return (double)x[0] + (double)x[1];
 }
+__attribute__((always_inline)) inline double hsum(v8f x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
+}
+__attribute__((always_inline)) inline double hsum(v16f x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+__attribute__((always_inline)) inline double hsum(v2d x) { return x[0] + x[1]; }
+__attribute__((always_inline)) inline double hsum(v4d x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1) + __builtin_shufflevector(x, x, 2, 3));
+}
 __attribute__((always_inline)) inline double hsum(v8d x) {
-  typedef long long v8l __attribute__((vector_size(64)));
-  x += __builtin_shuffle(x, (v8l){4, 5, 6, 7, 0, 1, 2, 3});
-  x += __builtin_shuffle(x, (v8l){2, 3, 0, 1, 2, 3, 0, 1});
-  return x[0] + x[1];
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
 }
 
-// G (lower triangle, ldg) += P Pᵀ for a panel P of pp rows (pp % kRowBlock == 0), nvec vectors per row.
-// A 6 x 4 register block: 24 accumulators, 6 rows held in registers, the 4 others streamed one at a time,
-// so 10 loads feed 24 FMAs and the streamed rows are the only traffic from L2.
-template <typename V, typename T>
+// G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % kPad == 0), nvec vectors per row; f is
+// the panel's power-of-two unscaling (gram_typed). Register tile: R rows x C columns of G, each entry one
+// vector accumulator over the samples, reduced once at the end of the panel. Per step the C column vectors
+// sit in registers and each of the R row vectors is loaded once (folded into its FMAs' memory operand), so
+// R + C loads feed R·C FMAs, and R·C + C (+1) registers are live: R x C is sized so that this fits the
+// register file of the instruction set (16 ymm/xmm: 4 x 3; 32 zmm: 6 x 4) and the loop does not spill.
+template <typename V, int R, int C, typename T>
 __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G,
-                                                           int64_t ldg) {
+                                                           int64_t ldg, double f) {
+  static_assert(kPad % R == 0 && kPad % C == 0, "the padded rows must split into whole tiles");
   constexpr int64_t W = sizeof(V) / sizeof(T);
-  for (int64_t I = 0; I < pp; I += kRowBlock) {
-    const T* a[6];
-    for (int r = 0; r < 6; ++r) a[r] = P + (I + r) * ld;
-    for (int64_t J = 0; J < I + kRowBlock; J += kColBlock) {
-      const T* b0 = P + (J + 0) * ld;
-      const T* b1 = P + (J + 1) * ld;
-      const T* b2 = P + (J + 2) * ld;
-      const T* b3 = P + (J + 3) * ld;
-      V c[6][4] = {};
-      for (int64_t v = 0; v < nvec; ++v) {
-        const int64_t o = v * W;
-        V x0 = *(const V*)(a[0] + o), x1 = *(const V*)(a[1] + o), x2 = *(const V*)(a[2] + o);
-        V x3 = *(const V*)(a[3] + o), x4 = *(const V*)(a[4] + o), x5 = *(const V*)(a[5] + o);
-        V y = *(const V*)(b0 + o);
-        c[0][0] += x0 * y; c[1][0] += x1 * y; c[2][0] += x2 * y; c[3][0] += x3 * y; c[4][0] += x4 * y; c[5][0] += x5 * y;
-        y = *(const V*)(b1 + o);
-        c[0][1] += x0 * y; c[1][1] += x1 * y; c[2][1] += x2 * y; c[3][1] += x3 * y; c[4][1] += x4 * y; c[5][1] += x5 * y;
-        y = *(const V*)(b2 + o);
-        c[0][2] += x0 * y; c[1][2] += x1 * y; c[2][2] += x2 * y; c[3][2] += x3 * y; c[4][2] += x4 * y; c[5][2] += x5 * y;
-        y = *(const V*)(b3 + o);
-        c[0][3] += x0 * y; c[1][3] += x1 * y; c[2][3] += x2 * y; c[3][3] += x3 * y; c[4][3] += x4 * y; c[5][3] += x5 * y;
+  for (int64_t I = 0; I < pp; I += R) {
+    // Column blocks up to the diagonal; entries above it are computed on diagonal tiles and never read.
+    for (int64_t J = 0; J < I + R; J += C) {
+      const T* a = P + I * ld;
+      const T* b = P + J * ld;
+      V c[R][C] = {};
+      for (int64_t o = 0; o < nvec * W; o += W) {
+        V y[C];
+#pragma GCC unroll 8
+        for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const V x = *(const V*)(a + r * ld + o);
+#pragma GCC unroll 8
+          for (int q = 0; q < C; ++q) c[r][q] += x * y[q];
+        }
       }
-      for (int r = 0; r < 6; ++r) {
+      for (int r = 0; r < R; ++r) {
         double* g = G + (I + r) * ldg + J;
-        for (int q = 0; q < 4; ++q) g[q] += hsum(c[r][q]);
+        for (int q = 0; q < C; ++q) g[q] += f * hsum(c[r][q]);
       }
     }
   }
 }
 
-// One build per instruction set (isa.h).
-#define AUVCORE_SYRK(NAME, TARGET)                                                                     \
-  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {   \
-    syrk_panel_impl<v16f>(P, pp, ld, nvec, G, ldg);                                                  \
-  }                                                                                                  \
-  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {  \
-    syrk_panel_impl<v8d>(P, pp, ld, nvec, G, ldg);                                                   \
+// One build per instruction set (isa.h), each with its own vector width and register tile.
+#define AUVCORE_SYRK(NAME, TARGET, VF, VD, R, C)                                                                \
+  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {   \
+    syrk_panel_impl<VF, R, C>(P, pp, ld, nvec * (64 / sizeof(VF)), G, ldg, f);                                 \
+  }                                                                                                             \
+  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {  \
+    syrk_panel_impl<VD, R, C>(P, pp, ld, nvec * (64 / sizeof(VD)), G, ldg, f);                                 \
   }
-AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512)
-AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2)
-AUVCORE_SYRK(syrk_generic, )
+AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512, v16f, v8d, 6, 4)
+AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2, v8f, v4d, 4, 3)
+AUVCORE_SYRK(syrk_generic, , v4f, v2d, 4, 3)
 #undef AUVCORE_SYRK
 
+// nvec counts 64-byte vectors (the panel's rows are padded to a multiple of 64 bytes); each build converts it
+// to its own width.
 template <typename T>
-void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {
   switch (isa_level()) {
-    case 2: return syrk_avx512(P, pp, ld, nvec, G, ldg);
-    case 1: return syrk_avx2(P, pp, ld, nvec, G, ldg);
-    default: return syrk_generic(P, pp, ld, nvec, G, ldg);
+    case kIsaAvx512: return syrk_avx512(P, pp, ld, nvec, G, ldg, f);
+    case kIsaAvx2: return syrk_avx2(P, pp, ld, nvec, G, ldg, f);
+    default: return syrk_generic(P, pp, ld, nvec, G, ldg, f);
   }
 }
 
@@ -352,7 +364,7 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
             bad_value = true;
             break;
           }
-          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp);
+          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp, 1.0);
         }
         for (int64_t a = 0; a < p; ++a)
           for (int64_t b = 0; b <= a; ++b) u.G[a * p + b] = acc[a * pp + b];
