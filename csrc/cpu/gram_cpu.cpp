@@ -145,21 +145,47 @@ struct Reader<BHalf> {
   __attribute__((always_inline)) static float get(const BHalf* p) { return bf16_to_float(p->bits); }
 };
 
-// Exponent bits with all ones mark NaN and Inf. min over (~bits & mask) is 0 iff one was seen: an integer
-// min-reduction, which vectorises where a bool or does not.
-__attribute__((always_inline)) inline uint32_t finite_mark(float v) {
+// The bits of |v|: as unsigned integers they order the magnitudes, and NaN and Inf (exponent bits all ones)
+// lie above every finite value. One integer max-reduction over them gives both the panel's largest magnitude
+// (its pre-scale) and whether a non-finite value was read; it vectorises where a float max or a bool or
+// would not.
+__attribute__((always_inline)) inline uint32_t abs_bits(float v) {
   uint32_t b;
   std::memcpy(&b, &v, 4);
-  return ~b & 0x7f800000u;
+  return b & 0x7fffffffu;
 }
-__attribute__((always_inline)) inline uint64_t finite_mark(double v) {
+__attribute__((always_inline)) inline uint64_t abs_bits(double v) {
   uint64_t b;
   std::memcpy(&b, &v, 8);
-  return ~b & 0x7ff0000000000000ull;
+  return b & 0x7fffffffffffffffull;
+}
+template <typename T>
+using Bits = decltype(abs_bits(T()));
+template <typename T>
+constexpr Bits<T> kInfBits = sizeof(T) == 4 ? (Bits<T>)0x7f800000u : (Bits<T>)0x7ff0000000000000ull;
+template <typename T>
+inline T from_bits(Bits<T> b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
 }
 template <typename T>
 inline bool non_finite(T v) {
-  return finite_mark(v) == 0;
+  return abs_bits(v) >= kInfBits<T>;
+}
+
+// The pre-scale against overflow and underflow (issue 24): the power of two 2^e that a panel whose centred
+// values are bounded by `bound` is multiplied by before its products are summed in T. Within a range where
+// neither the products nor their sums over a panel can leave T's normal range (|x| in 2^±32 for float: the
+// products within 2^±64, sums of 512 of them far below 2^128; 2^±400 for double) e = 0 and nothing is
+// multiplied; outside it e brings the bound to [1, 2). Exact in binary floating point, and undone in double.
+template <typename T>
+inline int prescale_exponent(double bound) {
+  if (!(bound > 0.0)) return 0;
+  const int lg = std::ilogb(bound);
+  const int safe = sizeof(T) == 4 ? 32 : 400;
+  if (lg >= -safe && lg <= safe) return 0;
+  return std::max(-1000, std::min(1000, -lg));  // 2^e stays a finite double; the clamp only bites on denormals
 }
 
 // Maximal runs of consecutive offsets in a panel's sample offsets, found once per panel and shared by all
@@ -176,46 +202,65 @@ inline void find_runs(const int64_t* so, int64_t nb, std::vector<int64_t>& runs)
   }
 }
 
-// row[t] = x[base + so[t]] for t < nb, run by run; returns true if a value read was NaN or Inf.
+// row[t] = x[base + so[t]] for t < nb, run by run; returns the largest abs_bits read (>= kInfBits<T>: a NaN
+// or an Inf was read).
 template <typename Src, typename T>
-__attribute__((always_inline)) inline bool read_row(const Src* x, int64_t base, const int64_t* so, const std::vector<int64_t>& runs, T* row) {
-  decltype(finite_mark(T())) mark = ~decltype(finite_mark(T()))(0);
+__attribute__((always_inline)) inline Bits<T> read_row(const Src* x, int64_t base, const int64_t* so,
+                                                       const std::vector<int64_t>& runs, T* row) {
+  Bits<T> m = 0;
   for (size_t r = 0; r < runs.size(); r += 2) {
     const int64_t t0 = runs[r], len = runs[r + 1];
     const Src* src = x + base + so[t0];
     T* dst = row + t0;
     for (int64_t t = 0; t < len; ++t) {
       T v = (T)Reader<Src>::get(src + t);
-      mark = std::min(mark, finite_mark(v));
+      m = std::max(m, abs_bits(v));
       dst[t] = v;
     }
   }
-  return mark == 0;
+  return m;
 }
 
-// One panel: the samples [t0, t0 + nb) of a job, read, checked, centred (or shifted) in double and rounded
-// once to T, the tail up to `padded` zeroed. Returns false if a non-finite value was read and nan_to_num is
-// off. Compiled once per instruction set like the product itself: reading and centering are a third of
-// the work for large p.
+// One panel: the samples [t0, t0 + nb) of a job, read, checked, centred (or shifted) in double, multiplied by
+// the panel's pre-scale 2^e (*e_out; prescale_exponent) and rounded once to T, the tail up to `padded` zeroed.
+// Returns false if a non-finite value was read and nan_to_num is off. *empty: every value is 0 (nothing to
+// add). Compiled once per instruction set like the product itself: reading and centering are a third of the
+// work for large p.
 template <typename Src, typename T>
 __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int64_t base, const int64_t* p_off,
                                                               int64_t p, const int64_t* so,
                                                               const std::vector<int64_t>& runs, int64_t nb,
                                                               int64_t padded, Centering centering, const double* shift,
                                                               double* sum, double* colmean, bool nan_to_num, T* panel,
-                                                              int64_t ld) {
+                                                              int64_t ld, int* e_out, bool* empty) {
+  Bits<T> amax = 0;
   for (int64_t a = 0; a < p; ++a) {
     T* row = panel + a * ld;
-    if (read_row(x, base + p_off[a], so, runs, row)) {
+    Bits<T> m = read_row(x, base + p_off[a], so, runs, row);
+    if (m >= kInfBits<T>) {
       if (!nan_to_num) return false;
-      for (int64_t t = 0; t < nb; ++t)
+      m = 0;
+      for (int64_t t = 0; t < nb; ++t) {
         if (non_finite(row[t])) row[t] = (T)0;
+        m = std::max(m, abs_bits(row[t]));
+      }
     }
+    amax = std::max(amax, m);
   }
+  // A bound of the centred values: |x - mean| <= 2 max|x|, and the shift is one of the job's samples.
+  double bound = (double)from_bits<T>(amax);
+  if (centering == Centering::AcrossSamples)
+    for (int64_t a = 0; a < p; ++a) bound = std::max(bound, std::fabs(shift[a]));
+  if (centering != Centering::None) bound *= 2.0;
+  const int e = prescale_exponent<T>(bound);
+  const double scale = std::ldexp(1.0, e);
+  *e_out = e;
+  *empty = amax == 0 && centering != Centering::AcrossSamples;
   if (centering == Centering::AcrossP) {
-    center_across_p(panel, p, ld, nb, colmean);
+    center_across_p(panel, p, ld, nb, colmean, scale);
   } else if (centering == Centering::AcrossSamples) {
     constexpr int L = 8;  // independent partial sums, so the reduction vectorises without reassociation
+    bool any = false;
     for (int64_t a = 0; a < p; ++a) {
       T* row = panel + a * ld;
       const double c = shift[a];
@@ -225,16 +270,23 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
         for (int l = 0; l < L; ++l) {
           const double d = (double)row[t + l] - c;
           part[l] += d;
-          row[t + l] = (T)d;
+          row[t + l] = (T)(d * scale);
         }
       for (; t < nb; ++t) {
         const double d = (double)row[t] - c;
         part[0] += d;
-        row[t] = (T)d;
+        row[t] = (T)(d * scale);
       }
       double s = 0.0;
       for (int l = 0; l < L; ++l) s += part[l];
       sum[a] += s;
+      any = any || c != 0.0 || amax != 0;
+    }
+    *empty = !any;
+  } else if (e != 0) {
+    for (int64_t a = 0; a < p; ++a) {
+      T* row = panel + a * ld;
+      for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] * scale);
     }
   }
   for (int64_t a = 0; a < p; ++a) {
@@ -247,8 +299,9 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
 #define AUVCORE_PREPARE_ARGS                                                                                 \
   const Src *x, int64_t base, const int64_t *p_off, int64_t p, const int64_t *so,                         \
       const std::vector<int64_t>&runs, int64_t nb, int64_t padded, Centering centering, const double *shift, \
-      double *sum, double *colmean, bool nan_to_num, T *panel, int64_t ld
-#define AUVCORE_PREPARE_CALL x, base, p_off, p, so, runs, nb, padded, centering, shift, sum, colmean, nan_to_num, panel, ld
+      double *sum, double *colmean, bool nan_to_num, T *panel, int64_t ld, int *e_out, bool *empty
+#define AUVCORE_PREPARE_CALL \
+  x, base, p_off, p, so, runs, nb, padded, centering, shift, sum, colmean, nan_to_num, panel, ld, e_out, empty
 template <typename Src, typename T>
 AUVCORE_TARGET_AVX512 bool prepare_avx512(AUVCORE_PREPARE_ARGS) {
   return prepare_panel_impl<Src, T>(AUVCORE_PREPARE_CALL);
@@ -264,8 +317,8 @@ bool prepare_generic(AUVCORE_PREPARE_ARGS) {
 template <typename Src, typename T>
 bool prepare_panel(AUVCORE_PREPARE_ARGS) {
   switch (isa_level()) {
-    case 2: return prepare_avx512<Src, T>(AUVCORE_PREPARE_CALL);
-    case 1: return prepare_avx2<Src, T>(AUVCORE_PREPARE_CALL);
+    case kIsaAvx512: return prepare_avx512<Src, T>(AUVCORE_PREPARE_CALL);
+    case kIsaAvx2: return prepare_avx2<Src, T>(AUVCORE_PREPARE_CALL);
     default: return prepare_generic<Src, T>(AUVCORE_PREPARE_CALL);
   }
 }
@@ -273,10 +326,13 @@ bool prepare_panel(AUVCORE_PREPARE_ARGS) {
 #undef AUVCORE_PREPARE_CALL
 
 // A contiguous range of one job's samples; split jobs accumulate into their own partial buffers.
+// Its G holds the sums scaled by 4^e (the pre-scale of its largest panel); any: some panel was not all zero.
 struct Unit {
   int64_t job, s_begin, s_end;
   double* G;    // p x p accumulator (lower triangle filled here)
-  double* sum;  // p sums of the shifted samples (AcrossSamples only)
+  double* sum;  // p sums of the shifted samples (AcrossSamples only), true scale
+  int e = 0;
+  bool any = false;
 };
 
 template <typename Src, typename T>
@@ -354,18 +410,36 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
         const GramJob& jb = jobs[u.job];
         const double* sh = shift.empty() ? nullptr : shift.data() + u.job * p;
         std::memset(acc.get(), 0, sizeof(double) * pp * pp);
+        // acc holds the sums scaled by 4^ue, ue the smallest panel exponent so far (the largest values): a
+        // panel of exponent e adds its products times 4^(ue - e) <= 1, and a panel of larger values first
+        // scales acc down. In double, so these factors cost nothing but the products' own rounding.
+        int ue = 0;
+        bool have = false;
         for (int64_t t0 = u.s_begin; t0 < u.s_end; t0 += NB) {
           const int64_t nb = std::min(NB, u.s_end - t0);
           const int64_t nvec = (nb + W - 1) / W;
           const int64_t* so = jb.s_off + t0;
           find_runs(so, nb, runs);
+          int e = 0;
+          bool empty = false;
           if (!prepare_panel<Src, T>(x, jb.base, p_off.data(), p, so, runs, nb, nvec * W, centering, sh, u.sum,
-                                     colmean.data(), nan_to_num, panel.get(), NB)) {
+                                     colmean.data(), nan_to_num, panel.get(), NB, &e, &empty)) {
             bad_value = true;
             break;
           }
-          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp, 1.0);
+          if (empty) continue;
+          if (!have || e < ue) {
+            if (have) {
+              const double f = std::ldexp(1.0, 2 * (e - ue));
+              for (int64_t i = 0; i < pp * pp; ++i) acc[i] *= f;
+            }
+            ue = e;
+            have = true;
+          }
+          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp, std::ldexp(1.0, 2 * (ue - e)));
         }
+        units[ui].e = ue;
+        units[ui].any = have;
         for (int64_t a = 0; a < p; ++a)
           for (int64_t b = 0; b <= a; ++b) u.G[a * p + b] = acc[a * pp + b];
       }
@@ -381,22 +455,43 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
   if (bad_value)
     throw ArgumentError(std::string(arg) + " contains NaN or Inf; pass nan_to_num=True to read them as 0");
 
-  // Fold the partials of split jobs, then the centering correction, then mirror the triangle.
+  // Fold the partials of split jobs at the job's scale 4^je (the smallest unit exponent), then the centering
+  // correction at that scale, then back to the true scale in double and mirror the triangle.
+  std::vector<int> je(njobs, 0);
+  std::vector<char> jany(njobs, 0);
+  for (const Unit& u : units)
+    if (u.any) {
+      je[u.job] = jany[u.job] ? std::min(je[u.job], u.e) : u.e;
+      jany[u.job] = 1;
+    }
   for (const Unit& u : units) {
     double* dst = G + u.job * pp2;
-    if (u.G != dst)
-      for (int64_t i = 0; i < pp2; ++i) dst[i] += u.G[i];
+    if (u.G != dst && u.any) {
+      const double f = std::ldexp(1.0, 2 * (je[u.job] - u.e));
+      for (int64_t i = 0; i < pp2; ++i) dst[i] += f * u.G[i];
+    }
     if (u.sum && u.sum != sums.data() + u.job * p)
       for (int64_t a = 0; a < p; ++a) sums[u.job * p + a] += u.sum[a];
   }
+  std::vector<double> ds(p);
   for (int64_t j = 0; j < njobs; ++j) {
     double* g = G + j * pp2;
     if (centering == Centering::AcrossSamples && jobs[j].ns > 0) {
       const double* d = sums.data() + j * p;
+      for (int64_t a = 0; a < p; ++a) ds[a] = std::ldexp(d[a], je[j]);
       const double inv_n = 1.0 / (double)jobs[j].ns;
       for (int64_t a = 0; a < p; ++a)
-        for (int64_t b = 0; b <= a; ++b) g[a * p + b] -= d[a] * d[b] * inv_n;
+        for (int64_t b = 0; b <= a; ++b) g[a * p + b] -= ds[a] * ds[b] * inv_n;
     }
+    // Back to the true scale, 4^-je; a float64 Gram beyond the double range instead tops out near 2^1000
+    // (|G_ab| <= max diag, as G is positive semi-definite up to rounding).
+    int ex = -2 * je[j];
+    double dmax = 0.0;
+    for (int64_t a = 0; a < p; ++a) dmax = std::max(dmax, std::fabs(g[a * p + a]));
+    if (dmax > 0.0 && std::ilogb(dmax) + ex > 1000) ex = 1000 - std::ilogb(dmax);
+    if (ex != 0)
+      for (int64_t a = 0; a < p; ++a)
+        for (int64_t b = 0; b <= a; ++b) g[a * p + b] = std::ldexp(g[a * p + b], ex);
     for (int64_t a = 0; a < p; ++a)
       for (int64_t b = 0; b < a; ++b) g[b * p + a] = g[a * p + b];
   }

@@ -24,7 +24,10 @@ struct GramJob {
 
 // G[j] (p x p, both triangles) = Σ_t x̄_t x̄_tᵀ for each job j, accumulated in double.
 // Float inputs multiply in float32 within a short panel and add the panel into double; double inputs stay
-// double. Throws ArgumentError naming `arg` if a non-finite value is read and nan_to_num is false
+// double. Any finite input gives a finite G: a panel whose values would overflow (or underflow) the products
+// in its precision is first multiplied by a power of two (exact), and the sums are brought back to the true
+// scale in double; only a float64 input whose Gram exceeds the double range (|x| beyond ~1e150) has its G
+// scaled down by a power of two, which leaves S (scale-invariant at that energy) unchanged. Throws ArgumentError naming `arg` if a non-finite value is read and nan_to_num is false
 // (with nan_to_num, NaN/±Inf read as 0). in_double makes lower-precision inputs multiply in double too.
 void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
               Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg, bool in_double);
@@ -36,10 +39,11 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
 
 // Subtract from every sample (column t) its mean over the p rows, computed and subtracted in double so
 // that a large common offset does not cost float32 digits. Used by the Gram panels and by the backward's
-// centering projection.
+// centering projection. `scale` (a power of two: the Gram's pre-scale, gram_cpu.cpp) multiplies the centred
+// value in double before it is rounded to T, so a centred value beyond T's range never exists in T.
 template <typename T>
 __attribute__((always_inline)) inline void center_across_p(T* panel, int64_t p, int64_t ld, int64_t nb,
-                                                                double* colmean) {
+                                                                double* colmean, double scale = 1.0) {
   for (int64_t t = 0; t < nb; ++t) colmean[t] = 0.0;
   for (int64_t a = 0; a < p; ++a) {
     const T* row = panel + a * ld;
@@ -49,7 +53,7 @@ __attribute__((always_inline)) inline void center_across_p(T* panel, int64_t p, 
   for (int64_t t = 0; t < nb; ++t) colmean[t] *= inv_p;
   for (int64_t a = 0; a < p; ++a) {
     T* row = panel + a * ld;
-    for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] - colmean[t]);
+    for (int64_t t = 0; t < nb; ++t) row[t] = (T)(((double)row[t] - colmean[t]) * scale);
   }
 }
 
