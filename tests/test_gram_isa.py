@@ -173,3 +173,44 @@ def test_float64_beyond_the_double_range_of_the_gram():
     z = _maps(2, (1, 2, 5, 6, 7), torch.float64, "plain", 1e200)
     S = auvcore.semantic_scale(z, backend="cpp")
     assert_close(S, oracle_decoded(z / 1e200, "D_HW"), 1e-10)
+
+
+# ---- the same on CUDA, under the host emulation ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    from cuda_common import emu_library
+
+    return emu_library(tmp_path_factory)
+
+
+@pytest.mark.parametrize("mag", [1e-30, 1e-12, 1e20, 1e30])
+@pytest.mark.parametrize("layout,center", [("D_HW", True), ("D_HW", False), ("W_DH", True), ("W_DH", False)])
+def test_emulated_cuda_gram_any_magnitude(emu_lib, mag, layout, center):
+    """The CUDA kernels' pre-scale (one power of two per matrix from a max-magnitude pre-pass): float32 input
+    at 1e-30..1e30 gives the oracle's S without ε (scale-free) and a finite Gram at the true scale."""
+    from test_cuda_emulated import _emu_decoded, _gram_ref
+
+    z = _maps(4, (1, 2, 6, 7, 9), torch.float32, "offset", mag)
+    G, S, flags = _emu_decoded(emu_lib, z, layout, center=center, eps=0.0)
+    assert not flags.any() and torch.isfinite(G).all()
+    assert_close(S, oracle_decoded(z, layout, center, eps=0.0), TOL[torch.float32])
+    ref = _gram_ref(z, layout, center)
+    assert float((G - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("mag", [1e-30, 1e30])
+def test_emulated_cuda_masked_any_magnitude(emu_lib, mag):
+    from test_cuda_emulated import _emu_masked
+
+    g = torch.Generator().manual_seed(8)
+    f = ((torch.randn(1, 5, 4, 5, 6, generator=g, dtype=torch.float64) + 3) * mag).float()
+    lab = torch.randint(0, 3, (1, 4, 5, 6), generator=g)
+    G, S, counts, flags, _ = _emu_masked(emu_lib, f, lab, 3)
+    assert not flags.any() and torch.isfinite(G).all() and torch.isfinite(S).all()
+    x = f.double()[0].reshape(5, -1)
+    for k in range(3):
+        X = x[:, lab[0].reshape(-1) == k].T
+        X = X - X.mean(0, keepdim=True)
+        ref = X.T @ X
+        assert float((G[k] - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

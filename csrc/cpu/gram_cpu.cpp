@@ -174,20 +174,6 @@ inline bool non_finite(T v) {
   return abs_bits(v) >= kInfBits<T>;
 }
 
-// The pre-scale against overflow and underflow (issue 24): the power of two 2^e that a panel whose centred
-// values are bounded by `bound` is multiplied by before its products are summed in T. Within a range where
-// neither the products nor their sums over a panel can leave T's normal range (|x| in 2^±32 for float: the
-// products within 2^±64, sums of 512 of them far below 2^128; 2^±400 for double) e = 0 and nothing is
-// multiplied; outside it e brings the bound to [1, 2). Exact in binary floating point, and undone in double.
-template <typename T>
-inline int prescale_exponent(double bound) {
-  if (!(bound > 0.0)) return 0;
-  const int lg = std::ilogb(bound);
-  const int safe = sizeof(T) == 4 ? 32 : 400;
-  if (lg >= -safe && lg <= safe) return 0;
-  return std::max(-1000, std::min(1000, -lg));  // 2^e stays a finite double; the clamp only bites on denormals
-}
-
 // Maximal runs of consecutive offsets in a panel's sample offsets, found once per panel and shared by all
 // its rows: decoded maps are one run per panel, and label maps, being blobs, give long runs per class.
 inline void find_runs(const int64_t* so, int64_t nb, std::vector<int64_t>& runs) {
@@ -252,7 +238,7 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
   if (centering == Centering::AcrossSamples)
     for (int64_t a = 0; a < p; ++a) bound = std::max(bound, std::fabs(shift[a]));
   if (centering != Centering::None) bound *= 2.0;
-  const int e = prescale_exponent<T>(bound);
+  const int e = prescale_exponent<sizeof(T)>(bound);
   const double scale = std::ldexp(1.0, e);
   *e_out = e;
   *empty = amax == 0 && centering != Centering::AcrossSamples;

@@ -1,5 +1,6 @@
 // Fused centering + Gram matrices, the first half of the semantic perception scale (SPEC §2, §5).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -36,6 +37,27 @@ void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, 
 // G has room for B*K matrices of p x p, p = min(m, n). in_double: see gram_cpu (the official preset).
 void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
                   bool in_double);
+
+#if defined(__CUDACC__)
+#define AUVCORE_HOST_DEVICE __host__ __device__
+#else
+#define AUVCORE_HOST_DEVICE
+#endif
+
+// The pre-scale against overflow and underflow (issue 24): the power of two 2^e that values bounded by `bound`
+// (centred ones included) are multiplied by before their products are summed in T (4-byte: float, else
+// double). Within a range where neither the products nor their sums over a panel can leave T's normal range
+// (|x| in 2^±32 for float: products within 2^±64, sums of a few thousand of them far below 2^128; 2^±400 for
+// double) e = 0 and nothing is multiplied; outside it e brings the bound to [1, 2). Exact in binary floating
+// point, and undone in double. The clamp keeps 2^e a finite double (it only bites on float64 denormals).
+template <int TBytes>
+AUVCORE_HOST_DEVICE inline int prescale_exponent(double bound) {
+  if (!(bound > 0.0)) return 0;
+  const int lg = ilogb(bound);
+  const int safe = TBytes == 4 ? 32 : 400;
+  if (lg >= -safe && lg <= safe) return 0;
+  return -lg < -1000 ? -1000 : -lg > 1000 ? 1000 : -lg;
+}
 
 // Subtract from every sample (column t) its mean over the p rows, computed and subtracted in double so
 // that a large common offset does not cost float32 digits. Used by the Gram panels and by the backward's
