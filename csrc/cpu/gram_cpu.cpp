@@ -17,7 +17,7 @@ namespace auvcore {
 namespace {
 
 constexpr int64_t kPad = 12;  // rows are padded to a multiple of every register tile's sides (4, 3 and 6, 4)
-constexpr int64_t kPanelBytes = 2048;  // one panel row: 512 floats or 256 doubles
+constexpr int64_t kPanelBytes = 4096;  // one panel row: 1024 floats or 512 doubles
 
 // One vector type per (instruction set, precision), each the width of that set's registers: a 64-byte type
 // on AVX2 is two ymm registers, on SSE2 four xmm, and a tile of them spills.
