@@ -6,6 +6,7 @@ and ``backend="auto"`` falls back to it; asking for ``backend="cpp"`` then says 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import numpy as np
@@ -63,6 +64,51 @@ def _warn_no_native() -> None:
         _warned = True
         warnings.warn(f"auvcore: {why_no_native()}; using the pure-PyTorch path (slower, float32 results differ "
                       "in the last digits)", RuntimeWarning, stacklevel=3)
+
+
+# The CPU kernels' instruction set (csrc/include/auvcore/isa.h): the best the CPU runs unless the environment
+# variable AUVCORE_ISA, read once at import, or set_isa() asks for a lower one.
+ISAS = ("generic", "avx2", "avx512")
+
+
+def isa() -> str | None:
+    """The instruction set the C++ CPU kernels run now: 'generic', 'avx2' or 'avx512' (None without a build)."""
+    return ISAS[_C.isa()] if _C is not None else None
+
+
+def isa_best() -> str | None:
+    """The best instruction set this CPU supports (None without a build)."""
+    return ISAS[_C.isa_best()] if _C is not None else None
+
+
+def set_isa(name: str | None) -> str:
+    """Run the CPU kernels on ``name`` ('generic', 'avx2', 'avx512'; None: the CPU's best) from now on, and
+    return the path now in force. A path above the CPU's best raises ValueError: it would execute instructions
+    the CPU lacks."""
+    if _C is None:
+        raise RuntimeError(f"set_isa: {why_no_native()}")
+    if name is None:
+        name = isa_best()
+    if name not in ISAS:
+        raise ValueError(f"isa: expected one of {ISAS} or None, got {name!r}")
+    _C.set_isa(ISAS.index(name))
+    return isa()
+
+
+def _isa_from_env() -> None:
+    """AUVCORE_ISA=generic|avx2|avx512 forces a CPU path at import. Asking above the CPU's best, or an unknown
+    name, warns and keeps the best: a setting copied to another machine must not make the import fail."""
+    want = os.environ.get("AUVCORE_ISA", "").strip().lower()
+    if not want or _C is None:
+        return
+    if want not in ISAS:
+        warnings.warn(f"AUVCORE_ISA={want!r}: expected one of {ISAS}; using {isa_best()!r}", RuntimeWarning,
+                      stacklevel=2)
+    elif ISAS.index(want) > _C.isa_best():
+        warnings.warn(f"AUVCORE_ISA={want!r}: this CPU runs at most {isa_best()!r}; using that", RuntimeWarning,
+                      stacklevel=2)
+    else:
+        _C.set_isa(ISAS.index(want))
 
 
 def has_native() -> bool:
@@ -186,3 +232,6 @@ def threads(num_threads: int | None) -> int:
     if int(num_threads) < 1:
         raise ValueError(f"num_threads: expected >= 1, got {num_threads}")
     return int(num_threads)
+
+
+_isa_from_env()

@@ -10,6 +10,7 @@
 #include "auvcore/duo.h"
 #include "auvcore/eigh.h"
 #include "auvcore/gram.h"
+#include "auvcore/isa.h"
 #include "auvcore/scale.h"
 #ifdef AUVCORE_WITH_CUDA
 #include <cmath>
@@ -264,6 +265,12 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("ptr"), py::arg("dtype"), py::arg("shape"), py::arg("strides"), py::arg("device") = kHost)
       .def_readonly("device", &ArrayView::device);
+
+  // The instruction set the CPU kernels dispatch on (isa.h): 0 generic, 1 AVX2 + FMA, 2 AVX-512.
+  m.def("isa", &isa_level, "The instruction-set level the CPU kernels run now.");
+  m.def("isa_best", &isa_best, "The best instruction-set level this CPU supports.");
+  m.def("set_isa", &set_isa_level, py::arg("level"),
+        "Force a level at or below isa_best() (ValueError above it).");
 
   // The CPU ops. Inputs must be host memory; outputs are ArrayViews of buffers Python allocated, and
   // `buffer` checks each one's dtype, layout, shape and memory against what the op will write before the op

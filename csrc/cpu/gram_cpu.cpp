@@ -16,84 +16,96 @@
 namespace auvcore {
 namespace {
 
-constexpr int64_t kRowBlock = 6, kColBlock = 4;  // register block of G
-constexpr int64_t kPad = 12;  // rows are padded to a multiple of both
-constexpr int64_t kPanelBytes = 2048;  // one panel row: 512 floats or 256 doubles
+constexpr int64_t kPad = 12;  // rows are padded to a multiple of every register tile's sides (4, 3 and 6, 4)
+constexpr int64_t kPanelBytes = 4096;  // one panel row: 1024 floats or 512 doubles
 
+// One vector type per (instruction set, precision), each the width of that set's registers: a 64-byte type
+// on AVX2 is two ymm registers, on SSE2 four xmm, and a tile of them spills.
 typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
 typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
 
-// Horizontal sum by halving: a few shuffles instead of one scalar add per lane.
-__attribute__((always_inline)) inline double hsum(v16f x) {
-  typedef int v16i __attribute__((vector_size(64)));
-  x += __builtin_shuffle(x, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x += __builtin_shuffle(x, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-  x += __builtin_shuffle(x, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+// Horizontal sums by halving: a few shuffles instead of one scalar add per lane. Float lanes add in float
+// down to two, then in double.
+__attribute__((always_inline)) inline double hsum(v4f x) {
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1);
   return (double)x[0] + (double)x[1];
 }
+__attribute__((always_inline)) inline double hsum(v8f x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
+}
+__attribute__((always_inline)) inline double hsum(v16f x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+__attribute__((always_inline)) inline double hsum(v2d x) { return x[0] + x[1]; }
+__attribute__((always_inline)) inline double hsum(v4d x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1) + __builtin_shufflevector(x, x, 2, 3));
+}
 __attribute__((always_inline)) inline double hsum(v8d x) {
-  typedef long long v8l __attribute__((vector_size(64)));
-  x += __builtin_shuffle(x, (v8l){4, 5, 6, 7, 0, 1, 2, 3});
-  x += __builtin_shuffle(x, (v8l){2, 3, 0, 1, 2, 3, 0, 1});
-  return x[0] + x[1];
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
 }
 
-// G (lower triangle, ldg) += P Pᵀ for a panel P of pp rows (pp % kRowBlock == 0), nvec vectors per row.
-// A 6 x 4 register block: 24 accumulators, 6 rows held in registers, the 4 others streamed one at a time,
-// so 10 loads feed 24 FMAs and the streamed rows are the only traffic from L2.
-template <typename V, typename T>
+// G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % kPad == 0), nvec vectors per row; f is
+// the panel's power-of-two unscaling (gram_typed). Register tile: R rows x C columns of G, each entry one
+// vector accumulator over the samples, reduced once at the end of the panel. Per step the C column vectors
+// sit in registers and each of the R row vectors is loaded once (folded into its FMAs' memory operand), so
+// R + C loads feed R·C FMAs, and R·C + C (+1) registers are live: R x C is sized so that this fits the
+// register file of the instruction set (16 ymm/xmm: 4 x 3; 32 zmm: 6 x 4) and the loop does not spill.
+template <typename V, int R, int C, typename T>
 __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G,
-                                                           int64_t ldg) {
+                                                           int64_t ldg, double f) {
+  static_assert(kPad % R == 0 && kPad % C == 0, "the padded rows must split into whole tiles");
   constexpr int64_t W = sizeof(V) / sizeof(T);
-  for (int64_t I = 0; I < pp; I += kRowBlock) {
-    const T* a[6];
-    for (int r = 0; r < 6; ++r) a[r] = P + (I + r) * ld;
-    for (int64_t J = 0; J < I + kRowBlock; J += kColBlock) {
-      const T* b0 = P + (J + 0) * ld;
-      const T* b1 = P + (J + 1) * ld;
-      const T* b2 = P + (J + 2) * ld;
-      const T* b3 = P + (J + 3) * ld;
-      V c[6][4] = {};
-      for (int64_t v = 0; v < nvec; ++v) {
-        const int64_t o = v * W;
-        V x0 = *(const V*)(a[0] + o), x1 = *(const V*)(a[1] + o), x2 = *(const V*)(a[2] + o);
-        V x3 = *(const V*)(a[3] + o), x4 = *(const V*)(a[4] + o), x5 = *(const V*)(a[5] + o);
-        V y = *(const V*)(b0 + o);
-        c[0][0] += x0 * y; c[1][0] += x1 * y; c[2][0] += x2 * y; c[3][0] += x3 * y; c[4][0] += x4 * y; c[5][0] += x5 * y;
-        y = *(const V*)(b1 + o);
-        c[0][1] += x0 * y; c[1][1] += x1 * y; c[2][1] += x2 * y; c[3][1] += x3 * y; c[4][1] += x4 * y; c[5][1] += x5 * y;
-        y = *(const V*)(b2 + o);
-        c[0][2] += x0 * y; c[1][2] += x1 * y; c[2][2] += x2 * y; c[3][2] += x3 * y; c[4][2] += x4 * y; c[5][2] += x5 * y;
-        y = *(const V*)(b3 + o);
-        c[0][3] += x0 * y; c[1][3] += x1 * y; c[2][3] += x2 * y; c[3][3] += x3 * y; c[4][3] += x4 * y; c[5][3] += x5 * y;
+  for (int64_t I = 0; I < pp; I += R) {
+    // Column blocks up to the diagonal; entries above it are computed on diagonal tiles and never read.
+    for (int64_t J = 0; J < I + R; J += C) {
+      const T* a = P + I * ld;
+      const T* b = P + J * ld;
+      V c[R][C] = {};
+      for (int64_t o = 0; o < nvec * W; o += W) {
+        V y[C];
+#pragma GCC unroll 8
+        for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const V x = *(const V*)(a + r * ld + o);
+#pragma GCC unroll 8
+          for (int q = 0; q < C; ++q) c[r][q] += x * y[q];
+        }
       }
-      for (int r = 0; r < 6; ++r) {
+      for (int r = 0; r < R; ++r) {
         double* g = G + (I + r) * ldg + J;
-        for (int q = 0; q < 4; ++q) g[q] += hsum(c[r][q]);
+        for (int q = 0; q < C; ++q) g[q] += f * hsum(c[r][q]);
       }
     }
   }
 }
 
-// One build per instruction set (isa.h).
-#define AUVCORE_SYRK(NAME, TARGET)                                                                     \
-  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {   \
-    syrk_panel_impl<v16f>(P, pp, ld, nvec, G, ldg);                                                  \
-  }                                                                                                  \
-  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {  \
-    syrk_panel_impl<v8d>(P, pp, ld, nvec, G, ldg);                                                   \
+// One build per instruction set (isa.h), each with its own vector width and register tile.
+#define AUVCORE_SYRK(NAME, TARGET, VF, VD, R, C)                                                                \
+  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {   \
+    syrk_panel_impl<VF, R, C>(P, pp, ld, nvec * (64 / sizeof(VF)), G, ldg, f);                                 \
+  }                                                                                                             \
+  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {  \
+    syrk_panel_impl<VD, R, C>(P, pp, ld, nvec * (64 / sizeof(VD)), G, ldg, f);                                 \
   }
-AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512)
-AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2)
-AUVCORE_SYRK(syrk_generic, )
+AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512, v16f, v8d, 6, 4)
+AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2, v8f, v4d, 4, 3)
+AUVCORE_SYRK(syrk_generic, , v4f, v2d, 4, 3)
 #undef AUVCORE_SYRK
 
+// nvec counts 64-byte vectors (the panel's rows are padded to a multiple of 64 bytes); each build converts it
+// to its own width.
 template <typename T>
-void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg) {
+void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {
   switch (isa_level()) {
-    case 2: return syrk_avx512(P, pp, ld, nvec, G, ldg);
-    case 1: return syrk_avx2(P, pp, ld, nvec, G, ldg);
-    default: return syrk_generic(P, pp, ld, nvec, G, ldg);
+    case kIsaAvx512: return syrk_avx512(P, pp, ld, nvec, G, ldg, f);
+    case kIsaAvx2: return syrk_avx2(P, pp, ld, nvec, G, ldg, f);
+    default: return syrk_generic(P, pp, ld, nvec, G, ldg, f);
   }
 }
 
@@ -133,21 +145,33 @@ struct Reader<BHalf> {
   __attribute__((always_inline)) static float get(const BHalf* p) { return bf16_to_float(p->bits); }
 };
 
-// Exponent bits with all ones mark NaN and Inf. min over (~bits & mask) is 0 iff one was seen: an integer
-// min-reduction, which vectorises where a bool or does not.
-__attribute__((always_inline)) inline uint32_t finite_mark(float v) {
+// The bits of |v|: as unsigned integers they order the magnitudes, and NaN and Inf (exponent bits all ones)
+// lie above every finite value. One integer max-reduction over them gives both the panel's largest magnitude
+// (its pre-scale) and whether a non-finite value was read; it vectorises where a float max or a bool or
+// would not.
+__attribute__((always_inline)) inline uint32_t abs_bits(float v) {
   uint32_t b;
   std::memcpy(&b, &v, 4);
-  return ~b & 0x7f800000u;
+  return b & 0x7fffffffu;
 }
-__attribute__((always_inline)) inline uint64_t finite_mark(double v) {
+__attribute__((always_inline)) inline uint64_t abs_bits(double v) {
   uint64_t b;
   std::memcpy(&b, &v, 8);
-  return ~b & 0x7ff0000000000000ull;
+  return b & 0x7fffffffffffffffull;
+}
+template <typename T>
+using Bits = decltype(abs_bits(T()));
+template <typename T>
+constexpr Bits<T> kInfBits = sizeof(T) == 4 ? (Bits<T>)0x7f800000u : (Bits<T>)0x7ff0000000000000ull;
+template <typename T>
+inline T from_bits(Bits<T> b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
 }
 template <typename T>
 inline bool non_finite(T v) {
-  return finite_mark(v) == 0;
+  return abs_bits(v) >= kInfBits<T>;
 }
 
 // Maximal runs of consecutive offsets in a panel's sample offsets, found once per panel and shared by all
@@ -164,46 +188,65 @@ inline void find_runs(const int64_t* so, int64_t nb, std::vector<int64_t>& runs)
   }
 }
 
-// row[t] = x[base + so[t]] for t < nb, run by run; returns true if a value read was NaN or Inf.
+// row[t] = x[base + so[t]] for t < nb, run by run; returns the largest abs_bits read (>= kInfBits<T>: a NaN
+// or an Inf was read).
 template <typename Src, typename T>
-__attribute__((always_inline)) inline bool read_row(const Src* x, int64_t base, const int64_t* so, const std::vector<int64_t>& runs, T* row) {
-  decltype(finite_mark(T())) mark = ~decltype(finite_mark(T()))(0);
+__attribute__((always_inline)) inline Bits<T> read_row(const Src* x, int64_t base, const int64_t* so,
+                                                       const std::vector<int64_t>& runs, T* row) {
+  Bits<T> m = 0;
   for (size_t r = 0; r < runs.size(); r += 2) {
     const int64_t t0 = runs[r], len = runs[r + 1];
     const Src* src = x + base + so[t0];
     T* dst = row + t0;
     for (int64_t t = 0; t < len; ++t) {
       T v = (T)Reader<Src>::get(src + t);
-      mark = std::min(mark, finite_mark(v));
+      m = std::max(m, abs_bits(v));
       dst[t] = v;
     }
   }
-  return mark == 0;
+  return m;
 }
 
-// One panel: the samples [t0, t0 + nb) of a job, read, checked, centred (or shifted) in double and rounded
-// once to T, the tail up to `padded` zeroed. Returns false if a non-finite value was read and nan_to_num is
-// off. Compiled once per instruction set like the product itself: reading and centering are a third of
-// the work for large p.
+// One panel: the samples [t0, t0 + nb) of a job, read, checked, centred (or shifted) in double, multiplied by
+// the panel's pre-scale 2^e (*e_out; prescale_exponent) and rounded once to T, the tail up to `padded` zeroed.
+// Returns false if a non-finite value was read and nan_to_num is off. *empty: every value is 0 (nothing to
+// add). Compiled once per instruction set like the product itself: reading and centering are a third of the
+// work for large p.
 template <typename Src, typename T>
 __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int64_t base, const int64_t* p_off,
                                                               int64_t p, const int64_t* so,
                                                               const std::vector<int64_t>& runs, int64_t nb,
                                                               int64_t padded, Centering centering, const double* shift,
                                                               double* sum, double* colmean, bool nan_to_num, T* panel,
-                                                              int64_t ld) {
+                                                              int64_t ld, int* e_out, bool* empty) {
+  Bits<T> amax = 0;
   for (int64_t a = 0; a < p; ++a) {
     T* row = panel + a * ld;
-    if (read_row(x, base + p_off[a], so, runs, row)) {
+    Bits<T> m = read_row(x, base + p_off[a], so, runs, row);
+    if (m >= kInfBits<T>) {
       if (!nan_to_num) return false;
-      for (int64_t t = 0; t < nb; ++t)
+      m = 0;
+      for (int64_t t = 0; t < nb; ++t) {
         if (non_finite(row[t])) row[t] = (T)0;
+        m = std::max(m, abs_bits(row[t]));
+      }
     }
+    amax = std::max(amax, m);
   }
+  // A bound of the centred values: |x - mean| <= 2 max|x|, and the shift is one of the job's samples.
+  double bound = (double)from_bits<T>(amax);
+  if (centering == Centering::AcrossSamples)
+    for (int64_t a = 0; a < p; ++a) bound = std::max(bound, std::fabs(shift[a]));
+  if (centering != Centering::None) bound *= 2.0;
+  const int e = prescale_exponent<sizeof(T)>(bound);
+  const double scale = std::ldexp(1.0, e);
+  *e_out = e;
+  *empty = amax == 0 && centering != Centering::AcrossSamples;
   if (centering == Centering::AcrossP) {
-    center_across_p(panel, p, ld, nb, colmean);
+    center_across_p(panel, p, ld, nb, colmean, scale);
   } else if (centering == Centering::AcrossSamples) {
     constexpr int L = 8;  // independent partial sums, so the reduction vectorises without reassociation
+    bool any = false;
     for (int64_t a = 0; a < p; ++a) {
       T* row = panel + a * ld;
       const double c = shift[a];
@@ -213,16 +256,23 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
         for (int l = 0; l < L; ++l) {
           const double d = (double)row[t + l] - c;
           part[l] += d;
-          row[t + l] = (T)d;
+          row[t + l] = (T)(d * scale);
         }
       for (; t < nb; ++t) {
         const double d = (double)row[t] - c;
         part[0] += d;
-        row[t] = (T)d;
+        row[t] = (T)(d * scale);
       }
       double s = 0.0;
       for (int l = 0; l < L; ++l) s += part[l];
       sum[a] += s;
+      any = any || c != 0.0 || amax != 0;
+    }
+    *empty = !any;
+  } else if (e != 0) {
+    for (int64_t a = 0; a < p; ++a) {
+      T* row = panel + a * ld;
+      for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] * scale);
     }
   }
   for (int64_t a = 0; a < p; ++a) {
@@ -235,8 +285,9 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
 #define AUVCORE_PREPARE_ARGS                                                                                 \
   const Src *x, int64_t base, const int64_t *p_off, int64_t p, const int64_t *so,                         \
       const std::vector<int64_t>&runs, int64_t nb, int64_t padded, Centering centering, const double *shift, \
-      double *sum, double *colmean, bool nan_to_num, T *panel, int64_t ld
-#define AUVCORE_PREPARE_CALL x, base, p_off, p, so, runs, nb, padded, centering, shift, sum, colmean, nan_to_num, panel, ld
+      double *sum, double *colmean, bool nan_to_num, T *panel, int64_t ld, int *e_out, bool *empty
+#define AUVCORE_PREPARE_CALL \
+  x, base, p_off, p, so, runs, nb, padded, centering, shift, sum, colmean, nan_to_num, panel, ld, e_out, empty
 template <typename Src, typename T>
 AUVCORE_TARGET_AVX512 bool prepare_avx512(AUVCORE_PREPARE_ARGS) {
   return prepare_panel_impl<Src, T>(AUVCORE_PREPARE_CALL);
@@ -252,8 +303,8 @@ bool prepare_generic(AUVCORE_PREPARE_ARGS) {
 template <typename Src, typename T>
 bool prepare_panel(AUVCORE_PREPARE_ARGS) {
   switch (isa_level()) {
-    case 2: return prepare_avx512<Src, T>(AUVCORE_PREPARE_CALL);
-    case 1: return prepare_avx2<Src, T>(AUVCORE_PREPARE_CALL);
+    case kIsaAvx512: return prepare_avx512<Src, T>(AUVCORE_PREPARE_CALL);
+    case kIsaAvx2: return prepare_avx2<Src, T>(AUVCORE_PREPARE_CALL);
     default: return prepare_generic<Src, T>(AUVCORE_PREPARE_CALL);
   }
 }
@@ -261,10 +312,13 @@ bool prepare_panel(AUVCORE_PREPARE_ARGS) {
 #undef AUVCORE_PREPARE_CALL
 
 // A contiguous range of one job's samples; split jobs accumulate into their own partial buffers.
+// Its G holds the sums scaled by 4^e (the pre-scale of its largest panel); any: some panel was not all zero.
 struct Unit {
   int64_t job, s_begin, s_end;
   double* G;    // p x p accumulator (lower triangle filled here)
-  double* sum;  // p sums of the shifted samples (AcrossSamples only)
+  double* sum;  // p sums of the shifted samples (AcrossSamples only), true scale
+  int e = 0;
+  bool any = false;
 };
 
 template <typename Src, typename T>
@@ -342,18 +396,36 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
         const GramJob& jb = jobs[u.job];
         const double* sh = shift.empty() ? nullptr : shift.data() + u.job * p;
         std::memset(acc.get(), 0, sizeof(double) * pp * pp);
+        // acc holds the sums scaled by 4^ue, ue the smallest panel exponent so far (the largest values): a
+        // panel of exponent e adds its products times 4^(ue - e) <= 1, and a panel of larger values first
+        // scales acc down. In double, so these factors cost nothing but the products' own rounding.
+        int ue = 0;
+        bool have = false;
         for (int64_t t0 = u.s_begin; t0 < u.s_end; t0 += NB) {
           const int64_t nb = std::min(NB, u.s_end - t0);
           const int64_t nvec = (nb + W - 1) / W;
           const int64_t* so = jb.s_off + t0;
           find_runs(so, nb, runs);
+          int e = 0;
+          bool empty = false;
           if (!prepare_panel<Src, T>(x, jb.base, p_off.data(), p, so, runs, nb, nvec * W, centering, sh, u.sum,
-                                     colmean.data(), nan_to_num, panel.get(), NB)) {
+                                     colmean.data(), nan_to_num, panel.get(), NB, &e, &empty)) {
             bad_value = true;
             break;
           }
-          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp);
+          if (empty) continue;
+          if (!have || e < ue) {
+            if (have) {
+              const double f = std::ldexp(1.0, 2 * (e - ue));
+              for (int64_t i = 0; i < pp * pp; ++i) acc[i] *= f;
+            }
+            ue = e;
+            have = true;
+          }
+          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp, std::ldexp(1.0, 2 * (ue - e)));
         }
+        units[ui].e = ue;
+        units[ui].any = have;
         for (int64_t a = 0; a < p; ++a)
           for (int64_t b = 0; b <= a; ++b) u.G[a * p + b] = acc[a * pp + b];
       }
@@ -369,22 +441,43 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
   if (bad_value)
     throw ArgumentError(std::string(arg) + " contains NaN or Inf; pass nan_to_num=True to read them as 0");
 
-  // Fold the partials of split jobs, then the centering correction, then mirror the triangle.
+  // Fold the partials of split jobs at the job's scale 4^je (the smallest unit exponent), then the centering
+  // correction at that scale, then back to the true scale in double and mirror the triangle.
+  std::vector<int> je(njobs, 0);
+  std::vector<char> jany(njobs, 0);
+  for (const Unit& u : units)
+    if (u.any) {
+      je[u.job] = jany[u.job] ? std::min(je[u.job], u.e) : u.e;
+      jany[u.job] = 1;
+    }
   for (const Unit& u : units) {
     double* dst = G + u.job * pp2;
-    if (u.G != dst)
-      for (int64_t i = 0; i < pp2; ++i) dst[i] += u.G[i];
+    if (u.G != dst && u.any) {
+      const double f = std::ldexp(1.0, 2 * (je[u.job] - u.e));
+      for (int64_t i = 0; i < pp2; ++i) dst[i] += f * u.G[i];
+    }
     if (u.sum && u.sum != sums.data() + u.job * p)
       for (int64_t a = 0; a < p; ++a) sums[u.job * p + a] += u.sum[a];
   }
+  std::vector<double> ds(p);
   for (int64_t j = 0; j < njobs; ++j) {
     double* g = G + j * pp2;
     if (centering == Centering::AcrossSamples && jobs[j].ns > 0) {
       const double* d = sums.data() + j * p;
+      for (int64_t a = 0; a < p; ++a) ds[a] = std::ldexp(d[a], je[j]);
       const double inv_n = 1.0 / (double)jobs[j].ns;
       for (int64_t a = 0; a < p; ++a)
-        for (int64_t b = 0; b <= a; ++b) g[a * p + b] -= d[a] * d[b] * inv_n;
+        for (int64_t b = 0; b <= a; ++b) g[a * p + b] -= ds[a] * ds[b] * inv_n;
     }
+    // Back to the true scale, 4^-je; a float64 Gram beyond the double range instead tops out near 2^1000
+    // (|G_ab| <= max diag, as G is positive semi-definite up to rounding).
+    int ex = -2 * je[j];
+    double dmax = 0.0;
+    for (int64_t a = 0; a < p; ++a) dmax = std::max(dmax, std::fabs(g[a * p + a]));
+    if (dmax > 0.0 && std::ilogb(dmax) + ex > 1000) ex = 1000 - std::ilogb(dmax);
+    if (ex != 0)
+      for (int64_t a = 0; a < p; ++a)
+        for (int64_t b = 0; b <= a; ++b) g[a * p + b] = std::ldexp(g[a * p + b], ex);
     for (int64_t a = 0; a < p; ++a)
       for (int64_t b = 0; b < a; ++b) g[b * p + a] = g[a * p + b];
   }

@@ -6,6 +6,9 @@
 // Precision: float inputs (f16/bf16 widened on load) multiply-accumulate in FP32 over at most kChunk samples,
 // then each chunk's partial Gram is added into the float64 output (atomicAdd, so the summation order of the
 // chunks, and hence the last bits, vary from run to run). float64 inputs stay float64 throughout.
+// No overflow (issue 24): for the float products a pre-pass finds each matrix's largest magnitude, and a matrix
+// outside float's safe range (prescale_exponent in gram.h, the CPU's rule) is multiplied by a power of two
+// as it is staged; finalize_kernel undoes it in double. One extra read of the input, float inputs only.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -48,8 +51,9 @@ struct GramArgs {
   int small_rows = 0;        // masked, smaller side: classes with fewer voxels than p are left to row_gram_kernel
   const double* mu = nullptr;  // AcrossP with p > tile: per-sample means from the pre-pass, [jobs, ns]
   double* G = nullptr;
-  double* sums = nullptr;    // AcrossSamples: [jobs, p] sums of the shifted samples
+  double* sums = nullptr;    // AcrossSamples: [jobs, p] sums of the shifted samples (pre-scaled)
   int32_t* flags = nullptr;
+  const int* pexp = nullptr;  // [jobs] pre-scale exponents (float products), or null: no pre-scale
 };
 
 // Output tile TP x TP per block (TP = 16 RM), RM x RM accumulators per thread (rows ty + 16 i, columns
@@ -135,6 +139,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
         shB[i] = isfinite(y) ? y : 0.0;
       }
     }
+    const double sc = a.pexp ? ldexp(1.0, a.pexp[job]) : 1.0;  // exact; applied to the centred value
     T acc[RM][RM];
 #pragma unroll
     for (int i = 0; i < RM; ++i)
@@ -172,7 +177,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
             x -= smu[tl];
           }
         }
-        As[tl][al] = (T)x;
+        As[tl][al] = (T)(x * sc);
         if (!diag) {
           double y = 0.0;
           if (tin && rowB0 + al < p) {
@@ -186,7 +191,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
             else if (a.mu)
               y -= smu[tl];
           }
-          Bs[tl][al] = (T)y;
+          Bs[tl][al] = (T)(y * sc);
         }
       }
       if (inblock_center) {
@@ -257,10 +262,54 @@ __global__ void __launch_bounds__(NT) colmean_kernel(const GramArgs a, int64_t j
   }
 }
 
-// Centering correction of the shifted covariance (G -= d dᵀ / n) and the mirror of the lower triangle.
+// The pre-scale's pre-pass, stage 1: block x of job j writes the largest finite magnitude of its share of the
+// job's p x ns matrix to part[j * gridDim.x + x] (no atomics: stage 2 reduces the blocks' maxima).
+template <typename In>
+__global__ void __launch_bounds__(NT) amax_kernel(const GramArgs a, int64_t jobs, double* part) {
+  __shared__ double red[NT];
+  for (int64_t job = blockIdx.y; job < jobs; job += gridDim.y) {
+    const int64_t b = job / a.K, k = job % a.K;
+    int64_t ns = a.ns;
+    const int64_t* srt = nullptr;
+    if (a.seg) {
+      const int64_t* sg = a.seg + b * (a.K + 1) + k;
+      ns = sg[1] - sg[0];
+      srt = a.sorted + b * a.N + sg[0];
+    }
+    const int64_t base = b * a.stride_b + k * a.stride_k;
+    double m = 0.0;
+    for (int64_t e = (int64_t)blockIdx.x * NT + threadIdx.x; e < ns * a.p; e += (int64_t)gridDim.x * NT) {
+      const int64_t t = a.pfast ? e / a.p : e % ns, r = a.pfast ? e % a.p : e / ns;  // the faster index first
+      const double x = load_elem<In>(a.data, base + a.pmap(r) + (srt ? srt[t] : a.smap(t)));
+      if (isfinite(x)) m = fmax(m, fabs(x));
+    }
+    red[threadIdx.x] = m;
+    __syncthreads();
+    for (int h = NT / 2; h > 0; h >>= 1) {
+      if ((int)threadIdx.x < h) red[threadIdx.x] = fmax(red[threadIdx.x], red[threadIdx.x + h]);
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) part[job * gridDim.x + blockIdx.x] = red[0];
+    __syncthreads();  // red is reused by the next job
+  }
+}
+
+// Stage 2: thread per job, the exponent of its bound (twice the largest magnitude when centred: |x - mean|
+// <= 2 max |x|, and the shift of the one-pass covariance is one of the samples).
+__global__ void prescale_kernel(const double* part, int64_t nparts, int64_t jobs, int centred, int* pexp) {
+  for (int64_t job = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; job < jobs; job += (int64_t)gridDim.x * blockDim.x) {
+    double m = 0.0;
+    for (int64_t i = 0; i < nparts; ++i) m = fmax(m, part[job * nparts + i]);
+    pexp[job] = prescale_exponent<4>(centred ? 2.0 * m : m);
+  }
+}
+
+// Centering correction of the shifted covariance (G -= d dᵀ / n), the pre-scale undone (G · 4^-e, exact) and
+// the mirror of the lower triangle.
 // Thread (r, c), c <= r, alone reads G[r][c] and writes G[r][c] and G[c][r], so no barrier is needed.
 __global__ void __launch_bounds__(NT) finalize_kernel(double* G, int64_t p, int64_t jobs, const double* sums,
-                                                      const int64_t* seg, int K, int64_t ns_const, int small_rows) {
+                                                      const int64_t* seg, int K, int64_t ns_const, int small_rows,
+                                                      const int* pexp) {
   const int64_t pp = p * p;
   for (int64_t job = blockIdx.y; job < jobs; job += gridDim.y) {
     double* g = G + job * pp;
@@ -276,6 +325,7 @@ __global__ void __launch_bounds__(NT) finalize_kernel(double* G, int64_t p, int6
       if (c > r) continue;
       double v = g[r * p + c];
       if (d && ns > 0) v -= d[r] * d[c] / (double)ns;
+      if (pexp) v = ldexp(v, -2 * pexp[job]);
       g[r * p + c] = v;
       g[c * p + r] = v;
     }
@@ -549,8 +599,22 @@ __host__ __device__ constexpr int max_rm() {
 }
 
 template <typename In, typename T>
-void launch_gram(GramArgs a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
+void launch_gram(GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s, Workspace& ws) {
   constexpr int64_t TPmax = 16 * max_rm<T>();
+  if (sizeof(T) == 4) {
+    // The pre-scale of the float products: the jobs' largest magnitudes, then their exponents.
+    const int64_t per_job = a.seg ? (a.N + a.K - 1) / a.K * a.p : a.ns * a.p;
+    const int64_t gx = std::max<int64_t>(1, std::min<int64_t>((per_job + NT * 16 - 1) / (NT * 16), 64));
+    double* part = ws.alloc_n<double>(jobs * gx);
+    int* pexp = ws.alloc_n<int>(jobs);
+    const dim3 agrid((unsigned)gx, (unsigned)std::min<int64_t>(jobs, 65535));
+    amax_kernel<In><<<agrid, NT, 0, s>>>(a, jobs, part);
+    AUV_CUDA_CHECK_LAUNCH("amax_kernel");
+    const unsigned pgrid = (unsigned)std::min<int64_t>((jobs + 127) / 128, 1024);
+    prescale_kernel<<<pgrid, 128, 0, s>>>(part, gx, jobs, a.cent != kNone, pexp);
+    AUV_CUDA_CHECK_LAUNCH("prescale_kernel");
+    a.pexp = pexp;
+  }
   if (a.cent == kAcrossP && a.p > TPmax) {
     // A tile holds TPmax of the p rows, too few to centre a column: take the means first (one extra read).
     double* mu = ws.alloc_n<double>(jobs * a.ns);
@@ -571,7 +635,8 @@ void launch_gram(GramArgs a, int64_t B, int64_t jobs, cudaStream_t s, Workspace&
 }
 
 // The accumulation type: double inputs stay double, the others multiply in float (the file's precision note).
-void launch_gram_dtype(DType dt, const char* arg, const GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s,
+// a.pexp comes back set when the products are float (the pre-scale that finalize_kernel undoes).
+void launch_gram_dtype(DType dt, const char* arg, GramArgs& a, int64_t B, int64_t jobs, cudaStream_t s,
                        Workspace& ws) {
   dispatch_input(dt, arg, [&](auto tag) {
     using In = decltype(tag);
@@ -594,10 +659,10 @@ void launch_rows(RowArgs r, bool center, cudaStream_t s, Workspace& ws) {
 }
 
 void launch_finalize(double* G, int64_t p, int64_t jobs, const double* sums, const int64_t* seg, int K, int64_t ns,
-                     int small_rows, cudaStream_t s) {
+                     int small_rows, const int* pexp, cudaStream_t s) {
   const int64_t gx = std::min<int64_t>((p * p + NT - 1) / NT, 1024);
   const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>(jobs, 65535));
-  finalize_kernel<<<grid, NT, 0, s>>>(G, p, jobs, sums, seg, K, ns, small_rows);
+  finalize_kernel<<<grid, NT, 0, s>>>(G, p, jobs, sums, seg, K, ns, small_rows, pexp);
   AUV_CUDA_CHECK_LAUNCH("finalize_kernel");
 }
 
@@ -650,7 +715,7 @@ void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, do
     AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * p, s));
   }
   launch_gram_dtype(z.dtype, "z", a, B, jobs, s, ws);
-  launch_finalize(G, p, jobs, a.sums, nullptr, (int)K, a.ns, 0, s);
+  launch_finalize(G, p, jobs, a.sums, nullptr, (int)K, a.ns, 0, a.pexp, s);
 }
 
 void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool center, bool nan_to_num,
@@ -729,7 +794,7 @@ void masked_gram(const ArrayView& f, const ArrayView& labels, int64_t K, bool ce
     AUV_CUDA_CHECK(cudaMemsetAsync(a.sums, 0, sizeof(double) * jobs * C, s));
   }
   launch_gram_dtype(f.dtype, "features", a, B, jobs, s, ws);
-  launch_finalize(G, C, jobs, a.sums, sa.seg, (int)K, 0, a.small_rows, s);
+  launch_finalize(G, C, jobs, a.sums, sa.seg, (int)K, 0, a.small_rows, a.pexp, s);
   if (smaller_side && C >= 2) {  // with one channel no class has fewer voxels than C and at least one
     RowArgs r;
     r.data = f.data();

@@ -1,5 +1,6 @@
 // Fused centering + Gram matrices, the first half of the semantic perception scale (SPEC §2, §5).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -24,7 +25,10 @@ struct GramJob {
 
 // G[j] (p x p, both triangles) = Σ_t x̄_t x̄_tᵀ for each job j, accumulated in double.
 // Float inputs multiply in float32 within a short panel and add the panel into double; double inputs stay
-// double. Throws ArgumentError naming `arg` if a non-finite value is read and nan_to_num is false
+// double. Any finite input gives a finite G: a panel whose values would overflow (or underflow) the products
+// in its precision is first multiplied by a power of two (exact), and the sums are brought back to the true
+// scale in double; only a float64 input whose Gram exceeds the double range (|x| beyond ~1e150) has its G
+// scaled down by a power of two, which leaves S (scale-invariant at that energy) unchanged. Throws ArgumentError naming `arg` if a non-finite value is read and nan_to_num is false
 // (with nan_to_num, NaN/±Inf read as 0). in_double makes lower-precision inputs multiply in double too.
 void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, const std::vector<GramJob>& jobs,
               Centering centering, bool nan_to_num, double* G, int num_threads, const char* arg, bool in_double);
@@ -34,12 +38,34 @@ void gram_cpu(const void* data, DType dtype, const std::vector<int64_t>& p_off, 
 void decoded_gram(const ArrayView& z, int mode, bool center, bool nan_to_num, double* G, int num_threads,
                   bool in_double);
 
+#if defined(__CUDACC__)
+#define AUVCORE_HOST_DEVICE __host__ __device__
+#else
+#define AUVCORE_HOST_DEVICE
+#endif
+
+// The pre-scale against overflow and underflow (issue 24): the power of two 2^e that values bounded by `bound`
+// (centred ones included) are multiplied by before their products are summed in T (4-byte: float, else
+// double). Within a range where neither the products nor their sums over a panel can leave T's normal range
+// (|x| in 2^±32 for float: products within 2^±64, sums of a few thousand of them far below 2^128; 2^±400 for
+// double) e = 0 and nothing is multiplied; outside it e brings the bound to [1, 2). Exact in binary floating
+// point, and undone in double. The clamp keeps 2^e a finite double (it only bites on float64 denormals).
+template <int TBytes>
+AUVCORE_HOST_DEVICE inline int prescale_exponent(double bound) {
+  if (!(bound > 0.0)) return 0;
+  const int lg = ilogb(bound);
+  const int safe = TBytes == 4 ? 32 : 400;
+  if (lg >= -safe && lg <= safe) return 0;
+  return -lg < -1000 ? -1000 : -lg > 1000 ? 1000 : -lg;
+}
+
 // Subtract from every sample (column t) its mean over the p rows, computed and subtracted in double so
 // that a large common offset does not cost float32 digits. Used by the Gram panels and by the backward's
-// centering projection.
+// centering projection. `scale` (a power of two: the Gram's pre-scale, gram_cpu.cpp) multiplies the centred
+// value in double before it is rounded to T, so a centred value beyond T's range never exists in T.
 template <typename T>
 __attribute__((always_inline)) inline void center_across_p(T* panel, int64_t p, int64_t ld, int64_t nb,
-                                                                double* colmean) {
+                                                                double* colmean, double scale = 1.0) {
   for (int64_t t = 0; t < nb; ++t) colmean[t] = 0.0;
   for (int64_t a = 0; a < p; ++a) {
     const T* row = panel + a * ld;
@@ -49,7 +75,7 @@ __attribute__((always_inline)) inline void center_across_p(T* panel, int64_t p, 
   for (int64_t t = 0; t < nb; ++t) colmean[t] *= inv_p;
   for (int64_t a = 0; a < p; ++a) {
     T* row = panel + a * ld;
-    for (int64_t t = 0; t < nb; ++t) row[t] = (T)((double)row[t] - colmean[t]);
+    for (int64_t t = 0; t < nb; ++t) row[t] = (T)(((double)row[t] - colmean[t]) * scale);
   }
 }
 
