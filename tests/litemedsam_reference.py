@@ -50,13 +50,21 @@ def plain_decode(net: lm.LiteMedSAM, emb: torch.Tensor, boxes: torch.Tensor) -> 
 
 class ReferenceLiteMedSAM(lm.LiteMedSAMEncoder):
     """LiteMedSAMEncoder with the decoder above: ``batch_size`` prompts at a time, each on a copy of its
-    slice's embedding (the code before issue 23). Shares the network of ``enc``."""
+    slice's embedding, and the image encoder's GELUs as separate operations (the code before issue 23).
+    Shares the network of ``enc``."""
 
     _decode_all = False
 
     def __init__(self, enc: lm.LiteMedSAMEncoder, batch_size: int = 8):
         self.__dict__.update(enc.__dict__)
         self.batch_size, self.prompt_batch = int(batch_size), None
+
+    def _embed(self, vol, zs, size):
+        fuse, lm.FUSE_CPU = lm.FUSE_CPU, False
+        try:
+            return super()._embed(vol, zs, size)
+        finally:
+            lm.FUSE_CPU = fuse
 
     def _decode(self, emb, idx, boxes, size, shape):
         e = emb["emb"]

@@ -150,6 +150,37 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * ((x - mu) / torch.sqrt(var + self.eps)) + self.bias[:, None, None]
 
 
+# On the CPU in float32, a convolution or linear layer and the GELU after it run as one oneDNN operation
+# with the activation fused (PyTorch's own fused ops, those its compiler emits for CPU): the GELU is applied
+# while the output is in cache instead of in another pass over memory. Measured CPU time on this project's
+# 2-core EPYC, per slice: 1×1 conv 64 → 256 at 256×256 + GELU 88 → 41 ms, depthwise 3×3 + GELU 75 → 43 ms,
+# linear 128 → 512 + GELU over 16384 tokens 107 → 54 ms; the values equal the two plain operations to float32
+# rounding (tests/test_litemedsam.py). Elsewhere (CUDA, autocast, other dtypes, autograd) those plain
+# operations run.
+FUSE_CPU = (hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.mkldnn.is_available())
+
+
+def _fusable(weight, x) -> bool:
+    return (FUSE_CPU and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled())
+
+
+def conv_gelu(conv: nn.Conv2d, x):
+    """``GELU(conv(x))``, fused where :func:`_fusable`."""
+    if _fusable(conv.weight, x) and conv.padding_mode == "zeros":
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, conv.padding, conv.stride,
+                                                        conv.dilation, conv.groups, "gelu", [], "none")
+    return F.gelu(conv(x))
+
+
+def linear_gelu(x, weight, bias):
+    """``GELU(F.linear(x, weight, bias))``, fused where :func:`_fusable`."""
+    if _fusable(weight, x) and x.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, weight, bias))
+
+
 class MBConv(nn.Module):
     """Inverted residual: 1×1 expand ×4, depthwise 3×3, 1×1 project, + input, GELU."""
 
@@ -161,8 +192,8 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(h, c)
 
     def forward(self, x):
-        y = F.gelu(self.conv1(x))
-        y = F.gelu(self.conv2(y))
+        y = conv_gelu(self.conv1, x)
+        y = conv_gelu(self.conv2, y)
         return F.gelu(self.conv3(y) + x)
 
 
@@ -179,8 +210,8 @@ class PatchMerging(nn.Module):
     def forward(self, x):
         if x.dim() == 3:  # tokens [B, N, C] → [B, C, H, W]
             x = x.transpose(1, 2).reshape(x.shape[0], -1, self.res, self.res)
-        x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x))
+        x = conv_gelu(self.conv1, x)
+        x = conv_gelu(self.conv2, x)
         return self.conv3(x).flatten(2).transpose(1, 2)
 
 
@@ -246,7 +277,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.fc2(linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias))
 
 
 class Stage(nn.Module):
@@ -564,7 +595,7 @@ class MaskDecoder(nn.Module):
         x = k.view(n, EMB, EMB, -1)[:, :gr, :gc]  # [n, gr, gc, C]
         y = F.linear(x, *_as_linear(ct1, x.dtype)).view(n, gr, gc, 2, 2, -1)
         y = F.gelu(F.layer_norm(y, (y.shape[-1],), ln.weight.to(y.dtype), ln.bias.to(y.dtype), ln.eps))
-        z = F.gelu(F.linear(y, *_as_linear(ct2, y.dtype)))
+        z = linear_gelu(y, *_as_linear(ct2, y.dtype))
         m = torch.bmm(z.reshape(n, -1, ct2.out_channels), hyper[:, :, None].to(z.dtype))  # [n, pixels, 1]
         # (n, y, x, ky, kx, ky2, kx2) → rows 4y + 2ky + ky2, cols 4x + 2kx + kx2
         m = m.view(n, gr, gc, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
