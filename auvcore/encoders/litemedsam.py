@@ -28,6 +28,14 @@ part of each class in each slice (``prompts="components"``; or one box per class
 random 0–5 pixels). The mask logits are cropped to the unpadded part and resized back to the slice
 (bilinear), SAM's post-processing.
 
+**Speed** (issue 23). Per slice the image encoder costs 75 GFLOP; SAM's mask decoder, run once per box on
+a copy of the slice's embedding, 3.5 GFLOP per box (a chest demo case: 64 slices, about 1,500 boxes). Here
+the decoder's slice-dependent part runs once per slice, its per-box cross-attentions are folded onto the 7
+prompt tokens and its upscaling runs on the visible part only (:class:`MaskDecoder`, 1.4 GFLOP per box), the
+boxes of several slices go through it together (``prompt_batch``), and on the CPU the image encoder's
+convolution/linear + GELU pairs run fused. The maps are those of the published per-box decoder to float32
+rounding (``tests/test_litemedsam.py`` holds them to it, ``tests/litemedsam_reference.py``).
+
 **Outputs.**
 
 * ``output="decoded"`` (default): the class-wise decoded maps on the volume's grid, ``[1, K, X, Y,
