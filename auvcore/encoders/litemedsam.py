@@ -31,7 +31,7 @@ random 0–5 pixels). The mask logits are cropped to the unpadded part and resiz
 **Speed** (issue 23). Per slice the image encoder costs 75 GFLOP; SAM's mask decoder, run once per box on
 a copy of the slice's embedding, 3.5 GFLOP per box (a chest demo case: 64 slices, about 1,500 boxes). Here
 the decoder's slice-dependent part runs once per slice, its per-box cross-attentions are folded onto the 7
-prompt tokens and its upscaling runs on the visible part only (:class:`MaskDecoder`, 1.4 GFLOP per box), the
+prompt tokens and its upscaling runs on the visible part only (:class:`MaskDecoder`, 1.5 GFLOP per box), the
 boxes of several slices go through it together (``prompt_batch``), and on the CPU the image encoder's
 convolution/linear + GELU pairs run fused. The maps are those of the published per-box decoder to float32
 rounding (``tests/test_litemedsam.py`` holds them to it, ``tests/litemedsam_reference.py``).
@@ -532,7 +532,7 @@ class MaskDecoder(nn.Module):
     per-prompt cross-attentions are folded onto the prompt's 7 tokens (:meth:`Attention.tokens_to_image`,
     :meth:`Attention.image_to_tokens`), the last attention runs for the one token that is used, and the
     upscaling (two 2×2-stride-2 transposed convolutions, which map each input pixel to its own 2×2 block)
-    runs as two matrix products on the part of the grid that covers the slice. 1.4 instead of 3.5 GFLOP
+    runs as two matrix products on the part of the grid that covers the slice. 1.5 instead of 3.5 GFLOP
     per prompt; the maps equal SAM's order of operations to float32 rounding (tests/test_litemedsam.py
     holds them to the plain per-prompt decoder)."""
 
