@@ -286,6 +286,8 @@ class SlicePromptEncoder:
                 part = items[k:k + chunk]
                 boxes = torch.tensor([p[3] for p in part], dtype=torch.float32)
                 logits = from_display(self._decode(emb, [p[0] for p in part], boxes, size, (Y, X)))  # [n, X, Y]
+                # one copy per chunk to the output's device and dtype (the decoder may run on a GPU, in bf16)
+                logits = logits.to(out.device, out.dtype)
                 for (j, z, c, _), lg in zip(part, logits):
                     # several boxes of one class in a slice (its parts): a pixel takes its best part's logit
                     out[c, z] = lg if not done[c, z] else torch.maximum(out[c, z], lg)
