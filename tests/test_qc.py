@@ -166,8 +166,10 @@ class Counter:
         return self.real(*a, seed=seed, **k)
 
 
-def test_qc_adds_the_oof_columns(qc_run, capsys):
+def test_qc_adds_the_oof_columns(data, qc_run, capsys):
     df = pd.read_parquet(qc_run / "scores.parquet")
+    assert score_random3d(data, qc_run) == 0  # `score` run again rebuilds the table with the QC's columns
+    pd.testing.assert_frame_equal(pd.read_parquet(qc_run / "scores.parquet"), df)
     assert len(df) == N_CASES and (df["oof_error"] == "").all()
     assert df["oof_score"].between(0, 1).all() and sorted(df["oof_fold"].unique()) == [0, 1]
     names = [c[4:-1] for c in df.columns if c.startswith("oof[")]

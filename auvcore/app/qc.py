@@ -266,6 +266,8 @@ def _run_fold(run: Path, f: int, image, label, fold, ok, K, steps, seed, dev, ba
 
     atomic_write(qc_fold_file(run, f), w)
     qc_fold_error_file(run, f).unlink(missing_ok=True)
+    if bar.disable:  # without a progress bar (logs, batch jobs), one line per fold
+        say(f"label QC fold {f + 1}: {len(train)} cases trained, {len(test)} scored, {result['seconds']:.0f} s")
 
 
 def _progress(total: int, enabled: bool, desc: str, unit: str):
