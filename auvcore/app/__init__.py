@@ -1,6 +1,7 @@
 """The application on top of the library: the `auvcore` command and the run folder it works in.
 
-Imports flow one way: ``cli`` -> ``scoring``, ``qc``, ``report``, ``check`` -> ``filter`` -> ``table`` -> ``run``.
+Imports flow one way: ``cli`` -> ``scoring``, ``qc``, ``report``, ``check``; ``report`` -> ``filter``; all -> ``table``
+-> ``run``.
   run.py      the run folder: atomic writes, settings, fingerprints, case files, failure records
   table.py    the AUV table assembled from the case files, and reading it back
   scoring.py  scoring one case and a whole data set (resumable)
