@@ -11,12 +11,12 @@ case. From them:
     get_label_quality_scores``, its default ``method="softmin"``, temperature 0.1): the per-voxel
     self-confidence (OOF probability of the given label) pooled by a softmin, which is dominated by the voxels
     whose label the model contradicts. This is the headline baseline because it is cleanlab's own image-level
-    score, which the "cleanlab-style" comparison asks for. It is computed here (``softmin_quality``, the same
-    two lines as cleanlab 2.9's ``softmin``) so that cleanlab is not a dependency; when cleanlab is importable
-    the values are checked against it once per cohort.
+    score, which the "cleanlab-style" comparison asks for. It is the library's ``auvcore.qc.softmin_quality``
+    (the score of ``auvcore qc``; the same two lines as cleanlab 2.9's ``softmin``), so that cleanlab is not a
+    dependency; when cleanlab is importable the values are checked against it once per cohort.
   - ``monai_lqs``: MONAI's ``monai.metrics.label_quality_score`` (mean |OOF probability − one-hot label| over
-    voxels and classes, background included). A mean instead of a softmin: a corruption that touches few voxels
-    moves it little.
+    voxels and classes, background included; NaN when MONAI is not installed). A mean instead of a softmin: a
+    corruption that touches few voxels moves it little.
   - ``oof_dice_score`` = 1 − mean over the label's foreground classes of the OOF Dice against the given label:
     the segmentation-native version (a class the label has and the model misses, or a label moved off the
     anatomy, costs Dice in proportion to the structure's size, not the volume's).
@@ -34,14 +34,16 @@ case. From them:
   variance, Mahalanobis and cleanlab scores against the mean foreground Dice. Pooled over the draws of a source
   (S of one source comes from one encoder on one anatomy, so its values are comparable across draws).
 
-Model and grid: MONAI ``UNet(spatial_dims=3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)``,
-Dice + cross-entropy, Adam (lr 3e-3), ``--steps`` steps of batch 2 on whole volumes resampled to one grid per
-source (the field of view of the source, ``size_mm``, on ``--size`` voxels along its longest side, each side a
-multiple of 4: images trilinear, labels by trilinear interpolation of the one-hot map then argmax, so thin
-structures survive the down-sampling better than with nearest neighbour). Intensities: clipped to the case's
-0.5–99.5 percentiles, then z-scored (CT and MR alike). Dice is measured on that grid. Folds: stratified by the
-corruption flag (the corrupted cases spread over the folds), seeded by ``--seed`` and the draw; training seeded
-by (seed, draw, fold). OOF probabilities are saved per cohort (``OUT/oof/<source>-<draw>/<settings>/oof.npz``) and
+Model, grid and training: the library's (``auvcore.qc``, the model of ``auvcore qc``; one place for them):
+``SmallUNet`` (8, 16, 32 channels, the shape of MONAI's ``UNet(spatial_dims=3, channels=(8, 16, 32), strides=(2,
+2), num_res_units=1)``, which this study used up to OOF_VERSION 1), Dice + cross-entropy, Adam (lr 3e-3),
+``--steps`` steps of batch 2 on whole volumes resampled to one grid per source (the field of view of the source,
+``size_mm``, on ``--size`` voxels along its longest side, each side a multiple of 4: images trilinear, labels by
+trilinear interpolation of the one-hot map then argmax, so thin structures survive the down-sampling better than
+with nearest neighbour). Intensities: clipped to the case's 0.5–99.5 percentiles, then z-scored (CT and MR
+alike). Dice is measured on that grid. Folds: here stratified by the corruption flag (the corrupted cases spread
+over the folds; ``auvcore qc`` has no such record and splits at random), seeded by ``--seed`` and the draw;
+training seeded by (seed, draw, fold). OOF probabilities are saved per cohort (``OUT/oof/<source>-<draw>/<settings>/oof.npz``) and
 reused when the settings match (resumable).
 
 Writes ``OUT/NAME.json``, ``OUT/NAME.md`` (tables ready to paste), ``OUT/NAME_cases.csv`` (one row per case) and
@@ -66,41 +68,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import cpu_name  # noqa: E402
 from study_detection import CONFIGS, SOURCES, markdown, plot_auroc, tables_one_rate  # noqa: E402
 
-OOF_VERSION = 1
+import auvcore.qc as Q  # noqa: E402
+from auvcore.qc import dice_per_class, grid_shape, resize_case, resize_label, softmin_quality  # noqa: E402,F401
+
+OOF_VERSION = 2  # 2: the library's SmallUNet and training (auvcore.qc) instead of MONAI's UNet
 SCORE_CONFIG = "merlin-l2"  # the run whose S, AUV and baselines the study uses (the README's default)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # data
-
-
-def grid_shape(size_mm, size: int) -> tuple[int, int, int]:
-    """The model grid of a source: its field of view on ``size`` voxels along the longest side, every side a
-    multiple of 4 (two stride-2 levels)."""
-    if size < 8:
-        raise ValueError(f"size: expected at least 8 voxels, got {size}")
-    mm = np.asarray(size_mm, dtype=float)
-    return tuple(int(max(8, 4 * round(size * m / mm.max() / 4))) for m in mm)
-
-
-def _resize(img: np.ndarray, lab: np.ndarray, clean: np.ndarray, shape, K: int):
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    x = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
-
-    def lab_resize(lb):
-        oh = F.one_hot(torch.from_numpy(lb.astype(np.int64)), K).permute(3, 0, 1, 2)[None].float()
-        return F.interpolate(oh, size=shape, mode="trilinear", align_corners=False)[0].argmax(0).numpy()
-
-    return x, lab_resize(lab), lab_resize(clean)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(x, [0.5, 99.5])
-    x = np.clip(x, lo, hi)
-    return ((x - x.mean()) / max(float(x.std()), 1e-6)).astype(np.float32)
 
 
 def load_cohort(root: Path, size: int) -> dict:
@@ -126,9 +102,10 @@ def load_cohort(root: Path, size: int) -> dict:
         img, _ = to_ras(img.astype(np.float32), aff)
         lab, _ = to_ras(lab.astype(np.int64), aff)
         clean, _ = to_ras(clean.astype(np.int64), aff)
-        x, y, c = _resize(img, lab, clean, shape, K)
+        x, y = resize_case(img, lab, shape, K)
+        c = resize_label(clean, shape, K)
         ids.append(case.case_id)
-        X.append(_normalize(x))
+        X.append(x)
         Y.append(y)
         C.append(c)
     corr = ds.corruption or {}
@@ -145,51 +122,7 @@ def load_cohort(root: Path, size: int) -> dict:
 def fold_split(corrupted: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold index per case: corrupted and clean cases each shuffled and dealt round-robin, so every fold holds
     its share of both (a fold without corrupted cases would train on none of the noise it is scored on)."""
-    n = len(corrupted)
-    if not 2 <= folds <= n:
-        raise ValueError(f"folds: expected 2..{n} (the number of cases), got {folds}")
-    rng = np.random.default_rng(seed)
-    out = np.empty(n, dtype=int)
-    start = 0
-    for group in (np.flatnonzero(corrupted), np.flatnonzero(~corrupted)):
-        group = rng.permutation(group)
-        out[group] = (start + np.arange(len(group))) % folds
-        start += len(group)
-    return out
-
-
-def train_predict(image, label, train, test, K: int, steps: int, seed: int, batch: int = 2, lr: float = 3e-3):
-    """Train the small U-Net on cases ``train`` for ``steps`` steps and return the softmax of cases ``test``
-    ``[len(test), K, *grid]`` float32."""
-    import torch
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=K, channels=(8, 16, 32), strides=(2, 2),
-               num_res_units=1)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    xs = torch.from_numpy(image[train])
-    ys = torch.from_numpy(label[train][:, None].astype(np.int64))
-    net.train()
-    for _ in range(steps):
-        idx = rng.choice(len(train), size=min(batch, len(train)), replace=False)
-        x = xs[idx]
-        # a random gain and offset per case: the cohorts vary intensity (bias fields, MR gain) more than 18
-        # cases show, and the held-out case must not be judged on its intensity scale
-        x = x * torch.from_numpy(rng.uniform(0.9, 1.1, (len(idx), 1, 1, 1, 1)).astype(np.float32)) \
-            + torch.from_numpy(rng.uniform(-0.1, 0.1, (len(idx), 1, 1, 1, 1)).astype(np.float32))
-        opt.zero_grad()
-        loss = loss_fn(net(x), ys[idx])
-        loss.backward()
-        opt.step()
-        sched.step()
-    net.eval()
-    with torch.no_grad():
-        return torch.cat([torch.softmax(net(torch.from_numpy(image[[i]])), 1) for i in test]).numpy()
+    return Q.fold_split(len(corrupted), folds, seed, strata=np.asarray(corrupted, dtype=bool))
 
 
 def oof_probabilities(cohort: dict, folds: int, steps: int, seed: int, log=print) -> tuple[np.ndarray, np.ndarray,
@@ -201,8 +134,8 @@ def oof_probabilities(cohort: dict, folds: int, steps: int, seed: int, log=print
     for f in range(folds):
         t0 = time.perf_counter()
         train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        probs[test] = train_predict(cohort["image"], cohort["label"], train, test, cohort["K"], steps,
-                                    seed=seed * 1000 + f)
+        probs[test] = Q.train_predict(cohort["image"], cohort["label"], train, test, cohort["K"], steps,
+                                      seed=seed * 1000 + f)
         secs.append(time.perf_counter() - t0)
         log(f"  fold {f + 1}/{folds}: {len(train)} train, {len(test)} held out, {secs[-1]:.0f} s")
     return probs, fold, secs
@@ -210,31 +143,6 @@ def oof_probabilities(cohort: dict, folds: int, steps: int, seed: int, log=print
 
 # ------------------------------------------------------------------------------------------------------------
 # scores
-
-
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, K: int) -> np.ndarray:
-    """``[N, K]`` Dice of the hard prediction against ``ref`` per class; NaN where the class is in neither (a
-    class the reference lacks but the model predicts gets 0)."""
-    out = np.full((len(pred), K), np.nan)
-    for k in range(K):
-        p, r = pred == k, ref == k
-        ps, rs = p.reshape(len(p), -1).sum(1), r.reshape(len(r), -1).sum(1)
-        inter = (p & r).reshape(len(p), -1).sum(1)
-        has = (ps + rs) > 0
-        out[has, k] = 2.0 * inter[has] / (ps[has] + rs[has])
-    return out
-
-
-def softmin_quality(probs: np.ndarray, label: np.ndarray, temperature: float = 0.1) -> np.ndarray:
-    """cleanlab's segmentation label-quality score (``method="softmin"``) per case: the self-confidence
-    ``p[given label]`` of every voxel pooled as ``sum(s · softmax((1 − s) / T))``; 1 = every voxel agrees."""
-    out = np.empty(len(probs))
-    for i in range(len(probs)):
-        s = np.take_along_axis(probs[i].astype(np.float64), label[i][None].astype(np.int64), 0).ravel()
-        z = (1.0 - s) / temperature
-        w = np.exp(z - z.max())  # cleanlab's shift=True: the same weights, no overflow
-        out[i] = float((s * w).sum() / w.sum())
-    return out
 
 
 def cleanlab_check(probs: np.ndarray, label: np.ndarray, ours: np.ndarray) -> str:
@@ -254,11 +162,15 @@ def cleanlab_check(probs: np.ndarray, label: np.ndarray, ours: np.ndarray) -> st
 
 
 def monai_quality(probs: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """MONAI's ``label_quality_score`` (mean |p − one-hot| over voxels and classes) per case."""
+    """MONAI's ``label_quality_score`` (mean |p − one-hot| over voxels and classes) per case; NaN without MONAI
+    (an optional comparison, ``pip install "auvcore[monai]"``)."""
     import torch
     import torch.nn.functional as F
-    from monai.metrics import label_quality_score
 
+    try:
+        from monai.metrics import label_quality_score
+    except ImportError:
+        return np.full(len(probs), np.nan)
     out = np.empty(len(probs))
     for i in range(len(probs)):
         p = torch.from_numpy(probs[[i]])
@@ -517,7 +429,7 @@ def main(argv=None):
     (a.out / f"{a.name}.json").write_text(json.dumps({"meta": meta, "detection": det, "correlation": cor},
                                                      indent=1, default=float))
     md = markdown(det, meta)
-    md += ("\nModel: MONAI UNet (8, 16, 32), Dice+CE, Adam, "
+    md += ("\nModel: auvcore.qc.SmallUNet (8, 16, 32), Dice+CE, Adam, "
            f"{a.steps} steps × batch 2 per fold, {a.folds}-fold CV, grid {a.size} voxels on the longest side; "
            "mean foreground OOF Dice (given / clean label): "
            + ", ".join(f"{s} {v['given']:.3f} / {v['clean']:.3f}" for s, v in meta["oof_dice"].items())

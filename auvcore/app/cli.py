@@ -11,6 +11,7 @@ EPILOG = """examples:
   auvcore demo                                   build the demo data set, score, filter, report
   auvcore check DATA/                            every problem of the data set, before scoring
   auvcore score DATA/ --encoder merlin --layer layer2 --mode masked --out runs/r1
+  auvcore qc runs/r1                             the out-of-fold label-error score (k-fold training)
   auvcore filter runs/r1 --quantile 0.95         kept/dropped lists + nnU-Net splits_final.json
   auvcore filter runs/r1 --per-class liver       per-class filter (docs/method.md §2)
   auvcore report runs/r1                         runs/r1/report/index.html
@@ -128,23 +129,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="check only the first N cases")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("filter", help="drop the most uncertain cases; write kept/dropped lists and nnU-Net splits",
-                       description="Keep case i iff AUV_i <= Q(quantile) (inverted-CDF quantile of the run's AUVs), "
-                                   "or, with --per-class, iff every named class present in i passes its own cut.")
+    p = sub.add_parser("qc", help="the out-of-fold label-error score of a scored run (k-fold training, resumable)",
+                       description="Label QC: train a small 3-D U-Net with k-fold cross-validation on the data set's "
+                                   "own labels and score every case by cleanlab's softmin label quality of its "
+                                   "out-of-fold prediction (the score that finds corrupted labels, bench/RESULTS.md). "
+                                   "Reads the data set of RUN (a run of `auvcore score`) and adds the oof_* columns "
+                                   "to RUN/scores.parquet; `auvcore filter` and `report` then use it by default. "
+                                   "Killed runs resume at the next fold; under torchrun the folds are shared out "
+                                   "over the ranks.")
+    p.add_argument("run", help="run folder written by `auvcore score` (its data set is the one QC'd)")
+    p.add_argument("--folds", type=int, default=4, help="cross-validation folds (default 4)")
+    p.add_argument("--steps", type=int, default=200, help="training steps of batch 2 per fold (default 200)")
+    p.add_argument("--size", type=int, default=48,
+                   help="model grid: voxels along the data set's longest side (default 48)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold split and the training (default 0)")
+    p.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the models train (default cpu; not part of the settings)")
+    p.add_argument("--force", action="store_true", help="start the label QC over (the scoring run is kept)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("filter", help="drop the most suspect cases; write kept/dropped lists and nnU-Net splits",
+                       description="Keep case i iff score_i <= Q(quantile) (inverted-CDF quantile of the run's "
+                                   "scores), or, with --per-class, iff every named class present in i passes its own "
+                                   "cut. The score: the out-of-fold label-error score when `auvcore qc` has run, "
+                                   "else the AUV (README 'Data-set QC' says why); --score names another.")
     p.add_argument("run", help="run folder written by `auvcore score`")
     p.add_argument("--quantile", type=_quantile, default=0.95, help="quantile p in (0, 1] (default 0.95)")
     p.add_argument("--per-class", nargs="+", metavar="NAME", help="class names for the per-class filter")
-    p.add_argument("--score", choices=("auv", "mahalanobis", "agreement"), default="auv",
-                   help="auv (default, the paper's); mahalanobis: the Mahalanobis baseline of the table (better than "
-                        "the AUV at finding the demo cohorts' corrupted labels, bench/RESULTS.md); or agreement: "
-                        "1 - Dice between the promptable encoder's mask and the label (runs scored with --encoder "
-                        "litemedsam|sam2 --mode decoded; beyond the paper)")
+    p.add_argument("--score", choices=("oof", "auv", "outlier", "mahalanobis", "agreement"), default=None,
+                   help="oof: the out-of-fold label-error score of `auvcore qc` (finds corrupted labels: AUROC "
+                        "0.82-0.97 on the demo cohorts; the default when the table has it); auv: the paper's AUV "
+                        "(0.47-0.58 there; the default otherwise); outlier (old name mahalanobis): the image/feature "
+                        "outlier score; agreement: 1 - Dice between the promptable encoder's mask and the label "
+                        "(runs scored with --encoder litemedsam|sam2 --mode decoded; beyond the paper)")
 
     p = sub.add_parser("report", help="write RUN/report/index.html with the plots")
     p.add_argument("run", help="run folder written by `auvcore score`")
     p.add_argument("--quantile", type=_quantile, default=None, help="cut to draw (default: the last filter's, else 0.95)")
 
-    p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, filter, report")
+    p = sub.add_parser("demo", help="the main job: build the demo data set, score it with Merlin, label QC, filter, "
+                                    "report")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")
     p.add_argument("--cases", type=int, default=24, help="number of demo cases (default 24)")
     from ..data.cohorts import DEFAULT_KINDS, DEGRADATIONS, KINDS, SOURCES, STRENGTHS
@@ -164,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", choices=STRENGTHS, default="default",
                    help="size of each corruption (or degradation)")
     p.add_argument("--quantile", type=_quantile, default=0.95)
+    p.add_argument("--no-qc", action="store_true",
+                   help="skip the label QC step (`auvcore qc`, 4 folds; it also skips itself below 8 cases)")
     _add_score_args(p, dataset=False)
 
     p = sub.add_parser("bench", help="run the benchmarks in bench/ (source checkout)")
@@ -239,6 +265,27 @@ def _failures(run) -> int:
     return EXIT_CASES_FAILED if failed else 0
 
 
+def _qc_summary(run, quiet: bool = False) -> int:
+    """Print the label QC's most suspect cases and the cases it could not score; the exit code they call for."""
+    from .table import read_table
+
+    df = read_table(Path(run))
+    if "oof_score" not in df:
+        print("auvcore: the label QC is not complete (run the same command again)", file=sys.stderr)
+        return EXIT_CASES_FAILED
+    failed = {c: e for c, e in zip(df["case"], df["oof_error"]) if e}
+    if not quiet:
+        top = df[df["oof_error"] == ""].sort_values("oof_score", ascending=False).head(5)
+        print("most suspect labels (oof_score, 1 = the model contradicts the label): "
+              + ", ".join(f"{c} {s:.3f}" for c, s in zip(top["case"], top["oof_score"])))
+    if failed:
+        print(f"auvcore: the label QC could not score {len(failed)} case(s) (the table's oof_error column):",
+              file=sys.stderr)
+        for c, e in failed.items():
+            print(f"  {c}: {e}", file=sys.stderr)
+    return EXIT_CASES_FAILED if failed else 0
+
+
 def _check(args) -> int:
     from .check import check_dataset, format_problems
 
@@ -265,6 +312,15 @@ def run(argv=None) -> int:
         return _failures(args.out)
     elif args.command == "check":
         return _check(args)
+    elif args.command == "qc":
+        from .qc import label_qc
+
+        table = label_qc(args.run, folds=args.folds, steps=args.steps, size=args.size, seed=args.seed,
+                         device=args.device, force=args.force, progress=not args.no_progress)
+        if _rank() != 0:
+            return 0
+        print(f"scores: {table}")
+        return _qc_summary(args.run)
     elif args.command == "filter":
         from .filter import filter_run
 
@@ -287,7 +343,7 @@ def run(argv=None) -> int:
         out = Path(args.out)
         what = (f", {args.fraction:g} of them with degraded images ({', '.join(k for ks in args.degrade for k in ks)}; "
                 f"labels clean)" if args.degrade else "")
-        print(f"[1/4] building {args.cases} demo cases from {describe(args.source)}{what} in {out / 'data'}",
+        print(f"[1/5] building {args.cases} demo cases from {describe(args.source)}{what} in {out / 'data'}",
               flush=True)
         try:
             if args.degrade:  # clean labels, degraded images: --fraction and --strength are the degradation's
@@ -305,14 +361,28 @@ def run(argv=None) -> int:
         from ..encoders import encoder_options
 
         layer = encoder_options(args.encoder, layer=args.layer).get("layer", "-")
-        print(f"[2/4] scoring with {args.encoder} ({layer}, {args.mode}, {args.input})", flush=True)
+        print(f"[2/5] scoring with {args.encoder} ({layer}, {args.mode}, {args.input})", flush=True)
         _score(args, data, out / "run")
-        print("[3/4] filtering", flush=True)
+        from ..qc import FOLDS
+
+        qc_rc = 0
+        if args.no_qc:
+            print("[3/5] label QC: skipped (--no-qc)", flush=True)
+        elif args.cases < 2 * FOLDS:
+            print(f"[3/5] label QC: skipped ({FOLDS}-fold training needs at least {2 * FOLDS} cases; run "
+                  f"`auvcore qc {out / 'run'} --folds 2` for a smaller set)", flush=True)
+        else:
+            from .qc import label_qc
+
+            print(f"[3/5] label QC: the out-of-fold label-error score ({FOLDS}-fold training)", flush=True)
+            label_qc(out / "run", device=args.device, progress=not args.no_progress)
+            qc_rc = _qc_summary(out / "run", quiet=True)
+        print("[4/5] filtering", flush=True)
         filter_run(out / "run", args.quantile)
-        print("[4/4] report", flush=True)
+        print("[5/5] report", flush=True)
         page = write_report(out / "run", args.quantile)
         print(f"done in {time.time() - t0:.0f} s. report: {page.resolve()}")
-        return _failures(out / "run")
+        return _failures(out / "run") or qc_rc
     elif args.command == "bench":
         d = Path(args.dir)
         scripts = sorted(d.glob("bench_*.py")) if d.is_dir() else []

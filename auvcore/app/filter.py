@@ -27,29 +27,49 @@ def nnunet_splits(case_ids: list[str], dropped: set[str], folds: int = 5, seed: 
     return out
 
 
-# score -> (case column, per-class column); high = drop first.
-FILTER_SCORES = {"auv": ("auv", "auv[{}]"), "agreement": ("agreement_score", "agreement[{}]"),
-                 "mahalanobis": ("mahalanobis_score", "mahalanobis[{}]")}
+# score -> (case column, per-class column); high = drop first. "mahalanobis" is the old name of "outlier".
+FILTER_SCORES = {"oof": ("oof_score", "oof[{}]"), "auv": ("auv", "auv[{}]"),
+                 "outlier": ("mahalanobis_score", "mahalanobis[{}]"),
+                 "mahalanobis": ("mahalanobis_score", "mahalanobis[{}]"),
+                 "agreement": ("agreement_score", "agreement[{}]")}
+
+# The name of each score in the summary and the report.
+SCORE_NAMES = {"oof": "out-of-fold label-error score", "auv": "AUV", "outlier": "image outlier score (Mahalanobis)",
+               "mahalanobis": "image outlier score (Mahalanobis)", "agreement": "label agreement"}
 
 
-def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None, score: str = "auv") -> Path:
+def default_score(df) -> str:
+    """The score a filter or report uses when none is named: the out-of-fold label-error score when the table
+    has it (`auvcore qc`), else the AUV. The evidence (bench/RESULTS.md): on the demo cohorts the default AUV ranks
+    the corrupted labels at AUROC 0.47-0.58, no better than chance, while the OOF score ranks them at 0.82-0.97."""
+    return "oof" if "oof_score" in df and np.isfinite(df["oof_score"].to_numpy(dtype=np.float64)).any() else "auv"
+
+
+def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None, score: str | None = None) -> Path:
     """Write kept.txt, dropped.txt, splits_final.json and summary.json under RUN/filter/.
 
-    ``score``: ``"auv"`` (the paper's), ``"mahalanobis"`` (the Mahalanobis baseline of every run: each class's
-    mean embedding against the data set's, ranked; it found the corrupted demo cases better than the AUV, see
-    bench/RESULTS.md) or ``"agreement"`` (1 − the Dice between a promptable encoder's decoded mask and the
-    label; runs scored with ``--encoder litemedsam|sam2 --mode decoded``). Per class, the agreement filter
-    cuts 1 − that class's Dice, the Mahalanobis filter that class's distance."""
+    ``score``: ``"oof"`` (the out-of-fold label-error score of `auvcore qc`: it finds corrupted labels,
+    bench/RESULTS.md), ``"auv"`` (the paper's), ``"outlier"`` (the image/feature outlier score, the Mahalanobis
+    distance of each class's mean embedding to the data set's, ranked; ``"mahalanobis"`` is its old name) or
+    ``"agreement"`` (1 − the Dice between a promptable encoder's decoded mask and the label; runs scored with
+    ``--encoder litemedsam|sam2 --mode decoded``). ``None`` (default): :func:`default_score`. Per class, the OOF
+    filter cuts that class's OOF score, the agreement filter 1 − that class's Dice, the outlier filter that
+    class's distance."""
     run = Path(run)
     settings = read_settings(run)
     q = A.check_quantile(quantile)
+    df = read_table(run)
+    default = score is None
+    if default:
+        score = default_score(df)
     if score not in FILTER_SCORES:
         raise ValueError(f"--score: expected one of {tuple(FILTER_SCORES)}, got {score!r}")
-    df = read_table(run)
     column, class_column = FILTER_SCORES[score]
     if column not in df:
-        raise ValueError(f"--score {score}: the run has no {column!r} column (label agreement needs a run scored "
-                         "with a promptable encoder in decoded mode: --encoder litemedsam or sam2, --mode decoded)")
+        how = ("run `auvcore qc RUN` first (the out-of-fold label-error score)" if score == "oof" else
+               "label agreement needs a run scored with a promptable encoder in decoded mode: --encoder litemedsam "
+               "or sam2, --mode decoded")
+        raise ValueError(f"--score {score}: the run has no {column!r} column ({how})")
     names = {v: int(k) for k, v in settings["class_names"].items()}
     if per_class:
         unknown = [n for n in per_class if n not in names]
@@ -67,7 +87,8 @@ def filter_run(run, quantile: float = 0.95, per_class: list[str] | None = None, 
     kept = [c for c, k in zip(ids, keep) if k]
     dropped = [c for c, k in zip(ids, keep) if not k]
     out = run / "filter"
-    summary = {"quantile": q, "score": score, **how, "cases": len(ids), "kept": len(kept), "dropped": len(dropped),
+    summary = {"quantile": q, "score": score, "score_name": SCORE_NAMES[score], "default_score": default, **how,
+               "cases": len(ids), "kept": len(kept), "dropped": len(dropped),
                "cut": A.inverted_cdf_quantile(df[column].to_numpy(dtype=np.float64), q) if not per_class else None}
     if "corrupted" in df:
         bad = set(df.loc[df["corrupted"], "case"])

@@ -1,9 +1,11 @@
-"""`auvcore report RUN/`: an HTML page with the plots that say what the AUV found.
+"""`auvcore report RUN/`: an HTML page that says which cases are suspect, by which score, and what the AUV found.
 
-Written to RUN/report/ (index.html + PNGs, replaced as a whole): the AUV histogram with the quantile cut,
-cumulative energy curves of the most and least uncertain cases (the paper's Figure 2), per-class scale
-distributions, a gallery of the most uncertain cases, and, when the data set has a corruption record,
-how well AUV ranks the corrupted cases next to the baseline scorers (ROC, AUROC, precision at the cut).
+Written to RUN/report/ (index.html + PNGs, replaced as a whole): the filter's decision; one panel per QC score,
+each with its cases ranked and its own cut at the quantile: the out-of-fold label-error score (`auvcore qc`,
+the score that finds corrupted labels) and the image/feature outlier score (Mahalanobis); then the paper's AUV:
+its histogram with the cut, cumulative energy curves of the most and least uncertain cases (the paper's Figure
+2), per-class scale distributions, a gallery of the most uncertain cases; and, when the data set has a
+corruption record, how well each score ranks the corrupted cases (ROC, AUROC, precision at the cut).
 """
 from __future__ import annotations
 
@@ -18,11 +20,28 @@ import numpy as np
 
 from .. import scores as A
 from ..data.io import umask_mode
+from .filter import FILTER_SCORES, SCORE_NAMES, default_score
 from .run import REPORT_TMP, read_settings
 from .table import case_spectrum, read_table
 
-SCORERS = (("auv", "AUV (ours)"), ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"),
+SCORERS = (("oof_score", "out-of-fold label-error score"), ("auv", "AUV (ours)"),
+           ("variance_score", "intensity variance"), ("mahalanobis_score", "Mahalanobis"),
            ("agreement_score", "label agreement (1 − Dice; beyond the paper)"))
+
+# The QC panels: (score, heading, what it finds, per-class column prefix, how to get it when it is missing).
+PANELS = (
+    ("oof", "Label QC: the out-of-fold label-error score",
+     "A small 3-D U-Net trained with k-fold cross-validation on the data set's own labels predicts each case it "
+     "did not train on; the score is 1 − cleanlab's softmin label quality of that prediction (1 = the model "
+     "contradicts the label). It finds corrupted labels: AUROC 0.82–0.97 on the demo cohorts, where the AUV gets "
+     "0.47–0.58 (bench/RESULTS.md).", "oof",
+     "Not computed for this run: <code>auvcore qc RUN</code> adds it (k-fold training, minutes on a CPU)."),
+    ("outlier", "Image outliers: the Mahalanobis score",
+     "How atypical a case's class-mean embeddings are next to the data set's (Mahalanobis distance, ranked per "
+     "class, averaged): an image/feature outlier score. It flags cases that look unlike the others (degraded "
+     "or unusual images), not wrong labels as such (AUROC 0.53–0.80 on the corrupted labels of the demo "
+     "cohorts).", "mahalanobis", ""),
+)
 
 
 def roc_curve(score: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -92,15 +111,19 @@ def _decision(run: Path, df, q: float) -> tuple[np.ndarray, str]:
     except OSError:
         kept = dropped = None
     if summary and kept is not None and summary.get("quantile") == q and sorted(kept + dropped) == sorted(ids):
-        by = "label agreement" if summary.get("score") == "agreement" else "AUV"
+        score = summary.get("score", "auv")
+        by = SCORE_NAMES.get(score, score)
         how = (f"per-class filter on {', '.join(summary['per_class'])} by {by}" if summary.get("per_class")
                else f"global filter, {by} cut {summary.get('cut'):.4f}")
-        return np.isin(ids, dropped), f"The filter's decision (<code>auvcore filter</code>: {html.escape(how)}, quantile {q:g})"
+        return np.isin(ids, dropped), score, (f"The filter's decision (<code>auvcore filter</code>: "
+                                              f"{html.escape(how)}, quantile {q:g})")
     why = ("no filter has been run" if not summary else
            "the filter ran at another quantile or before the table changed; run <code>auvcore filter</code> again")
-    auv = df["auv"].to_numpy(dtype=np.float64)
-    return ~A.keep_mask(auv, q) & ~np.isnan(auv), (f"The global cut at quantile {q:g} (AUV &gt; "
-                                                   f"{A.inverted_cdf_quantile(auv, q):.4f}); {why}")
+    score = default_score(df)
+    x = df[FILTER_SCORES[score][0]].to_numpy(dtype=np.float64)
+    return ~A.keep_mask(x, q) & ~np.isnan(x), score, (
+        f"The global cut at quantile {q:g} ({html.escape(SCORE_NAMES[score])} &gt; "
+        f"{A.inverted_cdf_quantile(x, q):.4f}, the default score); {why}")
 
 
 def write_report(run, quantile: float | None = None) -> Path:
@@ -112,11 +135,11 @@ def write_report(run, quantile: float | None = None) -> Path:
     q = A.check_quantile(quantile)
     auv = df["auv"].to_numpy(dtype=np.float64)
     cut = A.inverted_cdf_quantile(auv, q)
-    dropped, decision = _decision(run, df, q)
+    dropped, by, decision = _decision(run, df, q)
     tmp = Path(tempfile.mkdtemp(prefix=REPORT_TMP, dir=run))
     try:  # an error or Ctrl-C half-way leaves no half-drawn folder behind
         os.chmod(tmp, umask_mode(0o777))
-        _draw(run, tmp, settings, df, q, auv, cut, dropped, decision)
+        _draw(run, tmp, settings, df, q, auv, cut, dropped, by, decision)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,7 +152,7 @@ def write_report(run, quantile: float | None = None) -> Path:
     return out / "index.html"
 
 
-def _draw(run: Path, tmp: Path, settings, df, q, auv, cut, dropped, decision) -> None:
+def _draw(run: Path, tmp: Path, settings, df, q, auv, cut, dropped, by, decision) -> None:
     """The figures, index.html and metrics.json into ``tmp``."""
     import matplotlib
 
@@ -223,10 +246,80 @@ def _draw(run: Path, tmp: Path, settings, df, q, auv, cut, dropped, decision) ->
 
     links = [n for n in ("scores.parquet", "scores.csv", "filter/kept.txt", "filter/dropped.txt",
                          "filter/splits_final.json", "run.log") if (run / n).exists()]
-    (tmp / "index.html").write_text(_html(settings, df, figs, metrics, q, dropped, decision, links), encoding="utf-8")
+    panels = [_panel(df, q, *p) for p in PANELS]
+    (tmp / "index.html").write_text(_html(settings, df, figs, metrics, q, dropped, by, decision, links,
+                                          "".join(h for h, _ in panels)), encoding="utf-8")
     (tmp / "metrics.json").write_text(json.dumps(
-        {"quantile": q, "cut": cut, "cases": int(len(df)),
+        {"quantile": q, "cut": cut, "cases": int(len(df)), "decision_score": by,
+         "cuts": {p[0]: _num(c) for p, (_, c) in zip(PANELS, panels) if c is not None},
          "scorers": {m[0]: {"auroc": _num(m[1]), "precision_at_cut": _num(m[2])} for m in metrics}}, indent=2))
+
+
+def _panel(df, q: float, score: str, title: str, what: str, prefix: str, missing: str,
+           top: int = 15) -> tuple[str, float | None]:
+    """One QC score's panel: what it finds, its own global cut at ``q``, and its cases ranked (the ``top``
+    first and every case above the cut), with the class that weighs most in each. Returns (html, cut)."""
+    e = html.escape
+    column = FILTER_SCORES[score][0]
+    head = f'<h2 id="panel-{score}">{e(title)}</h2><p>{e(what)}</p>'
+    if column not in df:
+        return head + f"<p>{missing}</p>", None
+    x = df[column].to_numpy(dtype=np.float64)
+    ok = np.isfinite(x)
+    if not ok.any():
+        return head + "<p>No case has this score.</p>", None
+    cut = A.inverted_cdf_quantile(x, q)
+    above = ok & (x > cut)
+    fg = [c for c in df.columns if c.startswith(f"{prefix}[") and c != f"{prefix}[background]"]
+    per = df[fg].to_numpy(dtype=np.float64) if fg else np.empty((len(df), 0))
+    if score != "oof" and per.size:  # raw distances differ in scale per class: compare their ranks
+        per = np.stack([_rank01(per[:, k]) for k in range(per.shape[1])], axis=1)
+    order = [i for i in np.argsort(-np.where(ok, x, -np.inf), kind="stable") if ok[i]]
+    shown = order[:max(top, int(above.sum()))]
+    has_rec = "corrupted" in df
+    dice = "oof_dice" in df and score == "oof"
+    rows = []
+    for rank, i in enumerate(shown, 1):
+        worst = ""
+        if per.shape[1] and np.isfinite(per[i]).any():
+            worst = fg[int(np.nanargmax(per[i]))][len(prefix) + 1:-1]
+        mark = ' data-above="1"' if above[i] else ""
+        rows.append(
+            f'<tr{mark}><td>{rank}</td><td>{e(str(df["case"].iloc[i]))}</td>'
+            f'<td>{x[i]:.4f}</td><td><span class="bar" style="width:{max(0.0, min(1.0, x[i])) * 120:.0f}px">'
+            f'</span></td><td>{e(worst)}</td>'
+            + (f'<td>{_fmt(df["oof_dice"].iloc[i])}</td>' if dice else "")
+            + ((f"<td>{e(df['corruption_kind'].iloc[i]) if df['corrupted'].iloc[i] else 'no'}</td>") if has_rec
+               else "") + "</tr>")
+        if above[i] and (rank == len(shown) or not above[shown[rank]]):
+            rows.append(f'<tr class="cut-row"><td colspan="8">cut: Q({q:g}) = {cut:.4f}; the {int(above.sum())} '
+                        f"case(s) above are dropped by <code>auvcore filter RUN --score {score}</code></td></tr>")
+    errs = ""
+    if score == "oof" and "oof_error" in df:
+        bad = [(c, m) for c, m in zip(df["case"], df["oof_error"]) if m]
+        if bad:
+            errs = "<p>Not scored by the label QC: " + "; ".join(f"{e(str(c))}: {e(str(m))}" for c, m in bad) + "</p>"
+    table = ('<table class="ranked"><tr><th>rank</th><th>case</th><th>score</th><th></th><th>class weighing most</th>'
+             + ("<th>OOF Dice</th>" if dice else "") + ("<th>corrupted (record)</th>" if has_rec else "") + "</tr>"
+             + "".join(rows) + "</table>")
+    more = f"<p>The {len(shown)} highest of {int(ok.sum())} cases; every case is in the table at the end.</p>"
+    return (head + f"<p>Its own cut at quantile {q:g}: {cut:.4f} ({int(above.sum())} case(s) above).</p>" + table
+            + (more if len(shown) < ok.sum() else "") + errs), cut
+
+
+def _fmt(x) -> str:
+    return "" if x is None or not np.isfinite(float(x)) else f"{float(x):.3f}"
+
+
+def _rank01(x: np.ndarray) -> np.ndarray:
+    """Percentile ranks in [0, 1] of the finite entries (NaN elsewhere)."""
+    out = np.full(len(x), np.nan)
+    ok = np.isfinite(x)
+    if ok.sum() >= 2:
+        out[ok] = np.argsort(np.argsort(x[ok])) / (ok.sum() - 1)
+    elif ok.any():
+        out[ok] = 0.5
+    return out
 
 
 def _gallery(settings, df, rows, plt):
@@ -278,14 +371,19 @@ _COLOURS = ("#000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#
             "#bcf60c", "#008080", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075")
 
 
-def _html(settings, df, figs, metrics, q, dropped, decision, links) -> str:
+def _html(settings, df, figs, metrics, q, dropped, by, decision, links, panels="") -> str:
     e = html.escape
 
     def num(x):
         return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
 
     s_cols = [c for c in df.columns if c.startswith("S[")]
-    order = np.argsort(-np.nan_to_num(df["auv"].to_numpy(dtype=np.float64), nan=-1.0), kind="stable")
+    # the other QC scores beside the AUV, when the table has them
+    extra = [(c, h) for c, h in (("oof_score", "OOF label-error score"), ("mahalanobis_score", "outlier score"))
+             if c in df]
+    by_col = FILTER_SCORES.get(by, ("auv",))[0]
+    by_col = by_col if by_col in df else "auv"
+    order = np.argsort(-np.nan_to_num(df[by_col].to_numpy(dtype=np.float64), nan=-1.0), kind="stable")
     has_err = "error" in df
     rows = []
     for i in order:
@@ -294,12 +392,14 @@ def _html(settings, df, figs, metrics, q, dropped, decision, links) -> str:
                   else "dropped" if dropped[i] else "kept")
         note = (r["error"] if has_err and r["error"] else r.get("reason", "")) or ""
         rows.append(
-            f'<tr class="{status.replace(" ", "-")}"><td>{e(str(r["case"]))}</td><td>{status}</td><td>{num(r["auv"])}</td>'
+            f'<tr class="{status.replace(" ", "-")}"><td>{e(str(r["case"]))}</td><td>{status}</td>'
+            + "".join(f"<td>{num(r[c])}</td>" for c, _ in extra) + f'<td>{num(r["auv"])}</td>'
             f'<td>{num(r["sample_scale"])}</td>' + "".join(f"<td>{num(r[c])}</td>" for c in s_cols)
             + (f"<td>{e(r['corruption_kind']) if r['corrupted'] else 'no'}</td>" if "corrupted" in df else "")
             + f"<td>{e(str(note))}</td></tr>")
     case_table = (
-        "<table id=\"cases\"><tr><th>case</th><th>filter</th><th>AUV</th><th>sample scale</th>"
+        "<table id=\"cases\"><tr><th>case</th><th>filter</th>" + "".join(f"<th>{e(h)}</th>" for _, h in extra)
+        + "<th>AUV</th><th>sample scale</th>"
         + "".join(f"<th>S {e(c[2:-1])}</th>" for c in s_cols)
         + ("<th>corrupted (record)</th>" if "corrupted" in df else "") + "<th>note</th></tr>" + "".join(rows) + "</table>")
     metric_rows = "".join(f"<tr><td>{e(n)}</td><td>{a:.3f}</td><td>{'n/a (nothing dropped)' if np.isnan(p) else f'{p:.3f}'}</td></tr>"
@@ -314,17 +414,25 @@ def _html(settings, df, figs, metrics, q, dropped, decision, links) -> str:
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 figure{{margin:1.5em 0}} img{{max-width:100%}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} code{{background:#f3f3f3}}
-tr.dropped td{{background:#fde2d4}} tr.not-scored td,tr.no-AUV td{{color:#777}}</style></head>
-<body><h1>Aleatoric uncertainty of <code>{e(settings['dataset'])}</code></h1>
+tr.dropped td{{background:#fde2d4}} tr.not-scored td,tr.no-AUV td{{color:#777}}
+tr[data-above] td{{background:#fde2d4}} tr.cut-row td{{border-top:2px dashed #444;font-size:90%}}
+.bar{{display:inline-block;height:0.8em;background:#c44e52}}</style></head>
+<body><h1>Data-set QC of <code>{e(settings['dataset'])}</code></h1>
 <p>{len(df)} cases ({n_failed} could not be scored) with encoder <code>{e(str(settings['encoder']))}</code>
 (layer <code>{e(str(settings['layer']))}</code>, weights <code>{e(str(settings.get('weights')))}</code>),
 mode <code>{e(settings['mode'])}</code>, input <code>{e(settings['input'])}</code>.</p>
 <p id="decision">{decision}: <b>{int(dropped.sum())} case(s) dropped</b>, {len(df) - int(dropped.sum())} kept
 (cases that could not be scored or have no AUV are kept).</p>
 <p>Files: {link_html}</p>
+{panels}
 {metric_table}
+<h2 id="panel-auv">The paper's AUV (aleatoric uncertainty)</h2>
+<p>How concentrated the encoder's features of each class are (the semantic perception scale S, normalised over the
+set; 1 = most uncertain). Read it as the paper's measure of feature diversity, not as a label-error detector: on
+the demo cohorts it ranks the corrupted labels at AUROC 0.47–0.58, no better than chance (bench/RESULTS.md);
+<code>auvcore filter RUN --score auv</code> filters by it.</p>
 {imgs}
-<h2>Every case, most uncertain first</h2>
+<h2>Every case, most suspect first by the {e(SCORE_NAMES.get(by, by))}</h2>
 {case_table}
 </body></html>
 """

@@ -7,7 +7,21 @@ from pathlib import Path
 import numpy as np
 
 from .. import scores as A
-from .run import TABLE, atomic_write, case_file, error_file, load_result, read_settings
+from .run import TABLE, atomic_write, case_file, error_file, fingerprint, load_result, read_settings
+
+# The label QC's files in a run folder (written by app/qc.py, joined into the table here).
+QC_DIR = "qc"
+QC_PLAN = "plan.json"
+QC_VERSION = 1
+QC_SETTINGS_KEYS = ("version", "folds", "steps", "size", "seed")
+
+
+def qc_fold_file(run: Path, fold: int) -> Path:
+    return Path(run) / QC_DIR / f"fold-{fold}.npz"
+
+
+def qc_fold_error_file(run: Path, fold: int) -> Path:
+    return Path(run) / QC_DIR / f"fold-{fold}.error.json"
 
 
 def _class_columns(class_names: dict) -> list[tuple[int, str]]:
@@ -86,12 +100,59 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
         table[f"mahalanobis[{name}]"] = np.asarray(maha)[:, k]
         if has_agreement:
             table[f"agreement[{name}]"] = agree[:, k]
+    for k, v in _qc_columns(run, case_ids, ds, K, fg, names).items():
+        table[k] = v
     df = pd.DataFrame(table)
     path = run / TABLE
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
     if csv:
         atomic_write(run / "scores.csv", lambda tmp: df.to_csv(tmp, index=False))
     return path
+
+
+def _qc_columns(run: Path, case_ids: list[str], ds, K: int, fg: list[int], names: dict) -> dict:
+    """The label QC's columns (``auvcore qc``) once every fold is done and while its cases and their files
+    are the table's: ``oof_score`` (1 − cleanlab's softmin label quality of the out-of-fold prediction; high =
+    the label is suspect), ``oof_dice`` (mean foreground out-of-fold Dice against the label), ``oof_fold``,
+    ``oof_error`` (why a case has no OOF score), and per class ``oof[NAME]`` (1 − that class's quality) and
+    ``oof_dice[NAME]``. None of them while the QC is unfinished or stale (its data set changed since)."""
+    import pandas as pd
+
+    try:
+        plan = json.loads((run / QC_DIR / QC_PLAN).read_text(encoding="utf-8"))
+        if sorted(plan["cases"]) != sorted(case_ids):
+            return {}
+        if any(plan["cases"][c] != fingerprint(ds.case(c), {}) for c in case_ids):
+            return {}
+        folds = int(plan["settings"]["folds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    row = {c: i for i, c in enumerate(case_ids)}
+    n = len(case_ids)
+    quality, cls, dice = np.full(n, np.nan), np.full((n, K), np.nan), np.full((n, K), np.nan)
+    fold = pd.array([plan["fold"].get(c) for c in case_ids], dtype="Int64")
+    err = [plan.get("errors", {}).get(c, "") for c in case_ids]
+    for f in range(folds):
+        try:
+            with np.load(qc_fold_file(run, f)) as z:
+                idx = [row[str(c)] for c in z["case"]]
+                quality[idx], cls[idx], dice[idx] = z["quality"], z["class_quality"], z["dice"]
+            continue
+        except (OSError, ValueError, KeyError):
+            pass
+        try:
+            msg = json.loads(qc_fold_error_file(run, f).read_text(encoding="utf-8"))["error"]
+        except (OSError, ValueError, KeyError):
+            return {}  # a fold not done yet: no columns until the QC is complete
+        for c, g in plan["fold"].items():
+            if g == f and c in row:
+                err[row[c]] = msg
+    out = {"oof_score": 1.0 - quality, "oof_dice": _row_mean(dice[:, fg]), "oof_fold": fold, "oof_error": err}
+    for k, name in sorted(names.items()):
+        if k < K:
+            out[f"oof[{name}]"] = 1.0 - cls[:, k]
+            out[f"oof_dice[{name}]"] = dice[:, k]
+    return out
 
 
 def _why_nan(row: dict, names: dict, fg: list[int], failed: bool) -> str:
