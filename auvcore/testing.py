@@ -118,7 +118,7 @@ def matrix(rng: np.random.Generator, n: int, kind: str, haar: bool = True) -> np
     return (a + a.T) / 2.0
 
 
-def duo_loss_reference(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth=1e-5,
+def duo_loss_reference(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.1, sigma0=0.1, beta=0.1, smooth=1e-5,
                        layout="D_HW", detach_scale=False, variant="paper", eps=1e-8):
     """The DUO loss straight from docs/method.md §3, composed of torch ops independently of ``DUOLoss``: the
     tests' oracle for both of its paths.

@@ -20,7 +20,7 @@ Dice of the hard prediction against the test labels per foreground class, on the
 * ``dice_bce``: all cases, ``DUOLoss(alpha=0, tau=0, beta=0)`` = λ·BCE + Dice per foreground class on sigmoids
   (bench/train_duo.py checks that this equals its Dice+BCE): the control for DUO, whose loss is sigmoid-based,
   so that DUO's effect is not confused with the change from softmax Dice+CE to sigmoid Dice+BCE;
-* ``duo``: all cases, ``DUOLoss(to_onehot_y=True)`` (the paper preset) with a ``NoiseHead`` on the decoder's last
+* ``duo``: all cases, ``DUOLoss.paper(to_onehot_y=True)`` (the paper's setting) with a ``NoiseHead`` on the decoder's last
   features, called as ``loss(logits, head(features), labels)``.
 
 Every arm: the same network (``FeatUNet``: study_oof's MONAI ``UNet(channels=(8, 16, 32), strides=(2, 2),
@@ -111,7 +111,7 @@ def train_eval(image, label, train, test_image, K: int, loss: str, steps: int, s
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     else:
         kw = {} if loss == "duo" else {"alpha": 0.0, "tau": 0.0, "beta": 0.0}
-        loss_fn = DUOLoss(to_onehot_y=True, **kw)
+        loss_fn = DUOLoss.paper(to_onehot_y=True, **kw)  # the study ran with the paper's setting
         if loss == "duo":
             torch.manual_seed(seed + 1)  # NoiseHead starts at zero anyway; seeded for completeness
             head = NoiseHead(net.features, K)

@@ -169,7 +169,7 @@ def dice_scores(z, lab):
 #            effective learning rate (R is divided too, by at most 2).
 RUNS = {
     "dice_bce": ("Dice+BCE", None, {}),
-    "duo": ("DUO (DUOLoss(), the paper preset)", {}, {}),
+    "duo": ("DUO, the paper's setting (DUOLoss.paper())", {}, {}),
     "duo_detached": ("DUO, detach_scale=True", {"detach_scale": True}, {}),
     "duo_off": ("DUO with α = τ = β = 0 (must equal Dice+BCE)", {"alpha": 0.0, "tau": 0.0, "beta": 0.0}, {}),
     "reweight_only": ("re-weighting only (τ = β = 0: no noise head)", {"tau": 0.0, "beta": 0.0}, {}),
@@ -178,7 +178,7 @@ RUNS = {
     "noise_only": ("noise head only (α = 0: w = 1)", {"alpha": 0.0}, {}),
     "no_R": ("no constraint R (β = 0)", {"beta": 0.0}, {}),
     "alpha_2": ("α = 2", {"alpha": 2.0}, {}),
-    "tau_0.1": ("τ = 0.1", {"tau": 0.1}, {}),
+    "tau_0.1": ("τ = 0.1 (DUOLoss's default since this ablation)", {"tau": 0.1}, {}),
     "warmup": ("warm-up: Dice+BCE for 30 % of the steps, then DUO", {}, {"warmup": 0.3}),
     "w_mean1": ("weights normalised to mean 1", {}, {"w_mean1": True}),
 }
@@ -193,7 +193,8 @@ def run(name, img, noisy, clean, args, seed):
     uses_duo = duo_args is not None
     params = list(net.parameters()) + (list(head.parameters()) if uses_duo else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    duo = DUOLoss(to_onehot_y=True, **(duo_args or {}))
+    # every DUO run is the paper's setting (DUOLoss.PAPER) with its own changes, as when the study was designed
+    duo = DUOLoss.paper(to_onehot_y=True, **(duo_args or {}))
     alpha, tau = duo.alpha, duo.tau
     warm = int(opts.get("warmup", 0.0) * args.steps)
     rng = np.random.default_rng(seed)

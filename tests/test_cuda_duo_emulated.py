@@ -244,9 +244,9 @@ def test_emulated_loss_matches_duo_loss_reference(emu):
     z, n, y = make_case(Bn, K, 6 * 7 * 8, torch.float64, True, "random", 9)
     z5, n5 = z.view(Bn, K, 6, 7, 8), n.view(Bn, K, 6, 7, 8)
     sums, _ = emu_forward(emu, z, n, y, True, 1, 0)
-    loss = auvcore.DUOLoss(to_onehot_y=True, reduction="none")
+    loss = auvcore.DUOLoss(to_onehot_y=True, reduction="none", tau=0.5)  # emu_forward's τ
     per, _, _ = loss._from_sums(z5, sums, z5.shape, z5.dtype)
-    want = duo_loss_reference(z5, n5, onehot(y, True, K).view(Bn, K, 6, 7, 8))
+    want = duo_loss_reference(z5, n5, onehot(y, True, K).view(Bn, K, 6, 7, 8), tau=0.5)
     torch.testing.assert_close(per, want, rtol=1e-10, atol=1e-12)
 
 

@@ -542,3 +542,18 @@ def test_detach_scale_computes_only_the_forward_scale(monkeypatch, detach):
     torch.testing.assert_close(val, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(gz, wz, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(gn, wn, rtol=1e-8, atol=1e-12)
+
+
+def test_the_default_and_the_papers_setting_by_name():
+    """τ = 0.1 by default (the evidence in bench/RESULTS.md, "The DUO default"); DUOLoss.paper() is the paper's
+    α, λ, τ, σ0, β, and any argument overrides it."""
+    d, p = DUOLoss(), DUOLoss.paper()
+    assert (d.alpha, d.lambda_bce, d.tau, d.sigma0, d.beta) == (0.5, 1.0, 0.1, 0.1, 0.1)
+    assert (p.alpha, p.lambda_bce, p.tau, p.sigma0, p.beta) == (0.5, 1.0, 0.5, 0.1, 0.1)
+    q = DUOLoss.paper(tau=0.2, to_onehot_y=True)
+    assert q.tau == 0.2 and q.to_onehot_y and q.alpha == 0.5
+    torch.manual_seed(0)
+    z, n = torch.randn(2, 3, 4, 5, 6), torch.randn(2, 3, 4, 5, 6)
+    y = (torch.rand(2, 3, 4, 5, 6) > 0.5).double()
+    want = auvcore.testing.duo_loss_reference(z.double(), n.double(), y, tau=0.5).mean()
+    torch.testing.assert_close(DUOLoss.paper()(z.double(), n.double(), y), want, rtol=1e-10, atol=1e-12)

@@ -122,7 +122,8 @@ class nnUNetTrainerDUO(nnUNetTrainer):
     """nnU-Net's trainer with DUO: noise head on the decoder's last features, ``DUOLoss`` per deep-supervision
     output with nnU-Net's weights (see the module doc)."""
 
-    duo_kwargs = dict(alpha=0.5, lambda_bce=1.0, tau=0.5, sigma0=0.1, beta=0.1, smooth_nr=1e-5, smooth_dr=1e-5)
+    # DUOLoss's defaults (τ = 0.1, README "DUO loss"); the paper's: {**DUOLoss.PAPER, "smooth_nr": ..., ...}
+    duo_kwargs = dict(alpha=0.5, lambda_bce=1.0, tau=0.1, sigma0=0.1, beta=0.1, smooth_nr=1e-5, smooth_dr=1e-5)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
