@@ -242,7 +242,11 @@ def _draw(run: Path, tmp: Path, settings, df, q, auv, cut, dropped, by, decision
         ax.set_xlabel("false-positive rate")
         ax.set_ylabel("true-positive rate")
         ax.legend(loc="lower right", fontsize=8)
-        save(fig, "roc.png", "How well each score ranks the cases whose labels were corrupted (corruption record).")
+        # a degraded-image cohort records its degraded images as its defects (their labels are clean)
+        defect = ("whose images were degraded" if "degraded" in df and df.loc[pos, "degraded"].all()
+                  else "with a recorded defect (a corrupted label or a degraded image)" if "degraded" in df
+                  and df["degraded"].any() else "whose labels were corrupted")
+        save(fig, "roc.png", f"How well each score ranks the cases {defect} (corruption record).")
 
     links = [n for n in ("scores.parquet", "scores.csv", "filter/kept.txt", "filter/dropped.txt",
                          "filter/splits_final.json", "run.log") if (run / n).exists()]

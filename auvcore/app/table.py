@@ -89,6 +89,8 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
         table["agreement_score"] = 1.0 - _row_mean(agree[:, fg])  # 1 − mean Dice: high = the model disagrees
     if ds.corruption:
         table["corrupted"] = [bool(ds.corruption.get(c, {}).get("corrupted", False)) for c in case_ids]
+        if any(ds.corruption.get(c, {}).get("degraded", False) for c in case_ids):  # a degraded-image cohort
+            table["degraded"] = [bool(ds.corruption.get(c, {}).get("degraded", False)) for c in case_ids]
         table["corruption_kind"] = [ds.corruption.get(c, {}).get("kind") or "" for c in case_ids]
     for k, name in _class_columns(settings["class_names"]):
         if k >= K:
