@@ -148,3 +148,21 @@ def duo_loss_reference(z, n, y, c0=1, alpha=0.5, lambda_bce=1.0, tau=0.1, sigma0
         S = S.detach()
     R = (g.mean(dim=(0, 2)) ** 2 + ((g * g).mean(dim=(0, 2)) - sigma0**2) ** 2).sum()
     return (lambda_bce * bce + dice) / (1 + alpha * S) + beta * R
+
+
+def resample_reference(array, affine, spacing, order):
+    """``auvcore.data.io.resample`` as scipy computed it before it moved to torch (commit 72045eb:
+    ``scipy.ndimage.affine_transform``, one thread): the oracle the torch resampling must equal bit for bit, and
+    the "before" of bench/bench_host.py. ``order`` 0 (nearest, integer labels kept) or 1 (linear, float32)."""
+    from scipy import ndimage
+
+    from .data.io import voxel_spacing
+
+    old, new = np.asarray(voxel_spacing(affine)), np.asarray(spacing)
+    shape_out = tuple(np.maximum(1, np.round(np.asarray(array.shape) * old / new)).astype(int))
+    scale = new / old
+    offset = 0.5 * (scale - 1.0)
+    if order == 0 and not np.issubdtype(array.dtype, np.floating):
+        return ndimage.affine_transform(array, scale, offset=offset, output_shape=shape_out, order=0, mode="nearest")
+    return ndimage.affine_transform(array.astype(np.float32), scale, offset=offset, output_shape=shape_out,
+                                    order=order, mode="nearest", prefilter=False)

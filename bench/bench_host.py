@@ -24,24 +24,9 @@ import numpy as np
 import torch
 
 from _util import cpu_name
+from auvcore.testing import resample_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def old_resample(array, affine, spacing, order):
-    """auvcore.data.io.resample as it was at 72045eb: scipy.ndimage.affine_transform, one thread."""
-    from scipy import ndimage
-
-    from auvcore.data.io import voxel_spacing
-
-    old, new = np.asarray(voxel_spacing(affine)), np.asarray(spacing)
-    shape_out = tuple(np.maximum(1, np.round(np.asarray(array.shape) * old / new)).astype(int))
-    scale = new / old
-    offset = 0.5 * (scale - 1.0)
-    if order == 0 and not np.issubdtype(array.dtype, np.floating):
-        return ndimage.affine_transform(array, scale, offset=offset, output_shape=shape_out, order=0, mode="nearest")
-    return ndimage.affine_transform(array.astype(np.float32), scale, offset=offset, output_shape=shape_out,
-                                    order=order, mode="nearest", prefilter=False)
 
 
 def best(fn, repeats):
@@ -88,8 +73,8 @@ def main():
 
         def load_old():  # read, reorient, resample with scipy, the check's np.unique
             r = read_case(case)  # the same reading and checks as before 72045eb's resample
-            img = old_resample(r.image, r.affine, sp, 1)
-            lab_ = old_resample(r.label, r.affine, sp, 0).astype(np.int64)
+            img = resample_reference(r.image, r.affine, sp, 1)
+            lab_ = resample_reference(r.label, r.affine, sp, 0).astype(np.int64)
             sorted(int(v) for v in np.unique(lab_) if int(v) not in ds.class_names)
             return img, lab_
 

@@ -9,6 +9,7 @@ pytest.importorskip("scipy")
 import auvcore.data as D
 from auvcore.data.io import read_image, resample, to_ras, write_image
 from auvcore.encoders import labels_to_grid
+from auvcore.testing import resample_reference
 
 
 def _lps_affine(spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0)):
@@ -86,25 +87,9 @@ def test_resample_rejects_bad_spacing():
         resample(np.zeros((4, 4, 4)), np.eye(4), (1.0, -1.0, 1.0))
 
 
-def _scipy_resample(array, affine, spacing, order):
-    """The resampling that auvcore did with scipy before it moved to torch: the reference of the torch one."""
-    from scipy import ndimage
-
-    from auvcore.data.io import voxel_spacing
-
-    old, new = np.asarray(voxel_spacing(affine)), np.asarray(spacing)
-    shape_out = tuple(np.maximum(1, np.round(np.asarray(array.shape) * old / new)).astype(int))
-    scale = new / old
-    offset = 0.5 * (scale - 1.0)
-    if order == 0 and not np.issubdtype(array.dtype, np.floating):
-        return ndimage.affine_transform(array, scale, offset=offset, output_shape=shape_out, order=0, mode="nearest")
-    return ndimage.affine_transform(array.astype(np.float32), scale, offset=offset, output_shape=shape_out,
-                                    order=order, mode="nearest", prefilter=False)
-
-
 def _same_as_scipy(array, aff, spacing, order):
     out, oaff = resample(array, aff, spacing, order=order)
-    ref = _scipy_resample(array, aff, spacing, order)
+    ref = resample_reference(array, aff, spacing, order)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     np.testing.assert_array_equal(out, ref)  # bit for bit: the scores table does not move
     return out
@@ -157,7 +142,7 @@ def test_resample_takes_tensors_and_keeps_them_on_their_device():
     np.testing.assert_array_equal(t.numpy(), resample(img, aff, (1.5, 1.5, 3.0))[0])
     tl, _ = resample(torch.from_numpy(lab), aff, (1.5, 1.5, 3.0), order=0, device="cpu")
     assert tl.dtype == torch.int16
-    np.testing.assert_array_equal(tl.numpy(), _scipy_resample(lab, aff, (1.5, 1.5, 3.0), 0))
+    np.testing.assert_array_equal(tl.numpy(), resample_reference(lab, aff, (1.5, 1.5, 3.0), 0))
     with pytest.raises(ValueError, match="order"):
         resample(img, aff, (1.5, 1.5, 3.0), order=3)
 
@@ -385,6 +370,6 @@ def test_resample_on_the_gpu_is_scipys():
     for spacing in ((1.5, 1.5, 3.0), (1.4, 0.45, 7.5)):
         g, _ = resample(torch.from_numpy(img), aff, spacing, order=1, device="cuda")
         assert g.is_cuda
-        np.testing.assert_array_equal(g.cpu().numpy(), _scipy_resample(img, aff, spacing, 1))
+        np.testing.assert_array_equal(g.cpu().numpy(), resample_reference(img, aff, spacing, 1))
         gl, _ = resample(lab, aff, spacing, order=0, device="cuda")  # numpy in: resampled there, host out
-        np.testing.assert_array_equal(gl, _scipy_resample(lab, aff, spacing, 0))
+        np.testing.assert_array_equal(gl, resample_reference(lab, aff, spacing, 0))
