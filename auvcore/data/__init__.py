@@ -2,9 +2,10 @@
 intensity windowing and the annotation-normalized image x̂ (docs/method.md §2).
 
 Needs ``nibabel`` (NIfTI), ``pynrrd`` (NRRD) and ``scipy`` (the cohorts' corruptions and degradations; the
-resampling is torch's, equal to scipy's); install them with the ``data`` extra. ``auvcore.data.cohorts`` (``build_demo``) builds small labelled CT and MR data sets with
-recorded label corruption or image degradation from real volumes (``DEMO_SOURCES``: chest CT with the ``data``
-extra; spine CT, spine MR and MNI152 brain MR with the ``cohorts`` extra; see its ``sources`` for the others).
+resampling is torch's, equal to scipy's); install them with the ``data`` extra. ``auvcore.data.cohorts``
+(``build_demo``) builds small labelled CT and MR data sets with recorded label corruption or image degradation
+from real volumes (``DEMO_SOURCES``: chest CT with the ``data`` extra; spine CT, spine MR and MNI152 brain MR
+with the ``cohorts`` extra; see its ``sources`` for the others).
 """
 from .dataset import MODALITIES, Case, Dataset, Volume, discover, load_case
 from .cohorts import SOURCES as DEMO_SOURCES
