@@ -91,11 +91,14 @@ def test_isa_accessors():
 def test_environment_variable_forces_and_clamps_the_path():
     code = ("import warnings; warnings.simplefilter('always');\n"
             "from auvcore import _backend as B; print(B.isa(), B.isa_best())")
-    # The subprocess imports the auvcore under test (a source tree or the installed one), whatever its cwd.
+    # The subprocess imports the auvcore under test (a source tree or the installed one): it runs in the folder
+    # that holds that package, since `python -c` puts its cwd first on sys.path (run from a checkout, the source
+    # tree without the built module would shadow an installed package otherwise).
     root = os.path.dirname(os.path.dirname(os.path.abspath(auvcore.__file__)))
     path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
-                                       env={**os.environ, "AUVCORE_ISA": value, "PYTHONPATH": path}, check=True)
+                                       env={**os.environ, "AUVCORE_ISA": value, "PYTHONPATH": path}, cwd=root,
+                                       check=True)
     out = run("generic")
     assert out.stdout.split()[0] == "generic", out
     out = run("AVX9")
