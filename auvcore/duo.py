@@ -111,8 +111,9 @@ class DUOLoss(nn.Module):
         num_threads: CPU threads of the native path (default ``torch.get_num_threads()``).
         check_inputs: raise on NaN/Inf logits, targets out of range and fractional class indices (default).
             On CUDA tensors each check is a device-to-host read that waits for the step's kernels; with
-            ``False`` a training step has no host synchronisation of DUO's own (CUDA-graph capturable once S's
-            eigenvectors come from a kernel of ours), and bad inputs give a NaN loss instead of an error.
+            ``False`` a training step has no host synchronisation of DUO's own (S's eigenpairs come from the
+            project's kernel, so the step is meant to be CUDA-graph capturable; not yet run on a GPU), and bad
+            inputs give a NaN loss instead of an error.
         mode, preset: the deprecated names of ``layout`` and ``variant``.
 
     Called as ``loss(seg_logits, noise_logits, target)`` with logits ``[B, K, *spatial]`` (2-D or 3-D).
