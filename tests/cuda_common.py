@@ -124,3 +124,33 @@ def ptr(t):
 def check_rc(rc, err):
     if rc:
         raise (ValueError if rc == 1 else RuntimeError)(err.value.decode())
+
+
+# The emulation's dtype codes (csrc/cuda/emu/emu_harness.cpp).
+EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.int8: 4, torch.uint8: 5,
+          torch.int16: 6, torch.int32: 7, torch.int64: 8}
+
+
+def emu_backward(lib, z, mode, center, eps, variant, evals, evecs, grad_S, dz_dtype=torch.float64, dz_strides=None):
+    """dz from the emulated CUDA backward of S (csrc/cuda/scale_backward_cuda.cu), given the eigenpairs."""
+    dz = torch.full(z.shape, float("nan"), dtype=dz_dtype)  # every entry must be written
+    if dz_strides is not None:  # a non-contiguous output: the transpose of a contiguous buffer
+        dz = dz.transpose(-1, -2).contiguous().transpose(-1, -2)
+    err = ctypes.create_string_buffer(1024)
+    check_rc(lib.emu_scale_backward(ptr(z), EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()),
+                                    T.LAYOUTS[mode], int(center), ctypes.c_double(eps), T.VARIANTS[variant],
+                                    ptr(evals), ptr(evecs), ptr(grad_S), ptr(dz), EMU_DT[dz_dtype],
+                                    i64(dz.stride()), err, 1024), err)
+    return dz
+
+
+def duo_inputs(Bn, K, spatial, dtype, seed, labels=True):
+    """Logits, noise logits (``dtype``) and class indices ``[Bn, 1, *spatial]`` (or, ``labels=False``, the
+    one-hot float target) for the DUO kernels' tests, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    n = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    y = torch.randint(0, K, (Bn, 1) + spatial, generator=g)
+    if not labels:
+        y = torch.nn.functional.one_hot(y[:, 0], K).movedim(-1, 1).float().contiguous()
+    return z, n, y

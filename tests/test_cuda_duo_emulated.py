@@ -20,11 +20,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cuda_common import built_with_cuda, check_rc, emu_library, i64, ptr  # noqa: E402
+from cuda_common import EMU_DT, built_with_cuda, check_rc, duo_inputs, emu_library, i64, ptr  # noqa: E402
 
 
-_EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.int8: 4, torch.uint8: 5,
-           torch.int16: 6, torch.int32: 7, torch.int64: 8}
 _HALF = (torch.float16, torch.bfloat16)
 _CHUNK = 256 * 32  # voxels per block of the CUDA kernels
 _G = 4             # index of Σ ĝ among the six sums
@@ -38,8 +36,8 @@ def emu(tmp_path_factory):
 
 
 def _common(z, n, y):
-    return (ptr(z), ptr(n), _EMU_DT[z.dtype], i64(z.shape), i64(z.stride()), i64(n.stride()), ptr(y),
-            _EMU_DT[y.dtype], y.dim(), i64(y.shape), i64(y.stride()))
+    return (ptr(z), ptr(n), EMU_DT[z.dtype], i64(z.shape), i64(z.stride()), i64(n.stride()), ptr(y),
+            EMU_DT[y.dtype], y.dim(), i64(y.shape), i64(y.stride()))
 
 
 def emu_forward(lib, z, n, y, labels, c0, preset, tau=0.5):
@@ -336,16 +334,6 @@ def _emulated_cuda_path(monkeypatch, lib):
     return calls
 
 
-def _duo_inputs(Bn, K, spatial, dtype, seed, labels=True):
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
-    n = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    y = torch.randint(0, K, (Bn, 1) + spatial, generator=g)
-    if not labels:
-        y = torch.nn.functional.one_hot(y[:, 0], K).movedim(-1, 1).float().contiguous()
-    return z, n, y
-
-
 def _step(loss, z, n, y):
     zz, nn_ = z.clone().requires_grad_(), n.clone().requires_grad_()
     out = loss(zz, nn_, y)
@@ -360,7 +348,7 @@ def _step(loss, z, n, y):
 def test_cuda_branch_of_duo_loss_keeps_the_cpu_gradient_contract(emu, monkeypatch, variant, dtype, labels):
     """Same loss and gradients as the CPU path, and the same None where a tensor gets no gradient (the official
     variant's noise logits: its ỹ is detached), through the Python code the CUDA path runs (issue 22)."""
-    z, n, y = _duo_inputs(2, 3, (5, 6, 7), dtype, 4, labels)
+    z, n, y = duo_inputs(2, 3, (5, 6, 7), dtype, 4, labels)
     loss = auvcore.DUOLoss(to_onehot_y=labels, variant=variant)
     want = _step(loss, z, n, y)
     calls = _emulated_cuda_path(monkeypatch, emu)
@@ -388,7 +376,7 @@ def test_cuda_branch_half_gradients_round_each_part_once(emu, monkeypatch, dtype
     two differ by up to about one unit in the last place of the larger part, which can be most of a near-zero
     gradient (the 7 % at 2e-7 of issue 22): both are right to that unit, so the bound is one ulp of the
     largest gradient, checked here against the float64 gradient of the same half inputs."""
-    z, n, y = _duo_inputs(2, 3, (8, 9, 10), dtype, 2)  # the GPU test's case
+    z, n, y = duo_inputs(2, 3, (8, 9, 10), dtype, 2)  # the GPU test's case
     loss = auvcore.DUOLoss(to_onehot_y=True)
     want = _step(loss, z, n, y)  # CPU: float32 throughout, one rounding
     exact = _step(loss, z.double(), n.double(), y)  # float64 gradient of the same (exactly widened) inputs
@@ -405,7 +393,7 @@ def test_cuda_branch_half_gradients_round_each_part_once(emu, monkeypatch, dtype
 def test_cuda_branch_input_checks_are_optional(emu, monkeypatch):
     """check_inputs=False skips the CUDA path's device-to-host reads (the status of the fused forward, S's
     non-finite flags): a NaN logit then gives a NaN loss instead of the error."""
-    z, n, y = _duo_inputs(1, 3, (4, 5, 6), torch.float32, 0)
+    z, n, y = duo_inputs(1, 3, (4, 5, 6), torch.float32, 0)
     calls = _emulated_cuda_path(monkeypatch, emu)
     bad = z.clone()
     bad[0, 1, 2, 3, 4] = float("nan")

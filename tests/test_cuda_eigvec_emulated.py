@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
-    _rand, as_if_on_gpu, built_with_cuda, check_rc, emu_library, fake_buffer, gpu, i64, no_driver, ptr,
+    EMU_DT, _rand, as_if_on_gpu, built_with_cuda, check_rc, emu_backward, emu_library, fake_buffer, gpu, i64, no_driver,
+    ptr,
 )
 
 pytestmark = built_with_cuda
 
-_EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _MAX_P = 256  # kMaxEigenpairsSize (csrc/include/auvcore/scale_cuda.h)
 _OPTIN = 227 * 1024  # the emulated device's shared-memory opt-in limit, as an H100/H200's
 _EPS = np.finfo(float).eps
@@ -196,19 +196,9 @@ def _emu_decoded_gram(lib, z, mode, center, nan_to_num):
     G = torch.full((Bn * K, p, p), float("nan"), dtype=torch.float64)
     flags = torch.zeros(Bn * K, dtype=torch.int32)
     err = ctypes.create_string_buffer(512)
-    check_rc(lib.emu_decoded_gram(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()), T.LAYOUTS[mode],
+    check_rc(lib.emu_decoded_gram(ptr(z), EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()), T.LAYOUTS[mode],
                                   int(center), int(nan_to_num), ptr(G), ptr(flags), err, 512), err)
     return G
-
-
-def _emu_backward(lib, z, mode, center, eps, variant, evals, evecs, grad_S, dz_dtype):
-    dz = torch.full(z.shape, float("nan"), dtype=dz_dtype)
-    err = ctypes.create_string_buffer(512)
-    check_rc(lib.emu_scale_backward(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()),
-                                    T.LAYOUTS[mode], int(center), ctypes.c_double(eps), T.VARIANTS[variant],
-                                    ptr(evals), ptr(evecs), ptr(grad_S), ptr(dz), _EMU_DT[dz_dtype],
-                                    i64(dz.stride()), err, 512), err)
-    return dz
 
 
 @settings(parent=_SLOW_SETTINGS, max_examples=12)
@@ -232,7 +222,7 @@ def test_cuda_backward_with_kernel_eigenpairs_matches_the_cpp_backward(emu, K, D
     G = _emu_decoded_gram(emu, z, mode, center, nan_to_num)
     w, V = eigenpairs(emu, G)
     dz_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    got = _emu_backward(emu, z, mode, center, 1e-8, variant, torch.from_numpy(w), torch.from_numpy(V), grad_S,
+    got = emu_backward(emu, z, mode, center, 1e-8, variant, torch.from_numpy(w), torch.from_numpy(V), grad_S,
                         dz_dtype).double()
     assert torch.isfinite(got).all()
 
@@ -265,7 +255,7 @@ def test_cuda_backward_with_kernel_eigenpairs_matches_torch_autograd(emu):
     G = _emu_decoded_gram(emu, z, "D_HW", True, False)
     w, V = eigenpairs(emu, G)
     assert (np.abs(w[:, 3:]) < 1e-12 * np.abs(w[:, :1])).all() and (w[:, 2] > 1e-3 * w[:, 0]).all()
-    got = _emu_backward(emu, z, "D_HW", True, 1e-8, "paper", torch.from_numpy(w), torch.from_numpy(V),
+    got = emu_backward(emu, z, "D_HW", True, 1e-8, "paper", torch.from_numpy(w), torch.from_numpy(V),
                         torch.ones(2, dtype=torch.float64), torch.float64)
     torch.testing.assert_close(got, zt.grad, rtol=1e-8, atol=1e-10 * float(zt.grad.abs().max()))
 

@@ -15,11 +15,8 @@ import ctypes
 import pytest
 import torch
 
-from auvcore import _torch_impl as T
+from cuda_common import _rand, check_rc, emu_backward, emu_library  # noqa: E402
 
-from cuda_common import _rand, check_rc, emu_library, i64, ptr  # noqa: E402
-
-_EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +50,6 @@ def test_emulation_passes_in_bounds_shared_accesses(emu):
     _probe(emu, 5, 6, 64)  # a byte after 6 doubles (as apply_kernel's flags), its granule allocated
 
 
-def _emu_backward(lib, z, mode, center, variant, ev, vt, grad_S):
-    dz = torch.full(z.shape, float("nan"), dtype=torch.float64)
-    err = ctypes.create_string_buffer(1024)
-    check_rc(lib.emu_scale_backward(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()),
-                                    T.LAYOUTS[mode], int(center), ctypes.c_double(1e-8), T.VARIANTS[variant],
-                                    ptr(ev), ptr(vt), ptr(grad_S), ptr(dz), _EMU_DT[torch.float64],
-                                    i64(dz.stride()), err, 1024), err)
-    return dz
-
-
 # p = min(m, n) of each class matrix. p % 4 == 1 is what the H200 build read past the end on (its remainder
 # loop loads g[p-1], g[p] in one LDS.128); the others leave a partial 16-byte granule too (p odd) or none.
 @pytest.mark.parametrize("shape,mode", [
@@ -83,6 +70,6 @@ def test_backward_kernels_stay_inside_their_shared_memory(emu, shape, mode, vari
     center = variant == "paper"
     _, ev, vt = _cpu.semantic_scale(z, mode, center, 1e-8, variant, variant == "official", 1, eigenpairs=True)
     grad_S = torch.linspace(0.5, 1.5, shape[0] * shape[1], dtype=torch.float64)
-    got = _emu_backward(emu, z, mode, center, variant, ev, vt, grad_S)  # raises on a bad shared access
+    got = emu_backward(emu, z, mode, center, 1e-8, variant, ev, vt, grad_S)  # raises on a bad shared access
     want = _cpu.scale_backward(z, mode, center, 1e-8, variant, variant == "official", 1, ev, vt, grad_S)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-11 * float(want.abs().max()))

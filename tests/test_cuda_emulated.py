@@ -20,12 +20,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
-    _assert_scale_close, _masked_case, _rand, _reference, built_with_cuda, check_rc, emu_library, i64, ptr,
+    EMU_DT, _assert_scale_close, _masked_case, _rand, _reference, built_with_cuda, check_rc, emu_backward, emu_library,
+    i64, ptr,
 )
-
-
-_EMU_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.int8: 4, torch.uint8: 5,
-           torch.int16: 6, torch.int32: 7, torch.int64: 8}
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +52,7 @@ def _emu_decoded(lib, z, mode="D_HW", center=True, nan_to_num=False, variant="pa
     G = torch.full((Bn * K, p, p), float("nan"), dtype=torch.float64)  # the op must overwrite every entry
     flags = torch.zeros(Bn * K, dtype=torch.int32)
     err = ctypes.create_string_buffer(512)
-    check_rc(lib.emu_decoded_gram(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()), T.LAYOUTS[mode],
+    check_rc(lib.emu_decoded_gram(ptr(z), EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()), T.LAYOUTS[mode],
                                 int(center), int(nan_to_num), ptr(G), ptr(flags), err, 512), err)
     G0 = G.clone()
     S, _ = _emu_scale(lib, G, p, r=p, eps=eps, variant=T.VARIANTS[variant], flags=flags)
@@ -69,8 +66,8 @@ def _emu_masked(lib, f, lab, K, center=True, nan_to_num=False, smaller_side=Fals
     flags = torch.zeros(Bn * K, dtype=torch.int32)
     le = torch.zeros(2, dtype=torch.int64)
     err = ctypes.create_string_buffer(512)
-    check_rc(lib.emu_masked_gram(ptr(f), _EMU_DT[f.dtype], f.dim(), i64(f.shape), i64(f.stride()), ptr(lab),
-                               _EMU_DT[lab.dtype], i64(lab.shape), i64(lab.stride()), ctypes.c_int64(K),
+    check_rc(lib.emu_masked_gram(ptr(f), EMU_DT[f.dtype], f.dim(), i64(f.shape), i64(f.stride()), ptr(lab),
+                               EMU_DT[lab.dtype], i64(lab.shape), i64(lab.stride()), ctypes.c_int64(K),
                                int(center), int(nan_to_num), int(smaller_side), ptr(G), ptr(counts), ptr(flags),
                                ptr(le), err, 512), err)
     G0 = G.clone()
@@ -289,18 +286,6 @@ def test_emulated_eigen_kernel_on_adversarial_spectra(emu, n, kind, seed):
 
 # ---- the analytic backward of S (csrc/cuda/scale_backward_cuda.cu) -------------------------------------------
 
-def _emu_backward(lib, z, mode, center, eps, variant, evals, evecs, grad_S, dz_dtype, dz_strides=None):
-    dz = torch.full(z.shape, float("nan"), dtype=dz_dtype)  # every entry must be written
-    if dz_strides is not None:  # a non-contiguous output: the transpose of a contiguous buffer
-        dz = dz.transpose(-1, -2).contiguous().transpose(-1, -2)
-    err = ctypes.create_string_buffer(512)
-    check_rc(lib.emu_scale_backward(ptr(z), _EMU_DT[z.dtype], z.dim(), i64(z.shape), i64(z.stride()),
-                                    T.LAYOUTS[mode], int(center), ctypes.c_double(eps), T.VARIANTS[variant],
-                                    ptr(evals), ptr(evecs), ptr(grad_S), ptr(dz), _EMU_DT[dz_dtype],
-                                    i64(dz.stride()), err, 512), err)
-    return dz
-
-
 def _cpu_backward_case(z, mode, center, eps, variant, grad_S):
     """The CPU kernel's eigenpairs and gradient, the oracle of the emulated CUDA backward."""
     from auvcore import _cpu
@@ -329,7 +314,7 @@ def test_emulated_scale_backward_matches_the_cpu_kernel(emu, B_, K, D, H, W, mod
         grad_S[0] = 0.0  # an excluded class: its gradient is exactly 0
     center, ev, vt, want = _cpu_backward_case(z, mode, center, eps, variant, grad_S)
     dz_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    got = _emu_backward(emu, z, mode, center, eps, variant, ev, vt, grad_S, dz_dtype)
+    got = emu_backward(emu, z, mode, center, eps, variant, ev, vt, grad_S, dz_dtype)
     assert torch.isfinite(got).all()
     scale = float(want.abs().max()) or 1.0
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -354,7 +339,7 @@ def test_emulated_scale_backward_layouts_strides_and_nan(emu, shape, mode):
     _, ev, vt = _cpu.semantic_scale(z, mode, True, 1e-8, "paper", True, 1, eigenpairs=True)
     want = _cpu.scale_backward(z, mode, True, 1e-8, "paper", True, 1, ev, vt, grad_S)
     for dz_strides in (None, "t"):
-        got = _emu_backward(emu, z, mode, True, 1e-8, "paper", ev, vt, grad_S, torch.float64, dz_strides)
+        got = emu_backward(emu, z, mode, True, 1e-8, "paper", ev, vt, grad_S, torch.float64, dz_strides)
         assert got[(0,) * (len(shape) - 1) + (1,)] == 0.0
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))
 
@@ -368,14 +353,14 @@ def test_emulated_scale_backward_matches_torch_autograd_and_handles_repeated_eig
     from auvcore import _cpu
 
     _, ev, vt = _cpu.semantic_scale(z, "D_HW", True, 1e-8, "paper", False, 1, eigenpairs=True)
-    got = _emu_backward(emu, z, "D_HW", True, 1e-8, "paper", ev, vt, torch.ones(2, dtype=torch.float64),
+    got = emu_backward(emu, z, "D_HW", True, 1e-8, "paper", ev, vt, torch.ones(2, dtype=torch.float64),
                         torch.float64)
     torch.testing.assert_close(got, zt.grad, rtol=1e-8, atol=1e-10)
     # Orthonormal rows (all singular values equal) and a zero map: finite, and 0 where S is flat.
     q = torch.linalg.qr(torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0].T
     z = torch.stack([q.reshape(4, 4, 5), torch.zeros(4, 4, 5, dtype=torch.float64)]).unsqueeze(0)
     _, ev, vt = _cpu.semantic_scale(z, "D_HW", False, 1e-8, "paper", False, 1, eigenpairs=True)
-    got = _emu_backward(emu, z, "D_HW", False, 1e-8, "paper", ev, vt, torch.ones(2, dtype=torch.float64),
+    got = emu_backward(emu, z, "D_HW", False, 1e-8, "paper", ev, vt, torch.ones(2, dtype=torch.float64),
                         torch.float64)
     assert torch.isfinite(got).all() and not got[0, 1].any()
 
@@ -386,6 +371,6 @@ def test_emulated_scale_backward_errors(emu):
     ev, vt = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 4, 4, dtype=torch.float64)
     gS = torch.ones(1, dtype=torch.float64)
     with pytest.raises(ValueError, match="dz: expected float32 or float64"):
-        _emu_backward(emu, z, "D_HW", True, 1e-8, "paper", ev, vt, gS, torch.float16)
+        emu_backward(emu, z, "D_HW", True, 1e-8, "paper", ev, vt, gS, torch.float16)
     with pytest.raises(ValueError, match="eps: expected >= 0"):
-        _emu_backward(emu, z, "D_HW", True, -1.0, "paper", ev, vt, gS, torch.float32)
+        emu_backward(emu, z, "D_HW", True, -1.0, "paper", ev, vt, gS, torch.float32)

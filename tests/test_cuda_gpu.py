@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import (  # noqa: E402
-    _FLOAT_TOL, _assert_scale_close, _masked_case, _rand, _reference, gpu,
+    _FLOAT_TOL, _assert_scale_close, _masked_case, _rand, _reference, duo_inputs, gpu,
 )
 
 
@@ -227,16 +227,6 @@ def test_auto_uses_cuda_for_cuda_tensors():
 
 # ---- the fused DUO loss (csrc/cuda/duo_cuda.cu) ---------------------------------------------------------------
 
-def _duo_inputs(Bn, K, spatial, dtype, seed, labels=True):
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
-    n = (torch.randn((Bn, K) + spatial, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    y = torch.randint(0, K, (Bn, 1) + spatial, generator=g)
-    if not labels:
-        y = torch.nn.functional.one_hot(y[:, 0], K).movedim(-1, 1).float().contiguous()
-    return z, n, y
-
-
 def _duo_step(loss, z, n, y, device):
     """The loss and the gradients of both logit tensors on the host; None where a tensor gets no gradient (the
     official variant's noise logits, on every path)."""
@@ -320,7 +310,7 @@ def test_scale_backward_on_cuda_is_bit_identical_and_reads_half_inputs(dtype):
        dtype=st.sampled_from([torch.float32, torch.float64]), labels=st.booleans(),
        variant=st.sampled_from(["paper", "official"]), background=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_duo_loss_auto_on_cuda_matches_cpu(monkeypatch, Bn, K, D, H, W, dtype, labels, variant, background, seed):
-    z, n, y = _duo_inputs(Bn, K, (D, H, W), dtype, seed, labels)
+    z, n, y = duo_inputs(Bn, K, (D, H, W), dtype, seed, labels)
     loss = auvcore.DUOLoss(to_onehot_y=labels, variant=variant, include_background=background)
     calls = _count_fused_calls(monkeypatch)
     got = _duo_step(loss, z, n, y, "cuda")
@@ -343,7 +333,7 @@ def test_duo_fused_sums_and_backward_match_the_cpu_kernel_and_are_bit_identical(
     from auvcore import _cuda
 
     Bn, K, c0 = 2, 5, 1
-    z, n, y = _duo_inputs(Bn, K, (37, 41, 43), dtype, 3, labels)  # N = 65231: 8 chunks per (b, c), odd tail
+    z, n, y = duo_inputs(Bn, K, (37, 41, 43), dtype, 3, labels)  # N = 65231: 8 chunks per (b, c), odd tail
     z3, n3 = z.reshape(Bn, K, -1), n.reshape(Bn, K, -1)
     y3 = y.reshape(Bn, -1) if labels else y.reshape(Bn, K, -1)
     zc, nc = (z3, n3) if dtype in (torch.float32, torch.float64) else (z3.float(), n3.float())
@@ -373,7 +363,7 @@ def test_duo_fused_sums_and_backward_match_the_cpu_kernel_and_are_bit_identical(
 def test_duo_loss_on_cuda_is_bit_identical_run_to_run():
     # H·W <= 512: S's Gram is one chunk per class (its float64 atomics then add onto zero in one order), so
     # the whole loss, not only the fused part, must repeat bit for bit.
-    z, n, y = _duo_inputs(2, 4, (24, 16, 20), torch.float32, 1)
+    z, n, y = duo_inputs(2, 4, (24, 16, 20), torch.float32, 1)
     loss = auvcore.DUOLoss(to_onehot_y=True)
     first = _duo_step(loss, z, n, y, "cuda")
     for _ in range(3):
@@ -385,7 +375,7 @@ def test_duo_loss_on_cuda_is_bit_identical_run_to_run():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_duo_loss_half_logits_on_cuda(dtype):
-    z, n, y = _duo_inputs(2, 3, (8, 9, 10), dtype, 2)
+    z, n, y = duo_inputs(2, 3, (8, 9, 10), dtype, 2)
     loss = auvcore.DUOLoss(to_onehot_y=True)
     got = _duo_step(loss, z, n, y, "cuda")
     want = _duo_step(loss, z, n, y, "cpu")  # the CPU path widens the halves to float32
@@ -413,7 +403,7 @@ def test_duo_loss_half_logits_on_cuda(dtype):
 @pytest.mark.cuda
 @gpu
 def test_duo_loss_cuda_errors_and_stream():
-    z, n, y = _duo_inputs(1, 3, (5, 6, 7), torch.float32, 0)
+    z, n, y = duo_inputs(1, 3, (5, 6, 7), torch.float32, 0)
     loss = auvcore.DUOLoss(to_onehot_y=True)
     bad = z.clone()
     bad[0, 1, 2, 3, 4] = float("nan")
