@@ -53,3 +53,14 @@ def masked_semantic_scale(features, labels, K, center, eps, nan_to_num, num_thre
                       B.view(S), B.view(counts), B.view(sp), B.threads(num_threads))
     S = S.view(Bn, K)
     return (S, sp.view(Bn, K, C)) if spectrum else S
+
+
+def class_moments(image: torch.Tensor, labels: torch.Tensor, K: int):
+    """Per-class voxel count [K] (int64), mean and centred sum of squares [K] (float64) of ``image`` under
+    ``labels`` (CPU tensors with as many elements; the image float32/float64, the labels any integer dtype)."""
+    image, labels = image.contiguous(), labels.contiguous()  # held here: the views borrow their memory
+    count = torch.empty(K, dtype=torch.int64)
+    mean = torch.empty(K, dtype=torch.float64)
+    m2 = torch.empty(K, dtype=torch.float64)
+    B._C.class_moments(B.view(image), B.view(labels), int(K), B.view(count), B.view(mean), B.view(m2))
+    return count, mean, m2

@@ -166,3 +166,18 @@ def resample_reference(array, affine, spacing, order):
         return ndimage.affine_transform(array, scale, offset=offset, output_shape=shape_out, order=0, mode="nearest")
     return ndimage.affine_transform(array.astype(np.float32), scale, offset=offset, output_shape=shape_out,
                                     order=order, mode="nearest", prefilter=False)
+
+
+def mahalanobis_reference(X) -> np.ndarray:
+    """The oracle of :class:`auvcore.baselines.MahalanobisScorer` for one class: the distance of each row of X
+    (n × p) from the rows' mean under the dense Ledoit–Wolf shrunk covariance, inverted with ``pinv``."""
+    X = np.asarray(X, dtype=np.float64)
+    n, p = X.shape
+    Xc = X - X.mean(0)
+    S = Xc.T @ Xc / n
+    mu = np.trace(S) / p
+    d2 = np.sum((S - mu * np.eye(p)) ** 2) / p
+    b2 = min(sum(np.sum((np.outer(x, x) - S) ** 2) for x in Xc) / (n * n * p), d2)
+    shrink = b2 / d2 if d2 > 0 else 1.0
+    prec = np.linalg.pinv(shrink * mu * np.eye(p) + (1 - shrink) * S, hermitian=True)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", Xc, prec, Xc), 0.0))

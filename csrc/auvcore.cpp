@@ -11,6 +11,7 @@
 #include "auvcore/eigh.h"
 #include "auvcore/gram.h"
 #include "auvcore/isa.h"
+#include "auvcore/moments.h"
 #include "auvcore/scale.h"
 #ifdef AUVCORE_WITH_CUDA
 #include <cmath>
@@ -410,6 +411,19 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("z"), py::arg("n"), py::arg("y"), py::arg("labels"), py::arg("c0"), py::arg("preset"), py::arg("tau"),
       py::arg("grad_sums"), py::arg("dz"), py::arg("dn"), py::arg("threads"));
+  m.def(
+      "class_moments",
+      [](const ArrayView& image, const ArrayView& labels, int64_t K, const ArrayView& count, const ArrayView& mean,
+         const ArrayView& m2) {
+        require(K >= 1, "num_classes: expected a positive int, got " + std::to_string(K));
+        int64_t* n = buffer<int64_t>(count, DType::I64, {K}, "count");
+        double* mu = buffer<double>(mean, DType::F64, {K}, "mean");
+        double* ss = buffer<double>(m2, DType::F64, {K}, "m2");
+        py::gil_scoped_release nogil;
+        class_moments(image, labels, K, n, mu, ss);
+      },
+      py::arg("image"), py::arg("labels"), py::arg("num_classes"), py::arg("count"), py::arg("mean"), py::arg("m2"),
+      "Per-class voxel count, mean and centred sum of squares of an image under a label map (one thread).");
   m.def(
       "scale_backward",
       [](const ArrayView& z, int mode, bool center, bool nan_to_num, double eps, int variant, const ArrayView& evals,

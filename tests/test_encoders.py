@@ -8,6 +8,9 @@ import torch
 
 pytest.importorskip("scipy")
 from auvcore.baselines import MahalanobisScorer, intensity_variance
+from auvcore.testing import mahalanobis_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from auvcore.data import Volume
 from auvcore.encoders import (HookEncoder, MerlinEncoder, Random3DEncoder, class_means, encode_case,
                               get_encoder, prototype_maps, tiled_forward)
@@ -265,6 +268,29 @@ def test_intensity_variance_per_class():
         intensity_variance(img, lab, 3)
 
 
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), K=st.integers(1, 6), offset=st.sampled_from([0.0, -1e3, 1e6]),
+       img_dtype=st.sampled_from([np.float32, np.float64, np.int16]),
+       lab_dtype=st.sampled_from([np.uint8, np.int8, np.int16, np.int32, np.int64]), torch_in=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_intensity_variance_is_numpys_two_pass_formula_bit_for_bit(shape, K, offset, img_dtype, lab_dtype, torch_in,
+                                                                   seed):
+    """The C++ moments equal numpy's float64 two-pass bincount formula exactly, for every dtype, offset and
+    non-contiguous input."""
+    rng = np.random.default_rng(seed)
+    img = (offset + 50 * rng.normal(size=shape)).astype(img_dtype)
+    lab = rng.integers(0, K, size=shape).astype(lab_dtype)
+    if img.ndim > 1:
+        img, lab = img.swapaxes(0, -1), lab.swapaxes(0, -1)  # strided views
+    x, l = img.astype(np.float64).ravel(), lab.astype(np.int64).ravel()
+    n = np.bincount(l, minlength=K).astype(np.float64)
+    mu = np.divide(np.bincount(l, weights=x, minlength=K), n, out=np.zeros(K), where=n > 0)
+    ss = np.bincount(l, weights=(x - mu[l]) ** 2, minlength=K)
+    ref = np.where(n >= 2, ss / np.maximum(n - 1, 1), np.nan)
+    got = intensity_variance(torch.from_numpy(img) if torch_in else img, torch.from_numpy(lab) if torch_in else lab, K)
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_mahalanobis_flags_outlier_and_handles_absent_classes():
     rng = np.random.default_rng(0)
     N, K, C = 30, 3, 16
@@ -280,6 +306,27 @@ def test_mahalanobis_flags_outlier_and_handles_absent_classes():
         sc.score(np.zeros((K, C + 1)))
     with pytest.raises(RuntimeError, match="fit"):
         MahalanobisScorer().score(np.zeros((K, C)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 40), p=st.integers(1, 70), rank=st.integers(1, 6),
+       kind=st.sampled_from(["normal", "lowrank", "offset", "range", "duplicate"]), seed=st.integers(0, 2**31))
+def test_mahalanobis_matches_dense_pinv_oracle(n, p, rank, kind, seed):
+    """The factored Ledoit–Wolf distance equals the dense p × p covariance + pinv, on both sides of n = p and on
+    rank-deficient, offset, wide-range and repeated embeddings."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p))
+    if kind == "lowrank":
+        X = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, p))
+    elif kind == "offset":
+        X = 1e4 + 1e-3 * X
+    elif kind == "range":
+        X = X * np.logspace(-6, 6, p)
+    elif kind == "duplicate":
+        X[1:] = X[0]
+    ref = mahalanobis_reference(X)
+    got = MahalanobisScorer().fit_score(X[:, None, :])[:, 0]
+    np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-7 * max(ref.max(initial=0.0), 1.0))
 
 
 class _FactoryDevices(torch.overrides.TorchFunctionMode):

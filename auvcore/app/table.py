@@ -75,7 +75,7 @@ def write_table(run: Path, case_ids: list[str], ds, csv: bool = False) -> Path:
     var = np.stack([r["variance"] for r in rows])
     C = max((r["means"].shape[1] for r in rows if r["means"].size), default=0)
     means = np.stack([r["means"] if r["means"].size else np.full((K, C), np.nan) for r in rows]).astype(np.float64)
-    maha = MahalanobisScorer().fit(means).fit_score(means) if len(rows) >= 2 and C else np.full_like(S, np.nan)
+    maha = MahalanobisScorer().fit_score(means) if len(rows) >= 2 and C else np.full_like(S, np.nan)
     names = dict(_class_columns(settings["class_names"]))
     table = {"case": case_ids, "error": [errors.get(c, "") for c in case_ids],
              "reason": [_why_nan(r, names, fg, c in errors) for c, r in zip(case_ids, rows)],
