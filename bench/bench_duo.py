@@ -94,16 +94,27 @@ def gpu_main(args):
     z, n = z.detach().requires_grad_(), n.detach().requires_grad_()
     labels = args.target == "labels"
     onehot = torch.nn.functional.one_hot(y[:, 0], args.K).movedim(-1, 1).float() if labels else y
-    variants = {
-        "Dice+BCE (torch)": lambda: dice_bce(z, onehot),
-        "DUOLoss (CUDA fused)": lambda l=DUOLoss(to_onehot_y=labels): l(z, n, y),
-        "DUOLoss (torch path)": lambda l=DUOLoss(to_onehot_y=labels, backend="torch"): l(z, n, y),
+    losses = {
+        "DUOLoss (CUDA fused)": DUOLoss(to_onehot_y=labels),
+        "DUO detach_scale": DUOLoss(to_onehot_y=labels, detach_scale=True),
+        "DUO alpha=0": DUOLoss(to_onehot_y=labels, alpha=0.0),
+        "DUO no input checks": DUOLoss(to_onehot_y=labels, check_inputs=False),
+        "DUOLoss (torch path)": DUOLoss(to_onehot_y=labels, backend="torch"),
     }
+    variants = {"Dice+BCE (torch)": lambda zz, nn_: dice_bce(zz, onehot)}
+    variants.update({k: (lambda zz, nn_, l=l: l(zz, nn_, y)) for k, l in losses.items()})
+
+    def step(fn):
+        if args.dtype == "float32":
+            return fn(z, n)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # the training step: logits reach the loss in bf16
+            return fn(z.to(torch.bfloat16), n.to(torch.bfloat16))
+
     res = {}
     for name, fn in variants.items():
         for _ in range(2):  # warm-up: kernels loaded, allocator and workspace pools filled
             z.grad = n.grad = None
-            fn().backward()
+            step(fn).backward()
         times = []
         for _ in range(args.repeat):
             z.grad = n.grad = None
@@ -112,14 +123,14 @@ def gpu_main(args):
             torch.cuda.reset_peak_memory_stats()
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record()
-            fn().backward()
+            step(fn).backward()
             t1.record()
             torch.cuda.synchronize()
             times.append(t0.elapsed_time(t1))
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         res[name] = (statistics.median(times), peak)
     ref_t, ref_m = res["Dice+BCE (torch)"]
-    shape = f"B={args.B} K={args.K} {args.size}³ float32, target={args.target}"
+    shape = f"B={args.B} K={args.K} {args.size}³ {args.dtype}, target={args.target}"
     print(f"DUO loss forward+backward on {torch.cuda.get_device_name(dev)}, {shape}")
     print(f"{'':24}{'median [ms]':>12}{'peak extra [MiB]':>18}{'time ratio':>12}{'memory ratio':>14}")
     for name, (t, m) in res.items():
@@ -135,6 +146,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="cuda: bfloat16 runs every variant under torch.autocast (the logits cast to bfloat16)")
     ap.add_argument("--child", choices=["cpp", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -164,7 +177,7 @@ def main():
     best = {k: min(v) for k, v in times.items()}
     mem = {"fused": peak_memory(args, "cpp"), "torch": peak_memory(args, "torch")}
 
-    shape = f"B={args.B} K={args.K} {args.size}³ float32, target={args.target}"
+    shape = f"B={args.B} K={args.K} {args.size}³ {args.dtype}, target={args.target}"
     print(f"DUO loss forward+backward, {shape}, threads={torch.get_num_threads()}, CPU: {cpu_name()}")
     print(f"gradient agreement (max rel. diff): seg_logits {dz:.2e}, noise_logits {dn:.2e}")
     print(f"{'':28}{'DUOLoss (fused C++)':>22}{'pure-torch composition':>26}{'ratio':>9}")
