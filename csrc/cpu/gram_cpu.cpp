@@ -49,6 +49,53 @@ __attribute__((always_inline)) inline double hsum(v8d x) {
   return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
 }
 
+// The next panel's reads, issued as software prefetches while the current panel's product runs. The product
+// works from L1/L2 and leaves the memory bus idle; reading the next panel from DRAM afterwards cost a quarter of
+// the Gram's time (decoded 2 x 14 x 96³ float32, one thread: 0.83 ms per matrix against 0.60 with the input
+// already cached). Walks row by row through the next panel's runs of consecutive samples, one cache line per
+// prefetch, into L2 (the current panel and the next one's source fit a 1 MiB L2 at p = 96).
+struct Prefetcher {
+  const char* x = nullptr;  // the job's first element
+  int64_t esize = 0;        // bytes per element
+  const int64_t* p_off = nullptr;
+  int64_t p = 0;
+  const int64_t* so = nullptr;
+  const std::vector<int64_t>* runs = nullptr;  // (start, length) pairs, find_runs
+  int64_t a = 0;                               // the row being prefetched
+  size_t r = 0;                                // its run
+  const char *cur = nullptr, *end = nullptr;   // what is left of that run
+  int64_t per_call = 0;  // prefetches per issue(): the panel's lines spread over the product's tiles
+
+  void start(const char* x_, int64_t esize_, const int64_t* p_off_, int64_t p_, const int64_t* so_,
+             const std::vector<int64_t>* runs_) {
+    x = x_, esize = esize_, p_off = p_off_, p = runs_->empty() ? 0 : p_, so = so_, runs = runs_;
+    a = 0;
+    r = 0;
+    if (p) segment();
+  }
+  void stop() { a = p = 0; }
+  int64_t lines() const {
+    int64_t n = 0;
+    for (size_t i = 0; i < runs->size(); i += 2) n += ((*runs)[i + 1] * esize + 63) / 64;
+    return n * p;
+  }
+  void segment() {
+    cur = x + (p_off[a] + so[(*runs)[r]]) * esize;
+    end = cur + (*runs)[r + 1] * esize;
+  }
+  __attribute__((always_inline)) inline void issue() {
+    for (int64_t n = per_call; n > 0 && a < p; --n) {
+      __builtin_prefetch(cur, 0, 2);
+      cur += 64;
+      if (cur >= end) {
+        r += 2;
+        if (r >= runs->size()) r = 0, ++a;
+        if (a < p) segment();
+      }
+    }
+  }
+};
+
 // G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % kPad == 0), nvec vectors per row; f is
 // the panel's power-of-two unscaling (gram_typed). Register tile: R rows x C columns of G, each entry one
 // vector accumulator over the samples, reduced once at the end of the panel. Per step the C column vectors
@@ -57,12 +104,18 @@ __attribute__((always_inline)) inline double hsum(v8d x) {
 // register file of the instruction set (16 ymm/xmm: 4 x 3; 32 zmm: 6 x 4) and the loop does not spill.
 template <typename V, int R, int C, typename T>
 __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G,
-                                                           int64_t ldg, double f) {
+                                                           int64_t ldg, double f, Prefetcher* pf) {
   static_assert(kPad % R == 0 && kPad % C == 0, "the padded rows must split into whole tiles");
   constexpr int64_t W = sizeof(V) / sizeof(T);
+  if (pf && pf->p) {
+    int64_t tiles = 0;
+    for (int64_t I = 0; I < pp; I += R) tiles += (I + R + C - 1) / C;
+    pf->per_call = (pf->lines() + tiles - 1) / tiles;
+  }
   for (int64_t I = 0; I < pp; I += R) {
     // Column blocks up to the diagonal; entries above it are computed on diagonal tiles and never read.
     for (int64_t J = 0; J < I + R; J += C) {
+      if (pf) pf->issue();
       const T* a = P + I * ld;
       const T* b = P + J * ld;
       V c[R][C] = {};
@@ -86,12 +139,14 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
 }
 
 // One build per instruction set (isa.h), each with its own vector width and register tile.
-#define AUVCORE_SYRK(NAME, TARGET, VF, VD, R, C)                                                                \
-  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {   \
-    syrk_panel_impl<VF, R, C>(P, pp, ld, nvec * (64 / sizeof(VF)), G, ldg, f);                                 \
-  }                                                                                                             \
-  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {  \
-    syrk_panel_impl<VD, R, C>(P, pp, ld, nvec * (64 / sizeof(VD)), G, ldg, f);                                 \
+#define AUVCORE_SYRK(NAME, TARGET, VF, VD, R, C)                                                          \
+  TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f, \
+                   Prefetcher* pf) {                                                                      \
+    syrk_panel_impl<VF, R, C>(P, pp, ld, nvec * (64 / sizeof(VF)), G, ldg, f, pf);                       \
+  }                                                                                                       \
+  TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f, \
+                   Prefetcher* pf) {                                                                      \
+    syrk_panel_impl<VD, R, C>(P, pp, ld, nvec * (64 / sizeof(VD)), G, ldg, f, pf);                       \
   }
 AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512, v16f, v8d, 6, 4)
 AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2, v8f, v4d, 4, 3)
@@ -101,11 +156,11 @@ AUVCORE_SYRK(syrk_generic, , v4f, v2d, 4, 3)
 // nvec counts 64-byte vectors (the panel's rows are padded to a multiple of 64 bytes); each build converts it
 // to its own width.
 template <typename T>
-void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f) {
+void syrk_panel(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f, Prefetcher* pf) {
   switch (isa_level()) {
-    case kIsaAvx512: return syrk_avx512(P, pp, ld, nvec, G, ldg, f);
-    case kIsaAvx2: return syrk_avx2(P, pp, ld, nvec, G, ldg, f);
-    default: return syrk_generic(P, pp, ld, nvec, G, ldg, f);
+    case kIsaAvx512: return syrk_avx512(P, pp, ld, nvec, G, ldg, f, pf);
+    case kIsaAvx2: return syrk_avx2(P, pp, ld, nvec, G, ldg, f, pf);
+    default: return syrk_generic(P, pp, ld, nvec, G, ldg, f, pf);
   }
 }
 
@@ -388,7 +443,8 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
     auto panel = aligned_zeros<T>(pp * NB);
     auto acc = aligned_zeros<double>(pp * pp);
     std::vector<double> colmean(NB);
-    std::vector<int64_t> runs;
+    std::vector<int64_t> runs, next_runs;
+    Prefetcher pf;
     try {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t ui = 0; ui < (int64_t)units.size(); ++ui) {
@@ -422,7 +478,15 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
             ue = e;
             have = true;
           }
-          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp, std::ldexp(1.0, 2 * (ue - e)));
+          // the unit's next panel streams in while this one's product runs
+          if (t0 + NB < u.s_end) {
+            find_runs(jb.s_off + t0 + NB, std::min(NB, u.s_end - t0 - NB), next_runs);
+            pf.start(reinterpret_cast<const char*>(x + jb.base), sizeof(Src), p_off.data(), p, jb.s_off + t0 + NB,
+                     &next_runs);
+          } else {
+            pf.stop();
+          }
+          syrk_panel(panel.get(), pp, NB, nvec, acc.get(), pp, std::ldexp(1.0, 2 * (ue - e)), &pf);
         }
         units[ui].e = ue;
         units[ui].any = have;

