@@ -478,10 +478,14 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
             ue = e;
             have = true;
           }
-          // the unit's next panel streams in while this one's product runs
-          if (t0 + NB < u.s_end) {
-            find_runs(jb.s_off + t0 + NB, std::min(NB, u.s_end - t0 - NB), next_runs);
-            pf.start(reinterpret_cast<const char*>(x + jb.base), sizeof(Src), p_off.data(), p, jb.s_off + t0 + NB,
+          // The next panel streams in while this one's product runs: the unit's next one, or after its last the
+          // first of unit ui + nt, the one this thread most likely takes next (exactly so with one thread).
+          const Unit* nu = t0 + NB < u.s_end ? &u : ui + nt < (int64_t)units.size() ? &units[ui + nt] : nullptr;
+          if (nu) {
+            const GramJob& nj = jobs[nu->job];
+            const int64_t n0 = nu == &u ? t0 + NB : nu->s_begin;
+            find_runs(nj.s_off + n0, std::min(NB, nu->s_end - n0), next_runs);
+            pf.start(reinterpret_cast<const char*>(x + nj.base), sizeof(Src), p_off.data(), p, nj.s_off + n0,
                      &next_runs);
           } else {
             pf.stop();
