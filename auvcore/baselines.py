@@ -30,9 +30,8 @@ def intensity_variance(image, label, num_classes: int) -> np.ndarray:
         raise ValueError(f"image and label: shapes differ, {tuple(img.shape)} vs {tuple(lab.shape)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-    if lab.dtype == torch.bool or lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.uint16 \
-            or lab.dtype == torch.uint32 or lab.dtype == torch.uint64:
-        lab = lab.to(torch.int64)  # float labels holding class indices, as numpy's astype did
+    if lab.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        lab = lab.to(torch.int64)  # e.g. float labels holding class indices, truncated as numpy's astype did
     if img.dtype not in (torch.float32, torch.float64):
         img = img.to(torch.float64)
     n, _, ss = _cpu.class_moments(img.cpu(), lab.cpu(), int(num_classes))
