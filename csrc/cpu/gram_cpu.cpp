@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -47,6 +48,22 @@ __attribute__((always_inline)) inline double hsum(v4d x) {
 }
 __attribute__((always_inline)) inline double hsum(v8d x) {
   return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
+}
+
+// Four horizontal sums at once, for the AVX-512 tile's rows of four accumulators: the halving steps of hsum
+// applied to the four vectors together (each shuffle serves two or four of them), float down to two lanes
+// each, then double. A third of hsum's instructions: its 24 reductions per tile were ~15 % of the tile.
+__attribute__((always_inline)) inline v4d hsum4(v16f a, v16f b, v16f c, v16f d) {
+  const v16f ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                  __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const v16f cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                  __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // [a b c d], four lanes each
+  const v16f q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                 __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const v16f t = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return __builtin_convertvector(__builtin_shufflevector(t, t, 0, 4, 8, 12), v4d) +
+         __builtin_convertvector(__builtin_shufflevector(t, t, 1, 5, 9, 13), v4d);
 }
 
 // The next panel's reads, issued as software prefetches while the current panel's product runs. The product
@@ -137,7 +154,12 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
       }
       for (int r = 0; r < R; ++r) {
         double* g = G + (I + r) * ldg + J;
-        for (int q = 0; q < C; ++q) g[q] += f * hsum(c[r][q]);
+        if constexpr (std::is_same_v<V, v16f> && C == 4) {
+          const v4d sum = hsum4(c[r][0], c[r][1], c[r][2], c[r][3]);
+          for (int q = 0; q < C; ++q) g[q] += f * sum[q];
+        } else {
+          for (int q = 0; q < C; ++q) g[q] += f * hsum(c[r][q]);
+        }
       }
     }
   }
