@@ -53,7 +53,7 @@ __attribute__((always_inline)) inline double hsum(v8d x) {
 // Four horizontal sums at once, for the AVX-512 tile's rows of four accumulators: the halving steps of hsum
 // applied to the four vectors together (each shuffle serves two or four of them), float down to two lanes
 // each, then double. A third of hsum's instructions: its 24 reductions per tile were ~15 % of the tile.
-__attribute__((always_inline)) inline v4d hsum4(v16f a, v16f b, v16f c, v16f d) {
+__attribute__((always_inline)) inline void hsum4(v16f a, v16f b, v16f c, v16f d, double out[4]) {
   const v16f ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                   __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   const v16f cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -62,8 +62,9 @@ __attribute__((always_inline)) inline v4d hsum4(v16f a, v16f b, v16f c, v16f d) 
   const v16f q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                  __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   const v16f t = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return __builtin_convertvector(__builtin_shufflevector(t, t, 0, 4, 8, 12), v4d) +
-         __builtin_convertvector(__builtin_shufflevector(t, t, 1, 5, 9, 13), v4d);
+  const v4d sum = __builtin_convertvector(__builtin_shufflevector(t, t, 0, 4, 8, 12), v4d) +
+                  __builtin_convertvector(__builtin_shufflevector(t, t, 1, 5, 9, 13), v4d);
+  for (int q = 0; q < 4; ++q) out[q] = sum[q];
 }
 
 // The next panel's reads, issued as software prefetches while the current panel's product runs. The product
@@ -155,7 +156,8 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
       for (int r = 0; r < R; ++r) {
         double* g = G + (I + r) * ldg + J;
         if constexpr (std::is_same_v<V, v16f> && C == 4) {
-          const v4d sum = hsum4(c[r][0], c[r][1], c[r][2], c[r][3]);
+          double sum[4];
+          hsum4(c[r][0], c[r][1], c[r][2], c[r][3], sum);
           for (int q = 0; q < C; ++q) g[q] += f * sum[q];
         } else {
           for (int q = 0; q < C; ++q) g[q] += f * hsum(c[r][q]);
@@ -320,15 +322,8 @@ __attribute__((always_inline)) inline bool prepare_centred_in_l1(const Src* x, c
     }
     for (int64_t t = 0; t < cn; ++t) amax = std::max(amax, mv[t]);
     if (amax >= kInfBits<T>) return false;
-    for (int64_t t = 0; t < cn; ++t) {
-      const double mean = cs[t] * inv_p;
-      hi[t] = (float)mean;
-      lo[t] = (float)(mean - (double)hi[t]);
-    }
-    for (int64_t a = 0; a < p; ++a) {
-      T* row = panel + a * ld + c0;
-      for (int64_t t = 0; t < cn; ++t) row[t] = (T)(((float)row[t] - hi[t]) - lo[t]);
-    }
+    for (int64_t t = 0; t < cn; ++t) cs[t] *= inv_p;
+    subtract_means_as_float_pairs(panel + c0, p, ld, cn, cs, hi, lo);
   }
   if (prescale_exponent<sizeof(T)>(2.0 * (double)from_bits<T>(amax)) != 0) return false;
   *e_out = 0;

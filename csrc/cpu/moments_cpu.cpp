@@ -42,23 +42,13 @@ void dispatch_labels(const X* x, const ArrayView& labels, int64_t N, int64_t K, 
   }
 }
 
-bool contiguous(const ArrayView& v) {
-  int64_t stride = 1;
-  for (int64_t d = v.dim() - 1; d >= 0; --d) {
-    if (v.shape[d] > 1 && v.strides[d] != stride) return false;
-    stride *= v.shape[d];
-  }
-  return true;
-}
-
 }  // namespace
 
 void class_moments(const ArrayView& image, const ArrayView& labels, int64_t K, int64_t* count, double* mean,
                    double* m2) {
-  require(K >= 1, "num_classes: expected a positive int, got " + std::to_string(K));
   require(image.numel() == labels.numel(), "image and label: element counts differ, " +
                                                std::to_string(image.numel()) + " vs " + std::to_string(labels.numel()));
-  require(contiguous(image) && contiguous(labels), "image and label: expected contiguous arrays");
+  require(is_contiguous(image) && is_contiguous(labels), "image and label: expected contiguous arrays");
   require_on(image, kHost, "image");
   require_on(labels, kHost, "label");
   const int64_t N = image.numel();

@@ -53,6 +53,16 @@ inline void require_on(const ArrayView& v, int device, const char* name) {
                                   memory_name(v.device));
 }
 
+// Row-major contiguous (dimensions of size 1 may have any stride).
+inline bool is_contiguous(const ArrayView& v) {
+  int64_t stride = 1;
+  for (int64_t d = v.dim() - 1; d >= 0; --d) {
+    if (v.shape[d] > 1 && v.strides[d] != stride) return false;
+    stride *= v.shape[d];
+  }
+  return true;
+}
+
 // A buffer the caller allocated for an op (an output, or what an earlier op wrote), checked before anything
 // is read or written: its dtype, a contiguous row-major layout, the exact shape the op needs and the memory
 // it lives in (`device`: kHost for the CPU ops, the CUDA device for the CUDA ops). A wrong size is an
@@ -72,11 +82,7 @@ T* buffer(const ArrayView& v, DType dtype, const std::vector<int64_t>& shape, co
   };
   require(v.dtype == dtype, std::string(name) + ": wrong dtype for this buffer");
   require(v.shape == shape, std::string(name) + ": expected shape " + str(shape) + ", got " + str(v.shape));
-  int64_t stride = 1;
-  for (int64_t d = (int64_t)shape.size() - 1; d >= 0; --d) {
-    require(shape[d] <= 1 || v.strides[d] == stride, std::string(name) + ": expected a contiguous buffer");
-    stride *= shape[d];
-  }
+  require(is_contiguous(v), std::string(name) + ": expected a contiguous buffer");
   require_on(v, device, name);
   return reinterpret_cast<T*>(v.ptr);
 }
