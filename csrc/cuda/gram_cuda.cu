@@ -9,9 +9,20 @@
 // No overflow (issue 24): for the float products a pre-pass finds each matrix's largest magnitude, and a matrix
 // outside float's safe range (prescale_exponent in gram.h, the CPU's rule) is multiplied by a power of two
 // as it is staged; finalize_kernel undoes it in double. One extra read of the input, float inputs only.
+//
+// Engines for the float products (AUVCORE_CUDA_GRAM, read at each call): `fp32` (the default) multiplies on the
+// CUDA cores; `3xtf32` on the tensor cores (sm_80+), each staged value x split into x_hi = tf32(x) and
+// x_lo = tf32(x - x_hi) and each product taken as a_hi b_hi + a_hi b_lo + a_lo b_hi (CUTLASS's 3xTF32). The
+// dropped a_lo b_lo and the split's remainder are below 2^-21 |a b|, against float's 2^-24 rounding of each
+// product, and the sums are the same FP32 sums over at most kChunk samples: the Gram's error stays within a
+// small factor of the fp32 engine's (the emulated tests hold both to the same bounds). `3xtf32` becomes the
+// default once it has passed its tests and the sanitizer on a GPU (bench/gpu_session.sh).
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -62,17 +73,31 @@ struct GramArgs {
 // centring happens in the block); larger ones use the largest tile. A row pitch of TP + 2 floats (≡ 2 mod 32
 // banks) spreads the transposed tile stores of the 16 sample columns over distinct banks.
 constexpr int TS = 16;
-template <typename T>
+// The tensor-core engine (TC) pads rows to a multiple of 4 floats, as the matrix loads require.
+template <typename T, bool TC>
 __host__ __device__ constexpr int pad_of() {
-  return sizeof(T) == 4 ? 2 : 1;
+  return TC ? 4 : sizeof(T) == 4 ? 2 : 1;
 }
-template <typename In, typename T, int RM>
+namespace wmma = nvcuda::wmma;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename In, typename T, int RM, bool TC>
 __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
-  constexpr int TP = 16 * RM, PAD = pad_of<T>();
+  constexpr int TP = 16 * RM, PAD = pad_of<T, TC>();
   constexpr int EPT = TP * TS / NT;  // tile elements each thread loads per stage
   static_assert(NT == 256 && TS == 16 && TP * TS % NT == 0, "the in-block centring assumes 16 x 16 threads");
+  static_assert(!TC || sizeof(T) == 4, "the tensor-core engine takes float products");
+  // TC: the 16 x 16 sub-tiles of the output tile, dealt to the 8 warps in turn; each warp keeps the accumulators
+  // of its NSW sub-tiles across the chunk. As/Bs then hold the staged values' TF32 high parts, Alo/Blo their
+  // low parts, and Cs one 16 x 16 accumulator tile per warp on its way to G.
+  constexpr int NSUB = RM * RM, NSW = TC ? (NSUB + NT / 32 - 1) / (NT / 32) : 1;
   __shared__ T As[TS][TP + PAD];
   __shared__ T Bs[TS][TP + PAD];
+  __shared__ float Alo[TC ? TS : 1][TC ? TP + PAD : 1];
+  __shared__ float Blo[TC ? TS : 1][TC ? TP + PAD : 1];
+  __shared__ float Cs[TC ? NT / 32 : 1][TC ? 256 : 1];
   __shared__ int64_t poffA[TP], poffB[TP];
   __shared__ double shA[TP], shB[TP];
   __shared__ int64_t soff[TS];
@@ -140,11 +165,17 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
       }
     }
     const double sc = a.pexp ? ldexp(1.0, a.pexp[job]) : 1.0;  // exact; applied to the centred value
-    T acc[RM][RM];
+    T acc[TC ? 1 : RM][TC ? 1 : RM];
+    FragC tacc[NSW];
+    if constexpr (TC) {
 #pragma unroll
-    for (int i = 0; i < RM; ++i)
+      for (int i = 0; i < NSW; ++i) wmma::fill_fragment(tacc[i], 0.0f);
+    } else {
 #pragma unroll
-      for (int j = 0; j < RM; ++j) acc[i][j] = T(0);
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RM; ++j) acc[i][j] = T(0);
+    }
     // Row sums of the shifted samples (AcrossSamples, diagonal tiles): thread tid < TP owns row tid and adds
     // the column of the staged tile each stage (one register pair instead of one per loaded element).
     double rsum = 0.0;
@@ -211,31 +242,85 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
 #pragma unroll
         for (int t = 0; t < TS; ++t) rsum += (double)As[t][tid];
       }
-#pragma unroll
-      for (int t = 0; t < TS; ++t) {
-        T av[RM], bv[RM];
-#pragma unroll
-        for (int i = 0; i < RM; ++i) {
-          av[i] = As[t][ty + 16 * i];
-          bv[i] = Bt[t][tx + 16 * i];
+      if constexpr (TC) {
+        // The split, in place: As/Bs keep the high parts. The row sums above read the whole values first.
+        if (a.cent == kAcrossSamples && diag) __syncthreads();
+        for (int el = tid; el < TS * TP; el += NT) {
+          const int tl = el / TP, al = el % TP;
+          const float x = As[tl][al], hi = wmma::__float_to_tf32(x);
+          As[tl][al] = hi;
+          Alo[tl][al] = wmma::__float_to_tf32(x - hi);
+          if (!diag) {
+            const float y = Bs[tl][al], yhi = wmma::__float_to_tf32(y);
+            Bs[tl][al] = yhi;
+            Blo[tl][al] = wmma::__float_to_tf32(y - yhi);
+          }
         }
+        __syncthreads();
+        auto Blt = diag ? Alo : Blo;
+        const int warp = tid / 32;
 #pragma unroll
-        for (int i = 0; i < RM; ++i)
+        for (int k0 = 0; k0 < TS; k0 += 8) {
 #pragma unroll
-          for (int j = 0; j < RM; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+          for (int i = 0; i < NSW; ++i) {
+            const int sub = warp + i * (NT / 32), si = sub / RM, sj = sub % RM;
+            if (sub >= NSUB || (diag && sj > si)) continue;  // uniform over the warp
+            // A = rows si of the tile by samples k0.. (stored sample-major: column-major A); B = Aᵀ's columns sj.
+            FragA ahi, alo;
+            FragB bhi, blo;
+            wmma::load_matrix_sync(ahi, As[k0] + 16 * si, TP + PAD);
+            wmma::load_matrix_sync(alo, Alo[k0] + 16 * si, TP + PAD);
+            wmma::load_matrix_sync(bhi, Bt[k0] + 16 * sj, TP + PAD);
+            wmma::load_matrix_sync(blo, Blt[k0] + 16 * sj, TP + PAD);
+            wmma::mma_sync(tacc[i], alo, bhi, tacc[i]);  // the small terms first
+            wmma::mma_sync(tacc[i], ahi, blo, tacc[i]);
+            wmma::mma_sync(tacc[i], ahi, bhi, tacc[i]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+          T av[RM], bv[RM];
+#pragma unroll
+          for (int i = 0; i < RM; ++i) {
+            av[i] = As[t][ty + 16 * i];
+            bv[i] = Bt[t][tx + 16 * i];
+          }
+#pragma unroll
+          for (int i = 0; i < RM; ++i)
+#pragma unroll
+            for (int j = 0; j < RM; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+        }
       }
       // No barrier here: the next stage's stores come after its own barrier, which every reader passes
       // only once done with this stage.
     }
 
     double* Gj = a.G + job * p * p;
+    if constexpr (TC) {
+      // Each warp's sub-tiles through its own 16 x 16 tile of Cs, 8 entries per lane.
+      const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
-    for (int i = 0; i < RM; ++i) {
-      const int64_t row = rowA0 + ty + 16 * i;
+      for (int i = 0; i < NSW; ++i) {
+        const int sub = warp + i * (NT / 32), si = sub / RM, sj = sub % RM;
+        if (sub >= NSUB || (diag && sj > si)) continue;
+        wmma::store_matrix_sync(Cs[warp] + 0, tacc[i], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+          const int64_t row = rowA0 + 16 * si + e / 16, col = rowB0 + 16 * sj + e % 16;
+          if (row < p && col < p && (!diag || col <= row)) atomicAdd(Gj + row * p + col, (double)Cs[warp][e]);
+        }
+        __syncwarp();  // the lanes are done with Cs before the next store
+      }
+    } else {
 #pragma unroll
-      for (int j = 0; j < RM; ++j) {
-        const int64_t col = rowB0 + tx + 16 * j;
-        if (row < p && col < p && (!diag || col <= row)) atomicAdd(Gj + row * p + col, (double)acc[i][j]);
+      for (int i = 0; i < RM; ++i) {
+        const int64_t row = rowA0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < RM; ++j) {
+          const int64_t col = rowB0 + tx + 16 * j;
+          if (row < p && col < p && (!diag || col <= row)) atomicAdd(Gj + row * p + col, (double)acc[i][j]);
+        }
       }
     }
     if (own_sum && rowA0 + tid < p) atomicAdd(a.sums + job * p + rowA0 + tid, rsum);
@@ -581,13 +666,28 @@ __global__ void __launch_bounds__(RT * RT) row_gram_kernel(const RowArgs a) {
 
 // ---- host side -------------------------------------------------------------------------------------------
 
+// The engine of the float products (the file's header): AUVCORE_CUDA_GRAM=fp32 (default) or 3xtf32.
+bool tensor_core_engine() {
+  const char* v = std::getenv("AUVCORE_CUDA_GRAM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "fp32") == 0) return false;
+  if (std::strcmp(v, "3xtf32") == 0) return true;
+  throw ArgumentError(std::string("AUVCORE_CUDA_GRAM: expected 'fp32' or '3xtf32', got '") + v + "'");
+}
+
 template <typename In, typename T, int RM>
 void launch_gram_tile(const GramArgs& a, int64_t B, cudaStream_t s) {
   constexpr int64_t TP = 16 * RM;
   const int64_t tiles = (a.p + TP - 1) / TP;
   const dim3 grid((unsigned)(tiles * (tiles + 1) / 2), (unsigned)std::min<int64_t>(std::max<int64_t>(a.items, 1), 65535),
                   (unsigned)B);
-  gram_kernel<In, T, RM><<<grid, NT, 0, s>>>(a);
+  if constexpr (sizeof(T) == 4) {
+    if (tensor_core_engine()) {
+      gram_kernel<In, T, RM, true><<<grid, NT, 0, s>>>(a);
+      AUV_CUDA_CHECK_LAUNCH("gram_kernel");
+      return;
+    }
+  }
+  gram_kernel<In, T, RM, false><<<grid, NT, 0, s>>>(a);
   AUV_CUDA_CHECK_LAUNCH("gram_kernel");
 }
 

@@ -1,0 +1,124 @@
+// Emulation shim (see cuda_runtime.h here): the slice of the warp matrix API (nvcuda::wmma) the Gram's tensor-core
+// engine uses, TF32 m16n16k8 with float accumulators, as the GPU computes it:
+//   - an MMA reads only the TF32 bits of its A and B elements (1 sign, 8 exponent, 10 mantissa bits; the low 13
+//     bits of a float are ignored, as by the hardware), so a kernel that forgets __float_to_tf32 loses those bits
+//     here too;
+//   - the products of TF32 values are exact in float and are added in float, one k at a time;
+//   - __float_to_tf32 rounds to nearest, ties away from zero (cvt.rna.tf32.f32).
+// Layout: on the GPU a fragment's elements are spread over the warp's 32 lanes in an unspecified order. Here
+// every lane holds the whole tile and computes the whole product, so loads and products need no exchange;
+// store_matrix_sync writes element e from lane e % 32 only, after waiting for the warp's 32 lanes (a kernel that
+// stores from part of a warp hangs here as it is undefined there; the lanes' other writes to the stored tile
+// need a __syncwarp, as on the GPU). A kernel that indexes fragment elements other than element-wise
+// (x[i] = f(x[i])) depends on the GPU's layout and is not checked here.
+// Pointers: 32-byte aligned and ldm a multiple of 4 floats (16 bytes), as the API requires; shared pointers stay
+// bounds-checked (emu::Smem).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cuda_runtime.h"
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 8, "emulated wmma: only the TF32 shape m16n16k8");
+  static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float> : std::is_same_v<T, precision::tf32>,
+                "emulated wmma: TF32 inputs and float accumulators only");
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[num_elements];
+};
+
+namespace detail {
+inline void warp_sync() {
+  emu::Block* b = emu::t_block;
+  b->warp_bar[(int)threadIdx.x / 32]->arrive_and_wait();
+}
+template <typename P>
+void check_pointer(const P& ptr, unsigned ldm, const char* op) {
+  const auto addr = reinterpret_cast<std::uintptr_t>(&ptr[0]);  // a checked access for a shared pointer
+  if (addr % 32 != 0 || ldm % 4 != 0)
+    throw std::runtime_error(std::string("emulated wmma: ") + op + " needs a 32-byte aligned pointer and ldm a " +
+                             "multiple of 4 floats, got address % 32 = " + std::to_string(addr % 32) + ", ldm = " +
+                             std::to_string(ldm));
+}
+inline float tf32_bits(float v) {  // what the tensor core reads of a float: its top 19 bits
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  b &= 0xffffe000u;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+}  // namespace detail
+
+inline float __float_to_tf32(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  if ((b & 0x7f800000u) != 0x7f800000u) b += 0x1000u;  // half of the dropped unit: ties away from zero
+  b &= 0xffffe000u;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
+}
+
+// A (M x K) or B (K x N) from memory in the fragment's layout.
+template <typename Use, int M, int N, int K, typename L, typename P>
+void load_matrix_sync(fragment<Use, M, N, K, precision::tf32, L>& f, const P& ptr, unsigned ldm) {
+  static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>, "a layout for A and B");
+  detail::check_pointer(ptr, ldm, "load_matrix_sync");
+  using F = fragment<Use, M, N, K, precision::tf32, L>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] = std::is_same_v<L, row_major> ? ptr[(int64_t)r * ldm + c] : ptr[(int64_t)c * ldm + r];
+}
+
+template <int M, int N, int K, typename P>
+void store_matrix_sync(const P& ptr, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  detail::warp_sync();
+  detail::check_pointer(ptr, ldm, "store_matrix_sync");
+  const int lane = (int)threadIdx.x % 32;
+  for (int e = lane; e < M * N; e += 32) {
+    const int r = e / N, c = e % N;
+    ptr[layout == mem_row_major ? (int64_t)r * ldm + c : (int64_t)c * ldm + r] = f.x[e];
+  }
+}
+
+template <int M, int N, int K, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, precision::tf32, LA>& a,
+              const fragment<matrix_b, M, N, K, precision::tf32, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += detail::tf32_bits(a.x[i * K + k]) * detail::tf32_bits(b.x[k * N + j]);
+      out[i * N + j] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+inline void __syncwarp(unsigned = 0xffffffffu) { nvcuda::wmma::detail::warp_sync(); }
