@@ -137,38 +137,70 @@ def masked_semantic_scale(features, labels, K: int, center: bool = True, eps: fl
     """S [B, K] float64 on the features' device; features [B, C, *spatial], labels [B, *spatial] in 0..K-1.
     With ``spectrum`` also the energies [B, K, C] (0 past each class's r, NaN rows where r < 2) from the
     kernel's eigenvalues (``_torch_impl.entropy_scale``), on the features' device."""
+    (out,) = masked_scale_cases([(features, labels)], K, center, eps, nan_to_num, spectrum)
+    if isinstance(out, Exception):
+        raise out
+    return out if spectrum else out[0]
+
+
+def masked_scale_cases(cases, K: int, center: bool = True, eps: float = 1e-8, nan_to_num: bool = False,
+                       spectrum: bool = True):
+    """S and energies of several cases' masked embeddings, ``cases`` a list of (features [B_i, C, *spatial_i],
+    labels [B_i, *spatial_i]) on one device with one C, each grid its own: every case's Grams (its own kernel
+    launches) go into one buffer and one eigen launch solves them all, so that the Grams of one case (K of them,
+    one block each) do not leave the GPU idle (issue 23). Returns, per case, (S [B_i, K], energies [B_i, K, C]
+    or None without ``spectrum``) on the device, or the ValueError that the case alone raises (labels out of range, NaN/Inf): one bad case
+    does not fail the others. One host read for all the cases' checks (none while a CUDA graph is captured)."""
     _require_kernels()
-    features, stream = as_cuda_tensor(features, "features")
-    labels, _ = as_cuda_tensor(labels, "labels")
-    _require_device_supported(features)
-    if labels.device != features.device:
-        raise ValueError(f"labels: on {labels.device} but features on {features.device}")
-    features = features.detach()
-    Bn, C = int(features.shape[0]), int(features.shape[1])
-    K = int(K)
-    dev = features.device
+    views, stream = [], None
+    for f, lab in cases:
+        f, st = as_cuda_tensor(f, "features")
+        stream = st if not views else stream  # the first case's (CuPy's current stream for CuPy input)
+        lab, _ = as_cuda_tensor(lab, "labels")
+        _require_device_supported(f)
+        if lab.device != f.device:
+            raise ValueError(f"labels: on {lab.device} but features on {f.device}")
+        views.append((f.detach(), lab))
+    dev, C, K = views[0][0].device, int(views[0][0].shape[1]), int(K)
+    for f, _ in views:
+        if f.device != dev or int(f.shape[1]) != C:
+            raise ValueError(f"features: every case on {dev} with C = {C}, got {f.device} with C = {int(f.shape[1])}")
+    rows = [int(f.shape[0]) * K for f, _ in views]  # Gram slots per case
+    start = [sum(rows[:i]) for i in range(len(rows) + 1)]
+    n = start[-1]
     with torch.cuda.device(dev), _on_stream(dev, stream) as s:
-        G = torch.empty(Bn * K, C, C, dtype=torch.float64, device=dev)
-        counts = torch.empty(Bn * K, dtype=torch.int64, device=dev)
-        flags = torch.zeros(Bn * K, dtype=torch.int32, device=dev)
-        label_error = torch.zeros(2, dtype=torch.int64, device=dev)
-        S = torch.empty(Bn * K, dtype=torch.float64, device=dev)
-        ev = torch.empty(Bn * K, C, dtype=torch.float64, device=dev) if spectrum else None
-        # Each class's Gram on its smaller side: n x n for a class of n < C voxels.
-        B._C.cuda_masked_gram(B.view(features), B.view(labels), K, bool(center), bool(nan_to_num), B.view(G),
-                              B.view(counts), B.view(flags), B.view(label_error), s, smaller_side=True)
+        G = torch.empty(n, C, C, dtype=torch.float64, device=dev)
+        counts = torch.empty(n, dtype=torch.int64, device=dev)
+        flags = torch.zeros(n, dtype=torch.int32, device=dev)
+        label_error = torch.zeros(len(views), 2, dtype=torch.int64, device=dev)
+        S = torch.empty(n, dtype=torch.float64, device=dev)
+        ev = torch.empty(n, C, dtype=torch.float64, device=dev) if spectrum else None
+        for i, (f, lab) in enumerate(views):
+            a, b = start[i], start[i + 1]
+            # Each class's Gram on its smaller side: n x n for a class of n < C voxels.
+            B._C.cuda_masked_gram(B.view(f), B.view(lab), K, bool(center), bool(nan_to_num), B.view(G[a:b]),
+                                  B.view(counts[a:b]), B.view(flags[a:b]), B.view(label_error[i]), s,
+                                  smaller_side=True)
         B._C.cuda_scale_from_gram(B.view(G), B.view(counts), 0, float(eps), 0, B.view(flags), B.view(S),
                                   B.view(ev), s, sized_by_counts=True)
+        spec = T.entropy_scale(ev, counts.clamp(max=C), eps, "paper")[1] if spectrum else None
+        status = [[0, 0, 0]] * len(views)
         if not _capturing(dev):
-            # One transfer for both checks: [any NaN/Inf, label error flag, offending label].
-            status = torch.cat([flags.any().view(1).to(torch.int64), label_error]).tolist()
-            if status[1]:
-                raise ValueError(f"labels: value {status[2]} is outside 0..{K - 1} (num_classes={K})")
-            if status[0] and not nan_to_num:
-                raise B.non_finite("features")
-        if spectrum:
-            return S.view(Bn, K), T.entropy_scale(ev, counts.clamp(max=C), eps, "paper")[1].view(Bn, K, C)
-    return S.view(Bn, K)
+            # One transfer for every case's checks: [any NaN/Inf, label error flag, offending label].
+            case = torch.repeat_interleave(torch.arange(len(views), device=dev), torch.tensor(rows, device=dev),
+                                           output_size=n)
+            bad = torch.zeros(len(views), dtype=torch.int64, device=dev).index_add_(0, case, flags.to(torch.int64))
+            status = torch.cat([bad.clamp(max=1).view(-1, 1), label_error], 1).tolist()
+    out = []
+    for i, (f, _) in enumerate(views):
+        a, b, Bn = start[i], start[i + 1], int(f.shape[0])
+        if status[i][1]:
+            out.append(ValueError(f"labels: value {status[i][2]} is outside 0..{K - 1} (num_classes={K})"))
+        elif status[i][0] and not nan_to_num:
+            out.append(B.non_finite("features"))
+        else:
+            out.append((S[a:b].view(Bn, K), None if spec is None else spec[a:b].view(Bn, K, C)))
+    return out
 
 
 def gram_and_eigenvalues(z, layout: str = "D_HW", center: bool = True, nan_to_num: bool = True):

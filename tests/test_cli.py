@@ -206,10 +206,12 @@ def test_help_reads_well():
         assert word in out.stdout
 
 
-def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("group", [1, 3])
+def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch, group):
     """An unreadable image, a label out of range and a bug in one case: the other cases are scored, each
     failure is in the table's error column, the log and the summary, the exit code is 3, and a restart
-    after the data is mended retries exactly the failed cases."""
+    after the data is mended retries exactly the failed cases. Also with S taken for groups of 3 cases (as on a
+    GPU, scoring.SCALE_BATCH), the bug then striking a case of a group after its S."""
     import nibabel as nib
 
     import auvcore.app.scoring as P
@@ -227,14 +229,15 @@ def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch)
     arr = np.asarray(lab.dataobj).copy()
     arr[0, 0, 0] = 99
     nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), lab_path)
-    real_score_case = P.score_case
+    monkeypatch.setitem(P.SCALE_BATCH, "cpu", group)
+    real_finish = P._finish
 
-    def score_case(enc, vol, *a, **k):
+    def _finish(state, scale, vol, *a, **k):
         if vol.case_id == buggy:
             raise IndexError("a bug in the scoring code")
-        return real_score_case(enc, vol, *a, **k)
+        return real_finish(state, scale, vol, *a, **k)
 
-    monkeypatch.setattr(P, "score_case", score_case)
+    monkeypatch.setattr(P, "_finish", _finish)
     out = tmp_path / "r"
     assert main(["score", str(d), "--encoder", "random3d", "--out", str(out), "--no-progress"]) == 3
     err = capsys.readouterr().err
@@ -259,7 +262,7 @@ def test_bad_cases_are_isolated_and_retried(data, tmp_path, capsys, monkeypatch)
     # mend the data, drop the bug: the restart scores the three failed cases and nothing else
     img_path.write_bytes(good_img)
     lab_path.write_bytes(good_lab)
-    monkeypatch.setattr(P, "score_case", real_score_case)
+    monkeypatch.setattr(P, "_finish", real_finish)
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.npz")}
     assert main(["score", str(d), "--encoder", "random3d", "--out", str(out), "--no-progress"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cases").glob("*.npz") if p.name in stamps} == stamps

@@ -187,6 +187,28 @@ def test_masked_errors():
 
 @pytest.mark.cuda
 @gpu
+def test_masked_cases_in_one_eigen_launch():
+    """The main job's grouping (issue 23): several cases of their own grids and batch sizes, their Grams in one
+    buffer and one eigen launch, give each case its own S and spectra; a case with a label out of range or a NaN
+    gets its own error and leaves the others alone."""
+    from auvcore import _cuda
+
+    cases = [_masked_case(b, 40, 3, shape, torch.float32, seed)
+             for seed, (b, shape) in enumerate([(1, (4, 5, 6)), (2, (7, 3, 5)), (1, (9, 9, 2)), (1, (3, 4, 5))])]
+    cases[1][1][1, 0, 0, 0] = 7
+    cases[2][0][0, 5, 0, 0, 0] = float("nan")
+    out = _cuda.masked_scale_cases([(f.cuda(), lab.cuda()) for f, lab in cases], 3)
+    assert isinstance(out[1], ValueError) and "value 7 is outside 0..2" in str(out[1])
+    assert isinstance(out[2], ValueError) and "NaN or Inf" in str(out[2])
+    for i in (0, 3):
+        f, lab = cases[i]
+        S, p = auvcore.masked_semantic_scale(f.double(), lab, 3, backend="cpp", spectrum=True)
+        _assert_scale_close(out[i][0], S.numpy(), atol=1e-4)
+        torch.testing.assert_close(out[i][1].cpu(), p, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@gpu
 def test_non_default_stream():
     z = _rand((2, 3, 24, 20, 20), torch.float32, 9).cuda()
     want = auvcore.semantic_scale(z, backend="cuda")

@@ -197,6 +197,19 @@ def test_device_cuda_gives_the_cpu_table(data, tmp_path, mode):
     np.testing.assert_allclose(b[S].to_numpy(), a[S].to_numpy(), rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("group", [4, 100])
+def test_cases_in_groups_give_the_same_run(data, ref, tmp_path, monkeypatch, group):
+    """S taken for groups of cases (scoring.SCALE_BATCH, 16 on a GPU), a last group short or one group for all:
+    every case keeps its own result, byte for byte (the GPU's single eigen launch per group is the GPU test
+    above)."""
+    import auvcore.app.scoring as P
+
+    monkeypatch.setitem(P.SCALE_BATCH, "cpu", group)
+    out = tmp_path / "groups"
+    assert score_random3d(data, out, "--workers", "1") == 0
+    same_run(ref, out)
+
+
 def test_workers_auto(data, ref, tmp_path, monkeypatch):
     from auvcore.app.distributed import auto_workers
 

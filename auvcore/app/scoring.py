@@ -27,15 +27,22 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
     S and the energy spectra come from one pass of the S op on the encoder's device (``encoder.device``: the
     CUDA kernels for a GPU encoder), in float32; the class means and baselines on the CPU. ``timing`` (a dict)
     accumulates the seconds spent in the encoder (``encode_s``: preprocessing, forward, labels onto the grid),
-    in S (``S_s``: S and the spectra) and in the rest (``other_s``)."""
-    from ..baselines import intensity_variance
-    from ..encoders import class_means, encode_case, prototype_maps
-    from ..scale import masked_semantic_scale, semantic_scale
-
+    in S (``S_s``: S and the spectra) and in the rest (``other_s``). :func:`score_dataset` runs the same three
+    steps with S taken for several cases at once on a GPU (:func:`_scales`)."""
     timing = {} if timing is None else timing
+    state = _encode(encoder, volume, num_classes, mode, input, timing)
+    (scale,) = _scales([state], num_classes, timing)
+    if isinstance(scale, Exception):
+        raise scale
+    return _finish(state, scale, volume, num_classes, timing)
+
+
+def _encode(encoder, volume, num_classes, mode, input, timing) -> dict:
+    """The encoder's features and labels on its device (score_case's first step)."""
+    from ..encoders import encode_case
+
     device = torch.device(getattr(encoder, "device", None) or "cpu")
     prompted = getattr(encoder, "decodes_with_prompts", False)
-    agreement = np.full(num_classes, np.nan)
     t0 = time.perf_counter()
     with _forward_precision(encoder):
         if prompted:
@@ -46,27 +53,65 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
     # S reads the features where the encoder left them (no round trip through the host for a GPU encoder);
     # the class means and baselines then take one copy to the host.
     feats, lab = feats.float().to(device), lab.to(device)
-    t1 = time.perf_counter()
-    if mode == "masked":
-        S, spec = masked_semantic_scale(feats, lab, num_classes, spectrum=True)
-    elif prompted:
-        # decoded by the model itself: one row per axial slice
-        S, spec = semantic_scale(feats.permute(0, 1, 4, 2, 3), layout="D_HW", spectrum=True)
-    else:
-        # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
-        maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)
-        S, spec = semantic_scale(maps, spectrum=True)
-    S = S[0].double().cpu().numpy()
-    spec = spec[0].cpu().numpy()
-    t2 = time.perf_counter()
-    feats, lab = feats.cpu(), lab.cpu()
+    timing["encode_s"] = timing.get("encode_s", 0.0) + time.perf_counter() - t0
+    return {"feats": feats, "lab": lab, "mode": mode, "prompted": prompted}
+
+
+def _scales(states, num_classes, timing) -> list:
+    """(S [K], energies [K, C]) float64/float32 numpy per encoded case, or the error that case alone raises.
+    Masked embeddings on a GPU go through the CUDA kernels together (every case's Grams, one eigen launch:
+    ``_cuda.masked_scale_cases``); anything else case by case."""
+    from ..scale import masked_semantic_scale, semantic_scale
+
+    t = time.perf_counter()
+    out = [None] * len(states)
+    together = [i for i, st in enumerate(states) if st["mode"] == "masked" and st["feats"].is_cuda]
+    if len(together) > 1:
+        from .. import _cuda
+
+        res = _cuda.masked_scale_cases([(states[i]["feats"], states[i]["lab"]) for i in together], num_classes)
+        for i, r in zip(together, res):
+            out[i] = r
+    for i, st in enumerate(states):
+        if out[i] is not None:
+            continue
+        try:
+            feats, lab = st["feats"], st["lab"]
+            if st["mode"] == "masked":
+                out[i] = masked_semantic_scale(feats, lab, num_classes, spectrum=True)
+            elif st["prompted"]:
+                # decoded by the model itself: one row per axial slice
+                out[i] = semantic_scale(feats.permute(0, 1, 4, 2, 3), layout="D_HW", spectrum=True)
+            else:
+                from ..encoders import prototype_maps
+
+                # decoded: prototype-similarity maps; absent classes (NaN maps) are zeroed and reported as NaN
+                maps = torch.nan_to_num(prototype_maps(feats, lab, num_classes), nan=0.0)
+                out[i] = semantic_scale(maps, spectrum=True)
+        except Exception as e:  # noqa: BLE001 - the case's own error, recorded by the caller
+            out[i] = e
+    out = [r if isinstance(r, Exception) else (r[0][0].double().cpu().numpy(), r[1][0].cpu().numpy()) for r in out]
+    timing["S_s"] = timing.get("S_s", 0.0) + time.perf_counter() - t
+    return out
+
+
+def _finish(state, scale, volume, num_classes, timing) -> dict:
+    """score_case's last step: the case's result from its S and spectra, the class means and baselines."""
+    from ..baselines import intensity_variance
+    from ..encoders import class_means
+
+    t = time.perf_counter()
+    S, spec = scale
+    mode = state["mode"]
+    feats, lab = state["feats"].cpu(), state["lab"].cpu()
+    agreement = np.full(num_classes, np.nan)
     counts = torch.bincount(lab.reshape(-1), minlength=num_classes).numpy()
     # the label's voxels per value, counted when it was resampled (load_case); else counted here
     label_counts = volume.label_counts if getattr(volume, "label_counts", None) is not None \
         else np.bincount(np.asarray(volume.label).reshape(-1))
     label_counts = np.pad(label_counts, (0, max(0, num_classes - len(label_counts))))[:num_classes]
     if mode != "masked":
-        if prompted:
+        if state["prompted"]:
             agreement = label_agreement(feats, lab, num_classes)
         absent = counts < 2  # classes absent from the case -> NaN
         S[absent] = np.nan
@@ -80,9 +125,7 @@ def score_case(encoder, volume, num_classes: int, mode: str = "masked", input: s
         "means": class_means(feats, lab, num_classes).numpy().astype(np.float32),
         "variance": intensity_variance(volume.image, volume.label, num_classes),
     }
-    t3 = time.perf_counter()
-    for k, dt in (("encode_s", t1 - t0), ("S_s", t2 - t1), ("other_s", t3 - t2)):
-        timing[k] = timing.get(k, 0.0) + dt
+    timing["other_s"] = timing.get("other_s", 0.0) + time.perf_counter() - t
     return out
 
 
@@ -240,8 +283,40 @@ def _forward_precision(enc):
     return torch.autocast(device_type=torch.device(enc.device).type, dtype=dt)
 
 
+# Cases whose S is taken together, per device type of the encoder: on a GPU one case's Grams (one eigen block
+# each) leave most of it idle, so the masked Grams of this many cases go into one eigen launch (_scales); their
+# results are written once the group is done (a crash loses at most one group, rescored on resume). On the CPU
+# the op already runs on every core: one case at a time.
+SCALE_BATCH = {"cuda": 16, "cpu": 1}
+
+
 def _score_cases(run, cases, enc, ds, mode, input, fingerprints, workers, timing, bar):
     from .distributed import loaded_cases
+
+    device = torch.device(getattr(enc, "device", None) or "cpu")
+    group = []  # (case, volume, encoded state) waiting for their S
+
+    def finish_group():
+        scales = _scales([st for _, _, st in group], ds.num_classes, timing)
+        for (case, vol, st), scale in zip(group, scales):
+            try:
+                if isinstance(scale, Exception):
+                    raise scale
+                result = _finish(st, scale, vol, ds.num_classes, timing)
+            except Exception as e:  # noqa: BLE001 - recorded per case, see record_failure
+                fail(case, e)
+            else:
+                t = time.perf_counter()
+                save_result(run, case.case_id, {**result, "fingerprint": np.array(fingerprints[case.case_id])})
+                error_file(run, case.case_id).unlink(missing_ok=True)
+                timing["write_s"] += time.perf_counter() - t
+                timing["cases"] += 1
+            bar.update(1)
+        group.clear()
+
+    def fail(case, e):
+        msg = record_failure(run, case.case_id, e)
+        bar.write(f"auvcore: case {case.case_id} failed: {msg}")
 
     t = time.perf_counter()
     for case, vol, err, load_s in loaded_cases(cases, enc.spacing, ds.modality or "CT", ds, workers,
@@ -253,19 +328,16 @@ def _score_cases(run, cases, enc, ds, mode, input, fingerprints, workers, timing
         try:
             if err is not None:
                 raise err
-            result = score_case(enc, vol, ds.num_classes, mode, input, timing=timing)
+            group.append((case, vol, _encode(enc, vol, ds.num_classes, mode, input, timing)))
         except Exception as e:  # noqa: BLE001 - recorded per case, see record_failure
-            msg = record_failure(run, case.case_id, e)
-            bar.write(f"auvcore: case {case.case_id} failed: {msg}")
-        else:
-            t = time.perf_counter()
-            save_result(run, case.case_id, {**result, "fingerprint": np.array(fingerprints[case.case_id])})
-            error_file(run, case.case_id).unlink(missing_ok=True)
-            timing["write_s"] += time.perf_counter() - t
-            timing["cases"] += 1
+            fail(case, e)
+            bar.update(1)
         del vol, err
-        bar.update(1)
+        if len(group) >= SCALE_BATCH.get(device.type, 1):
+            finish_group()
         t = time.perf_counter()
+    if group:
+        finish_group()
     bar.close()
 
 

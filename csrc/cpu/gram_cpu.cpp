@@ -125,24 +125,28 @@ struct Prefetcher {
 // sit in registers and each of the R row vectors is loaded once (folded into its FMAs' memory operand), so
 // R + C loads feed R·C FMAs, and R·C + C (+1) registers are live: R x C is sized so that this fits the
 // register file of the instruction set (16 ymm/xmm: 4 x 3; 32 zmm: 6 x 4) and the loop does not spill.
-template <typename V, int R, int C, typename T>
+template <typename V, int R, int C, int kSlot, typename T>
 __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G,
                                                            int64_t ldg, double f, Prefetcher* pf) {
   static_assert(kPad % R == 0 && kPad % C == 0, "the padded rows must split into whole tiles");
   constexpr int64_t W = sizeof(V) / sizeof(T);
+  // The prefetches go out a few every kSlot steps of a tile (AVX2 and SSE2: in one burst per tile they stalled
+  // the loads, 4 % of the Gram) or in one burst per tile (AVX-512, kSlot = 0: spread they cost it 3 %).
   if (pf && pf->p) {
     int64_t tiles = 0;
     for (int64_t I = 0; I < pp; I += R) tiles += (I + R + C - 1) / C;
-    pf->per_call = (pf->lines() + tiles - 1) / tiles;
+    const int64_t slots = tiles * (kSlot ? (nvec + kSlot - 1) / kSlot : 1);
+    pf->per_call = (pf->lines() + slots - 1) / slots;
   }
   for (int64_t I = 0; I < pp; I += R) {
     // Column blocks up to the diagonal; entries above it are computed on diagonal tiles and never read.
     for (int64_t J = 0; J < I + R; J += C) {
-      if (pf) pf->issue();
+      if (pf && !kSlot) pf->issue();
       const T* a = P + I * ld;
       const T* b = P + J * ld;
       V c[R][C] = {};
       for (int64_t o = 0; o < nvec * W; o += W) {
+        if (kSlot && pf && o % (kSlot * W) == 0) pf->issue();
         V y[C];
 #pragma GCC unroll 8
         for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
@@ -168,18 +172,18 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
 }
 
 // One build per instruction set (isa.h), each with its own vector width and register tile.
-#define AUVCORE_SYRK(NAME, TARGET, VF, VD, R, C)                                                          \
+#define AUVCORE_SYRK(NAME, TARGET, VF, VD, R, C, SLOT)                                                    \
   TARGET void NAME(const float* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f, \
                    Prefetcher* pf) {                                                                      \
-    syrk_panel_impl<VF, R, C>(P, pp, ld, nvec * (64 / sizeof(VF)), G, ldg, f, pf);                       \
+    syrk_panel_impl<VF, R, C, SLOT>(P, pp, ld, nvec * (64 / sizeof(VF)), G, ldg, f, pf);                 \
   }                                                                                                       \
   TARGET void NAME(const double* P, int64_t pp, int64_t ld, int64_t nvec, double* G, int64_t ldg, double f, \
                    Prefetcher* pf) {                                                                      \
-    syrk_panel_impl<VD, R, C>(P, pp, ld, nvec * (64 / sizeof(VD)), G, ldg, f, pf);                       \
+    syrk_panel_impl<VD, R, C, SLOT>(P, pp, ld, nvec * (64 / sizeof(VD)), G, ldg, f, pf);                 \
   }
-AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512, v16f, v8d, 6, 4)
-AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2, v8f, v4d, 4, 3)
-AUVCORE_SYRK(syrk_generic, , v4f, v2d, 4, 3)
+AUVCORE_SYRK(syrk_avx512, AUVCORE_TARGET_AVX512, v16f, v8d, 6, 4, 0)
+AUVCORE_SYRK(syrk_avx2, AUVCORE_TARGET_AVX2, v8f, v4d, 4, 3, 8)
+AUVCORE_SYRK(syrk_generic, , v4f, v2d, 4, 3, 8)
 #undef AUVCORE_SYRK
 
 // nvec counts 64-byte vectors (the panel's rows are padded to a multiple of 64 bytes); each build converts it
