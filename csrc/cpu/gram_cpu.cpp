@@ -130,8 +130,9 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
                                                            int64_t ldg, double f, Prefetcher* pf) {
   static_assert(kPad % R == 0 && kPad % C == 0, "the padded rows must split into whole tiles");
   constexpr int64_t W = sizeof(V) / sizeof(T);
-  // The prefetches go out a few every kSlot steps of a tile (AVX2 and SSE2: in one burst per tile they stalled
-  // the loads, 4 % of the Gram) or in one burst per tile (AVX-512, kSlot = 0: spread they cost it 3 %).
+  // The prefetches go out a few every kSlot steps of a tile (AVX2 and SSE2: in one burst per tile they filled the
+  // miss buffers and stalled the tile's loads, 6-9 % of the AVX2 Gram) or in one burst per tile (AVX-512,
+  // kSlot = 0: spread, it measured 3 % slower).
   if (pf && pf->p) {
     int64_t tiles = 0;
     for (int64_t I = 0; I < pp; I += R) tiles += (I + R + C - 1) / C;
