@@ -208,6 +208,11 @@ def test_cases_in_groups_give_the_same_run(data, ref, tmp_path, monkeypatch, gro
     out = tmp_path / "groups"
     assert score_random3d(data, out, "--workers", "1") == 0
     same_run(ref, out)
+    # the group's Grams are held to GROUP_BYTES: many classes or wide features make smaller groups
+    assert P._group_size(torch.device("cuda"), "masked", 8, 512) == 16
+    assert P._group_size(torch.device("cuda"), "masked", 100, 512) == 5  # 210 MB a case
+    assert P._group_size(torch.device("cuda"), "masked", 100, 4096) == 1
+    assert P._group_size(torch.device("cuda"), "decoded", 8, 512) == 1
 
 
 def test_workers_auto(data, ref, tmp_path, monkeypatch):

@@ -283,11 +283,19 @@ def _forward_precision(enc):
     return torch.autocast(device_type=torch.device(enc.device).type, dtype=dt)
 
 
-# Cases whose S is taken together, per device type of the encoder: on a GPU one case's Grams (one eigen block
-# each) leave most of it idle, so the masked Grams of this many cases go into one eigen launch (_scales); their
-# results are written once the group is done (a crash loses at most one group, rescored on resume). On the CPU
-# the op already runs on every core: one case at a time.
+# Cases whose S is taken together in masked mode, per device type of the encoder: on a GPU one case's Grams (one
+# eigen block each) leave most of it idle, so the Grams of this many cases go into one eigen launch (_scales);
+# their results are written once the group is done (a crash loses at most one group, rescored on resume). On
+# the CPU the op already runs on every core: one case at a time. A group's Grams (K C x C float64 per case) stay
+# within GROUP_BYTES: fewer cases for many classes or wide features.
 SCALE_BATCH = {"cuda": 16, "cpu": 1}
+GROUP_BYTES = 1 << 30
+
+
+def _group_size(device: torch.device, mode: str, num_classes: int, channels: int) -> int:
+    if mode != "masked":
+        return 1
+    return max(1, min(SCALE_BATCH.get(device.type, 1), GROUP_BYTES // (num_classes * channels * channels * 8)))
 
 
 def _score_cases(run, cases, enc, ds, mode, input, fingerprints, workers, timing, bar):
@@ -333,7 +341,7 @@ def _score_cases(run, cases, enc, ds, mode, input, fingerprints, workers, timing
             fail(case, e)
             bar.update(1)
         del vol, err
-        if len(group) >= SCALE_BATCH.get(device.type, 1):
+        if group and len(group) >= _group_size(device, mode, ds.num_classes, int(group[-1][2]["feats"].shape[1])):
             finish_group()
         t = time.perf_counter()
     if group:
