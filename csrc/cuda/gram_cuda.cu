@@ -93,11 +93,12 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
   // of its NSW sub-tiles across the chunk. As/Bs then hold the staged values' TF32 high parts, Alo/Blo their
   // low parts, and Cs one 16 x 16 accumulator tile per warp on its way to G.
   constexpr int NSUB = RM * RM, NSW = TC ? (NSUB + NT / 32 - 1) / (NT / 32) : 1;
-  __shared__ T As[TS][TP + PAD];
-  __shared__ T Bs[TS][TP + PAD];
-  __shared__ float Alo[TC ? TS : 1][TC ? TP + PAD : 1];
-  __shared__ float Blo[TC ? TS : 1][TC ? TP + PAD : 1];
-  __shared__ float Cs[TC ? NT / 32 : 1][TC ? 256 : 1];
+  // 32-byte aligned: the matrix loads and stores need it (rows of TP + PAD floats keep every 8th row so).
+  __shared__ __align__(32) T As[TS][TP + PAD];
+  __shared__ __align__(32) T Bs[TS][TP + PAD];
+  __shared__ __align__(32) float Alo[TC ? TS : 1][TC ? TP + PAD : 1];
+  __shared__ __align__(32) float Blo[TC ? TS : 1][TC ? TP + PAD : 1];
+  __shared__ __align__(32) float Cs[TC ? NT / 32 : 1][TC ? 256 : 1];
   __shared__ int64_t poffA[TP], poffB[TP];
   __shared__ double shA[TP], shB[TP];
   __shared__ int64_t soff[TS];

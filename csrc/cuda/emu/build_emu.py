@@ -50,11 +50,13 @@ def _static_shared(m: re.Match) -> str:
     if first is None:  # a scalar: nothing to index, it stays a block-wide static
         return f"{indent}static {body};"
     ctype, out = body[:first.start()].strip(), []
+    align = re.search(r"__align__\((\d+)\)", ctype)
     for decl in _split_top(body[first.start():]):
         d = _DECL.match(decl)
         if d is None:
             raise ValueError(f"build_emu: cannot read the __shared__ declaration {m[0].strip()!r}")
-        out.append(f"static {ctype} {d[1]}__emu{d[2]}; auto {d[1]} = ::emu::static_smem({d[1]}__emu, \"{d[1]}\");")
+        out.append(f"static {ctype} {d[1]}__emu{d[2]}; auto {d[1]} = ::emu::static_smem({d[1]}__emu, \"{d[1]}\""
+                   f"{', ' + align[1] if align else ''});")
     return indent + " ".join(out)
 
 

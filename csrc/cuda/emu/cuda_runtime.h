@@ -38,6 +38,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -115,17 +116,18 @@ class Smem {
   Smem() = default;
   Smem(std::nullptr_t) {}
   Smem(T* global) : raw_(reinterpret_cast<unsigned char*>(global)) {}  // NOLINT: implicit, see above
-  Smem(unsigned char* base, size_t bytes, ptrdiff_t off, const char* name, bool dynamic)
-      : base_(base), bytes_(bytes), off_(off), name_(name), dynamic_(dynamic) {}
+  Smem(unsigned char* base, size_t bytes, ptrdiff_t off, const char* name, bool dynamic, size_t align = 16)
+      : base_(base), bytes_(bytes), off_(off), name_(name), dynamic_(dynamic), align_(align) {}
   template <typename U, typename = std::enable_if_t<std::is_same_v<std::remove_const_t<T>, U>>>
   Smem(const Smem<U>& o)  // T* -> const T*
-      : raw_(o.raw_), base_(o.base_), bytes_(o.bytes_), off_(o.off_), name_(o.name_), dynamic_(o.dynamic_) {}
+      : raw_(o.raw_), base_(o.base_), bytes_(o.bytes_), off_(o.off_), name_(o.name_), dynamic_(o.dynamic_),
+        align_(o.align_) {}
 
   decltype(auto) operator[](int64_t i) const {
     if constexpr (std::is_array_v<T>) {
       using Row = std::remove_extent_t<T>;
       if (!base_) return Smem<Row>(*reinterpret_cast<T*>(raw_ + i * (ptrdiff_t)sizeof(T)));
-      return Smem<Row>(base_, bytes_, off_ + i * (ptrdiff_t)sizeof(T), name_, dynamic_);
+      return Smem<Row>(base_, bytes_, off_ + i * (ptrdiff_t)sizeof(T), name_, dynamic_, align_);
     } else {
       return *at(i * (ptrdiff_t)sizeof(T));
     }
@@ -150,7 +152,7 @@ class Smem {
   Smem<U> cast() const {  // reinterpret_cast<U*>(p)
     Smem<U> r;
     r.raw_ = raw_;
-    r.base_ = base_, r.bytes_ = bytes_, r.off_ = off_, r.name_ = name_, r.dynamic_ = dynamic_;
+    r.base_ = base_, r.bytes_ = bytes_, r.off_ = off_, r.name_ = name_, r.dynamic_ = dynamic_, r.align_ = align_;
     return r;
   }
   // The checked address of the element at byte offset `rel` from here (also for atomics on shared memory).
@@ -189,6 +191,13 @@ class Smem {
   ptrdiff_t off_ = 0;              // bytes from base_; may leave the allocation until it is accessed
   const char* name_ = "";
   bool dynamic_ = false;
+  size_t align_ = 16;  // what the GPU guarantees of the allocation's start: its `__align__`, else 16 (see static_smem)
+ public:
+  // For checks that need more than an element's alignment (the wmma loads' 32 bytes): the byte offset within the
+  // allocation and the allocation's guaranteed alignment; a raw (global) pointer gives its address and 256.
+  std::pair<ptrdiff_t, size_t> placement() const {
+    return base_ ? std::make_pair(off_, align_) : std::make_pair((ptrdiff_t)raw_, (size_t)256);
+  }
 };
 
 // `extern __shared__ T name[]`: the block's dynamic allocation, as large as the launch asked.
@@ -196,10 +205,12 @@ template <typename T>
 Smem<T> dyn_smem(const char* name) {
   return Smem<T>(t_block->dyn.data(), t_block->dyn_bytes, 0, name, true);
 }
-// `__shared__ T name[N]...`: a static array of the kernel.
+// `__shared__ [__align__(A)] T name[N]...`: a static array of the kernel. Its start is taken to be aligned to A,
+// else only to 16 bytes (ptxas places shared variables at their type's alignment; 16 is what the matrix and
+// vector accesses of an undeclared array can count on), whatever the host happened to give the static.
 template <typename T, size_t N>
-Smem<T> static_smem(T (&a)[N], const char* name) {
-  return Smem<T>(reinterpret_cast<unsigned char*>(&a), sizeof(a), 0, name, false);
+Smem<T> static_smem(T (&a)[N], const char* name, size_t align = 0) {
+  return Smem<T>(reinterpret_cast<unsigned char*>(&a), sizeof(a), 0, name, false, align ? align : 16);
 }
 
 // reinterpret_cast as build_emu.py rewrites it: a shared pointer stays checked.

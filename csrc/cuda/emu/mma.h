@@ -18,6 +18,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "cuda_runtime.h"
@@ -51,13 +52,23 @@ inline void warp_sync() {
   emu::Block* b = emu::t_block;
   b->warp_bar[(int)threadIdx.x / 32]->arrive_and_wait();
 }
+// A shared pointer must lie 32 bytes into an allocation declared __align__(32) or more (what the GPU guarantees,
+// not where the host put the emulated static); a global one at a 32-byte address.
 template <typename P>
 void check_pointer(const P& ptr, unsigned ldm, const char* op) {
-  const auto addr = reinterpret_cast<std::uintptr_t>(&ptr[0]);  // a checked access for a shared pointer
-  if (addr % 32 != 0 || ldm % 4 != 0)
-    throw std::runtime_error(std::string("emulated wmma: ") + op + " needs a 32-byte aligned pointer and ldm a " +
-                             "multiple of 4 floats, got address % 32 = " + std::to_string(addr % 32) + ", ldm = " +
-                             std::to_string(ldm));
+  (void)ptr[0];  // a checked access for a shared pointer
+  ptrdiff_t off;
+  size_t align;
+  if constexpr (emu::is_smem<P>::value) {
+    std::tie(off, align) = ptr.placement();
+  } else {
+    off = (ptrdiff_t)reinterpret_cast<std::uintptr_t>(ptr), align = 256;
+  }
+  if (off % 32 != 0 || align < 32 || ldm % 4 != 0)
+    throw std::runtime_error(std::string("emulated wmma: ") + op + " needs a 32-byte aligned pointer (a shared " +
+                             "array declared __align__(32)) and ldm a multiple of 4 floats, got offset % 32 = " +
+                             std::to_string(off % 32) + " in an allocation aligned to " + std::to_string(align) +
+                             ", ldm = " + std::to_string(ldm));
 }
 inline float tf32_bits(float v) {  // what the tensor core reads of a float: its top 19 bits
   uint32_t b;
