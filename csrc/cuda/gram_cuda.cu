@@ -246,6 +246,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
       if constexpr (TC) {
         // The split, in place: As/Bs keep the high parts. The row sums above read the whole values first.
         if (a.cent == kAcrossSamples && diag) __syncthreads();
+#pragma unroll 1
         for (int el = tid; el < TS * TP; el += NT) {
           const int tl = el / TP, al = el % TP;
           const float x = As[tl][al], hi = wmma::__float_to_tf32(x);
@@ -307,6 +308,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
         if (sub >= NSUB || (diag && sj > si)) continue;
         wmma::store_matrix_sync(Cs[warp] + 0, tacc[i], 16, wmma::mem_row_major);
         __syncwarp();
+#pragma unroll 1
         for (int e = lane; e < 256; e += 32) {
           const int64_t row = rowA0 + 16 * si + e / 16, col = rowB0 + 16 * sj + e % 16;
           if (row < p && col < p && (!diag || col <= row)) atomicAdd(Gj + row * p + col, (double)Cs[warp][e]);
