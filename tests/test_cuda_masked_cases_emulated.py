@@ -121,3 +121,34 @@ def test_one_case_form_is_masked_semantic_scale(emulated_gpu):
     S = _cuda.masked_semantic_scale(g, lab, 3, nan_to_num=True)
     want = auvcore.masked_semantic_scale(g.double(), lab, 3, nan_to_num=True, backend="cpp")
     np.testing.assert_allclose(S.numpy(), want.numpy(), rtol=0, atol=1e-5)
+
+
+def test_main_job_groups_through_it_and_falls_back_case_by_case(emulated_gpu, monkeypatch):
+    """scoring._scales as the main job calls it on a GPU: masked cases go through one grouped call, each gets its
+    own S and spectra (the bad one its error); if the grouped call itself fails, each case is scored on its own."""
+    import auvcore.app.scoring as P
+
+    _cuda, ops = emulated_gpu
+    monkeypatch.setattr(P, "_on_gpu", lambda t: True)
+    cases = _cases()
+    states = [{"feats": f[:1], "lab": lab[:1], "mode": "masked", "prompted": False} for f, lab in cases]
+    timing = {}
+    got = P._scales(states, 3, timing)
+    assert ops.calls[-1] == ("eigen", 12) and sum(c[0] == "eigen" for c in ops.calls) == 1
+    assert isinstance(got[2], ValueError) and "NaN or Inf" in str(got[2]) and timing["S_s"] > 0
+    for i in (0, 1, 3):
+        f, lab = cases[i]
+        S, p = auvcore.masked_semantic_scale(f[:1].double(), lab[:1].clamp(max=2), 3, backend="cpp", spectrum=True)
+        if i == 1:  # its first sample has no label out of range
+            assert not isinstance(got[i], Exception)
+        np.testing.assert_allclose(got[i][0], S[0].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[i][1], p[0].numpy(), rtol=0, atol=1e-5)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(_cuda, "masked_scale_cases", broken)
+    again = P._scales(states, 3, timing)  # case by case, here on the CPU op (the tensors are CPU tensors)
+    assert isinstance(again[2], ValueError) and "NaN or Inf" in str(again[2])
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(again[i][0], got[i][0], rtol=0, atol=1e-5)

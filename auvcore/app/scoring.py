@@ -58,18 +58,21 @@ def _encode(encoder, volume, num_classes, mode, input, timing) -> dict:
 
 
 def _scales(states, num_classes, timing) -> list:
-    """(S [K], energies [K, C]) float64/float32 numpy per encoded case, or the error that case alone raises.
-    Masked embeddings on a GPU go through the CUDA kernels together (every case's Grams, one eigen launch:
-    ``_cuda.masked_scale_cases``); anything else case by case."""
+    """(S [K], energies [K, C]) as numpy per encoded case, or the error that case alone raises. Masked
+    embeddings on a GPU go through the CUDA kernels together (every case's Grams, one eigen launch:
+    ``_cuda.masked_scale_cases``); anything else, or a group whose launch failed, case by case."""
     from ..scale import masked_semantic_scale, semantic_scale
 
     t = time.perf_counter()
     out = [None] * len(states)
-    together = [i for i, st in enumerate(states) if st["mode"] == "masked" and st["feats"].is_cuda]
+    together = [i for i, st in enumerate(states) if st["mode"] == "masked" and _on_gpu(st["feats"])]
     if len(together) > 1:
         from .. import _cuda
 
-        res = _cuda.masked_scale_cases([(states[i]["feats"], states[i]["lab"]) for i in together], num_classes)
+        try:
+            res = _cuda.masked_scale_cases([(states[i]["feats"], states[i]["lab"]) for i in together], num_classes)
+        except Exception:  # noqa: BLE001 - the group as a whole failed: each case on its own below, its own error
+            res = [None] * len(together)
         for i, r in zip(together, res):
             out[i] = r
     for i, st in enumerate(states):
@@ -93,6 +96,10 @@ def _scales(states, num_classes, timing) -> list:
     out = [r if isinstance(r, Exception) else (r[0][0].double().cpu().numpy(), r[1][0].cpu().numpy()) for r in out]
     timing["S_s"] = timing.get("S_s", 0.0) + time.perf_counter() - t
     return out
+
+
+def _on_gpu(t: torch.Tensor) -> bool:  # where _scales groups cases (a seam for the emulated test of the GPU path)
+    return t.is_cuda
 
 
 def _finish(state, scale, volume, num_classes, timing) -> dict:
