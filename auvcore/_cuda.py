@@ -149,8 +149,11 @@ def masked_scale_cases(cases, K: int, center: bool = True, eps: float = 1e-8, na
     labels [B_i, *spatial_i]) on one device with one C, each grid its own: every case's Grams (its own kernel
     launches) go into one buffer and one eigen launch solves them all, so that the Grams of one case (K of them,
     one block each) do not leave the GPU idle (issue 23). Returns, per case, (S [B_i, K], energies [B_i, K, C]
-    or None without ``spectrum``) on the device, or the ValueError that the case alone raises (labels out of range, NaN/Inf): one bad case
-    does not fail the others. One host read for all the cases' checks (none while a CUDA graph is captured)."""
+    or None without ``spectrum``) on the device, or the ValueError that the case alone raises (labels out of
+    range, NaN/Inf): one bad case does not fail the others. One host read for all the cases' checks (none while
+    a CUDA graph is captured)."""
+    if not cases:
+        return []
     _require_kernels()
     views, stream = [], None
     for f, lab in cases:
