@@ -13,10 +13,10 @@
 // Engines for the float products (AUVCORE_CUDA_GRAM, read at each call): `fp32` (the default) multiplies on the
 // CUDA cores; `3xtf32` on the tensor cores (sm_80+), each staged value x split into x_hi = tf32(x) and
 // x_lo = tf32(x - x_hi) and each product taken as a_hi b_hi + a_hi b_lo + a_lo b_hi (CUTLASS's 3xTF32). The
-// dropped a_lo b_lo and the split's remainder are below 2^-21 |a b|, against float's 2^-24 rounding of each
-// product, and the sums are the same FP32 sums over at most kChunk samples: the Gram's error stays within a
-// small factor of the fp32 engine's (the emulated tests hold both to the same bounds). `3xtf32` becomes the
-// default once it has passed its tests and the sanitizer on a GPU (bench/gpu_session.sh).
+// dropped a_lo b_lo and the split's remainder are below 2^-21 |a b|; each 8 samples' products are summed by the
+// tensor cores (one truncation) and added to the chunk's FP32 sums with round-to-nearest, so a chunk takes 64
+// roundings where the fp32 engine takes 512: under the emulation its Gram error is half the fp32 engine's. `3xtf32`
+// becomes the default once it has passed its tests and the sanitizers on a GPU (bench/gpu_session.sh).
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -274,9 +274,18 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
             wmma::load_matrix_sync(alo, Alo[k0] + 16 * si, TP + PAD);
             wmma::load_matrix_sync(bhi, Bt[k0] + 16 * sj, TP + PAD);
             wmma::load_matrix_sync(blo, Blt[k0] + 16 * sj, TP + PAD);
-            wmma::mma_sync(tacc[i], alo, bhi, tacc[i]);  // the small terms first
-            wmma::mma_sync(tacc[i], ahi, blo, tacc[i]);
-            wmma::mma_sync(tacc[i], ahi, bhi, tacc[i]);
+            // The 8 samples' products into a fresh fragment, the small terms first, then added to the chunk's
+            // sums on the CUDA cores: a tensor-core sum is truncated (rounded toward zero), so chaining the chunk's
+            // 192 products into one accumulator would shrink a sum of squares by up to an ulp per step, all the
+            // same way (3.4e-5 of a 512-sample Gram under the emulation); this way each truncation is of an
+            // 8-sample part and the chunk's sums round to nearest, as on the fp32 engine.
+            FragC part;
+            wmma::fill_fragment(part, 0.0f);
+            wmma::mma_sync(part, alo, bhi, part);
+            wmma::mma_sync(part, ahi, blo, part);
+            wmma::mma_sync(part, ahi, bhi, part);
+#pragma unroll
+            for (int e = 0; e < part.num_elements; ++e) tacc[i].x[e] += part.x[e];
           }
         }
       } else {

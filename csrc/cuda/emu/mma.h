@@ -3,7 +3,10 @@
 //   - an MMA reads only the TF32 bits of its A and B elements (1 sign, 8 exponent, 10 mantissa bits; the low 13
 //     bits of a float are ignored, as by the hardware), so a kernel that forgets __float_to_tf32 loses those bits
 //     here too;
-//   - the products of TF32 values are exact in float and are added in float, one k at a time;
+//   - the products of TF32 values are exact, and each MMA adds its K products to C and rounds the sum once toward
+//     zero (the tensor cores align the addends and truncate, Fasi et al., "Numerical behavior of NVIDIA tensor
+//     cores", PeerJ CS 2021): a sum of positive terms (a Gram's diagonal) loses up to an ulp per MMA, all the same
+//     way, where FP32 FMAs round to nearest;
 //   - __float_to_tf32 rounds to nearest, ties away from zero (cvt.rna.tf32.f32).
 // Layout: on the GPU a fragment's elements are spread over the warp's 32 lanes in an unspecified order. Here
 // every lane holds the whole tile and computes the whole product, so loads and products need no exchange;
@@ -14,6 +17,7 @@
 // Pointers: 32-byte aligned and ldm a multiple of 4 floats (16 bytes), as the API requires; shared pointers stay
 // bounds-checked (emu::Smem).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -122,9 +126,13 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   float out[M * N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += detail::tf32_bits(a.x[i * K + k]) * detail::tf32_bits(b.x[k * N + j]);
-      out[i * N + j] = s;
+      // In double the K products of 11-bit significands and C add up exactly but for far-apart exponents.
+      double s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k)
+        s += (double)detail::tf32_bits(a.x[i * K + k]) * (double)detail::tf32_bits(b.x[k * N + j]);
+      float f = (float)s;
+      if (std::fabs((double)f) > std::fabs(s)) f = std::nextafter(f, 0.0f);  // toward zero
+      out[i * N + j] = f;
     }
   std::memcpy(d.x, out, sizeof(out));
 }
