@@ -83,6 +83,15 @@ using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, w
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
+// The tensor-core engine's i-th 16 x 16 sub-tile of warp `warp` in an RM x RM grid of them: (si, sj), or false where
+// the warp has no i-th one or it lies above a diagonal tile's diagonal (uniform over the warp).
+template <int RM>
+__device__ __forceinline__ bool warp_sub_tile(int warp, int i, bool diag, int& si, int& sj) {
+  const int sub = warp + i * (NT / 32);
+  si = sub / RM, sj = sub % RM;
+  return sub < RM * RM && !(diag && sj > si);
+}
+
 template <typename In, typename T, int RM, bool TC>
 __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
   constexpr int TP = 16 * RM, PAD = pad_of<T, TC>();
@@ -92,7 +101,7 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
   // TC: the 16 x 16 sub-tiles of the output tile, dealt to the 8 warps in turn; each warp keeps the accumulators
   // of its NSW sub-tiles across the chunk. As/Bs then hold the staged values' TF32 high parts, Alo/Blo their
   // low parts, and Cs one 16 x 16 accumulator tile per warp on its way to G.
-  constexpr int NSUB = RM * RM, NSW = TC ? (NSUB + NT / 32 - 1) / (NT / 32) : 1;
+  constexpr int NSW = TC ? (RM * RM + NT / 32 - 1) / (NT / 32) : 1;
   // 32-byte aligned: the matrix loads and stores need it (rows of TP + PAD floats keep every 8th row so).
   __shared__ __align__(32) T As[TS][TP + PAD];
   __shared__ __align__(32) T Bs[TS][TP + PAD];
@@ -265,8 +274,8 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
         for (int k0 = 0; k0 < TS; k0 += 8) {
 #pragma unroll
           for (int i = 0; i < NSW; ++i) {
-            const int sub = warp + i * (NT / 32), si = sub / RM, sj = sub % RM;
-            if (sub >= NSUB || (diag && sj > si)) continue;  // uniform over the warp
+            int si, sj;
+            if (!warp_sub_tile<RM>(warp, i, diag, si, sj)) continue;
             // A = rows si of the tile by samples k0.. (stored sample-major: column-major A); B = Aᵀ's columns sj.
             FragA ahi, alo;
             FragB bhi, blo;
@@ -313,8 +322,8 @@ __global__ void __launch_bounds__(NT) gram_kernel(const GramArgs a) {
       const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
       for (int i = 0; i < NSW; ++i) {
-        const int sub = warp + i * (NT / 32), si = sub / RM, sj = sub % RM;
-        if (sub >= NSUB || (diag && sj > si)) continue;
+        int si, sj;
+        if (!warp_sub_tile<RM>(warp, i, diag, si, sj)) continue;
         wmma::store_matrix_sync(Cs[warp] + 0, tacc[i], 16, wmma::mem_row_major);
         __syncwarp();
 #pragma unroll 1

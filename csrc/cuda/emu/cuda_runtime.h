@@ -209,8 +209,8 @@ Smem<T> dyn_smem(const char* name) {
 // else only to 16 bytes (ptxas places shared variables at their type's alignment; 16 is what the matrix and
 // vector accesses of an undeclared array can count on), whatever the host happened to give the static.
 template <typename T, size_t N>
-Smem<T> static_smem(T (&a)[N], const char* name, size_t align = 0) {
-  return Smem<T>(reinterpret_cast<unsigned char*>(&a), sizeof(a), 0, name, false, align ? align : 16);
+Smem<T> static_smem(T (&a)[N], const char* name, size_t align = 16) {
+  return Smem<T>(reinterpret_cast<unsigned char*>(&a), sizeof(a), 0, name, false, align);
 }
 
 // reinterpret_cast as build_emu.py rewrites it: a shared pointer stays checked.
