@@ -83,6 +83,17 @@ def _gram_ref(z, mode, center):
     return (M @ M.transpose(-1, -2) if m <= n else M.transpose(-1, -2) @ M).flatten(0, 1)
 
 
+def _masked_gram_ref(f, lab, K, b=0):
+    """The K centred C x C Grams of sample b's masked features in float64, [K, C, C]."""
+    x = f[b].double().reshape(f.shape[1], -1)
+    out = []
+    for k in range(K):
+        X = x[:, lab[b].reshape(-1) == k].T
+        X = X - X.mean(0, keepdim=True)
+        out.append(X.T @ X)
+    return torch.stack(out)
+
+
 _EMU_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 
 

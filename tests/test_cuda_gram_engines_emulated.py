@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cuda_common import _rand, built_with_cuda, emu_library  # noqa: E402
-from test_cuda_emulated import _emu_decoded, _emu_masked, _gram_ref  # noqa: E402
+from test_cuda_emulated import _emu_decoded, _emu_masked, _gram_ref, _masked_gram_ref  # noqa: E402
 from test_scale import TOL, assert_close, oracle_decoded, oracle_masked, random_maps  # noqa: E402
 
 pytestmark = built_with_cuda
@@ -99,11 +99,7 @@ def test_tensor_core_engine_masked(emu, tensor_cores, C, mag):
     lab = torch.randint(0, 3, (1, 6, 7, 8), generator=g)
     G, S, counts, flags, le = _emu_masked(emu, f, lab, 3)
     assert le == [0, 0] and not flags.any() and torch.isfinite(G).all()
-    x = f.double()[0].reshape(C, -1)
-    for k in range(3):
-        X = x[:, lab[0].reshape(-1) == k].T
-        X = X - X.mean(0, keepdim=True)
-        ref = X.T @ X
+    for k, ref in enumerate(_masked_gram_ref(f, lab, 3)):
         # 3e-5: the shift of the one-pass covariance is the class's first voxel in the order the sort's atomics
         # leave; a shift far from the mean makes Σ(x - x0)² - n d² cancel (0.6-2.1e-6 on either engine, varying
         # from run to run). S is held to the float32 tolerance below.

@@ -14,7 +14,7 @@ import torch
 import auvcore
 from auvcore import _backend as B
 
-from cuda_common import EMU_DT, _masked_case, built_with_cuda, emu_library, i64, ptr  # noqa: E402
+from cuda_common import EMU_DT, _masked_case, built_with_cuda, check_rc, emu_library, i64, ptr  # noqa: E402
 
 pytestmark = built_with_cuda
 
@@ -26,15 +26,11 @@ class _EmulatedOps:
         self.lib = lib
         self.calls = []
 
-    def _check(self, rc, err):
-        if rc:
-            raise (ValueError if rc == 1 else RuntimeError)(err.value.decode())
-
     def cuda_masked_gram(self, f, lab, K, center, nan_to_num, G, counts, flags, label_error, stream, smaller_side):
         assert G.is_contiguous() and counts.is_contiguous() and flags.is_contiguous() and label_error.is_contiguous()
         self.calls.append(("gram", G.shape[0]))
         err = ctypes.create_string_buffer(512)
-        self._check(self.lib.emu_masked_gram(
+        check_rc(self.lib.emu_masked_gram(
             ptr(f), EMU_DT[f.dtype], f.dim(), i64(f.shape), i64(f.stride()), ptr(lab), EMU_DT[lab.dtype],
             i64(lab.shape), i64(lab.stride()), ctypes.c_int64(K), int(center), int(nan_to_num), int(smaller_side),
             ptr(G), ptr(counts), ptr(flags), ptr(label_error), err, 512), err)
@@ -42,7 +38,7 @@ class _EmulatedOps:
     def cuda_scale_from_gram(self, G, counts, r, eps, variant, flags, S, ev, stream, sized_by_counts):
         self.calls.append(("eigen", G.shape[0]))
         err = ctypes.create_string_buffer(512)
-        self._check(self.lib.emu_scale_from_gram(
+        check_rc(self.lib.emu_scale_from_gram(
             ptr(G), ctypes.c_int64(G.shape[0]), ctypes.c_int64(G.shape[1]), ptr(counts), ctypes.c_int64(r),
             int(sized_by_counts), ctypes.c_double(eps), variant, ptr(flags), ptr(S), ptr(ev), err, 512), err)
 

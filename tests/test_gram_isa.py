@@ -239,16 +239,12 @@ def test_emulated_cuda_gram_any_magnitude(emu_lib, mag, layout, center):
 @built_with_cuda
 @pytest.mark.parametrize("mag", [1e-30, 1e30])
 def test_emulated_cuda_masked_any_magnitude(emu_lib, mag):
-    from test_cuda_emulated import _emu_masked
+    from test_cuda_emulated import _emu_masked, _masked_gram_ref
 
     g = torch.Generator().manual_seed(8)
     f = ((torch.randn(1, 5, 4, 5, 6, generator=g, dtype=torch.float64) + 3) * mag).float()
     lab = torch.randint(0, 3, (1, 4, 5, 6), generator=g)
     G, S, counts, flags, _ = _emu_masked(emu_lib, f, lab, 3)
     assert not flags.any() and torch.isfinite(G).all() and torch.isfinite(S).all()
-    x = f.double()[0].reshape(5, -1)
-    for k in range(3):
-        X = x[:, lab[0].reshape(-1) == k].T
-        X = X - X.mean(0, keepdim=True)
-        ref = X.T @ X
+    for k, ref in enumerate(_masked_gram_ref(f, lab, 3)):
         assert float((G[k] - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
