@@ -10,8 +10,9 @@ namespace auvcore {
 
 // K >= 1 (the binding checks it before it sizes the outputs). image and labels: contiguous, the same number of
 // elements; image F32 or F64, labels any integer dtype with values in 0..K-1 (else ArgumentError naming the
-// value). Writes, per class, the voxel count, the mean and the centred sum of squares Σ (x − mean)², each sum accumulated in double in voxel order (numpy's bincount's
-// order, so the result equals the two-pass numpy formula to the last bit).
+// value). Writes, per class, the voxel count, the mean and the centred sum of squares Σ (x − mean)², each sum
+// accumulated in double in voxel order (numpy's bincount's order, so the result equals the two-pass numpy
+// formula to the last bit).
 void class_moments(const ArrayView& image, const ArrayView& labels, int64_t K, int64_t* count, double* mean,
                    double* m2);
 
