@@ -5,28 +5,25 @@
 #include <stdio.h>
 #include <time.h>
 static double now(){struct timespec t;clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t);return t.tv_sec+1e-9*t.tv_nsec;}
-__attribute__((target("avx2,fma"))) float run256(long n){
-  __m256 a0=_mm256_set1_ps(1),a1=a0,a2=a0,a3=a0,a4=a0,a5=a0,a6=a0,a7=a0,a8=a0,a9=a0,a10=a0,a11=a0;
-  __m256 x=_mm256_set1_ps(0.999999f), y=_mm256_set1_ps(1e-7f);
-  for(long i=0;i<n;i++){
-#define F(a) a=_mm256_fmadd_ps(a,x,y);
-    F(a0)F(a1)F(a2)F(a3)F(a4)F(a5)F(a6)F(a7)F(a8)F(a9)F(a10)F(a11)
-    __asm__ volatile("" : "+x"(a0),"+x"(a1),"+x"(a2),"+x"(a3),"+x"(a4),"+x"(a5),"+x"(a6),"+x"(a7),"+x"(a8),"+x"(a9),"+x"(a10),"+x"(a11));
+// One kernel per width: 12 accumulators a = a*x + y, kept in registers by the empty asm (constraint C: "x" for
+// ymm, "v" for zmm), summed at the end so the work is not dead.
+#define FMA_RUN(NAME, TARGET, V, SET1, FMADD, ADD, C)                                                        \
+  __attribute__((target(TARGET))) float NAME(long n) {                                                       \
+    V a0 = SET1(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, \
+      a11 = a0;                                                                                              \
+    V x = SET1(0.999999f), y = SET1(1e-7f);                                                                  \
+    for (long i = 0; i < n; i++) {                                                                           \
+      a0 = FMADD(a0, x, y); a1 = FMADD(a1, x, y); a2 = FMADD(a2, x, y); a3 = FMADD(a3, x, y);                \
+      a4 = FMADD(a4, x, y); a5 = FMADD(a5, x, y); a6 = FMADD(a6, x, y); a7 = FMADD(a7, x, y);                \
+      a8 = FMADD(a8, x, y); a9 = FMADD(a9, x, y); a10 = FMADD(a10, x, y); a11 = FMADD(a11, x, y);            \
+      __asm__ volatile("" : "+" C(a0), "+" C(a1), "+" C(a2), "+" C(a3), "+" C(a4), "+" C(a5), "+" C(a6),     \
+                       "+" C(a7), "+" C(a8), "+" C(a9), "+" C(a10), "+" C(a11));                             \
+    }                                                                                                        \
+    V s = ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(ADD(a6, a7), ADD(ADD(a8, a9), ADD(a10, a11))))); \
+    return s[0];                                                                                             \
   }
-  __m256 s=_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0,a1),_mm256_add_ps(a2,a3)),_mm256_add_ps(_mm256_add_ps(a4,a5),_mm256_add_ps(_mm256_add_ps(a6,a7),_mm256_add_ps(_mm256_add_ps(a8,a9),_mm256_add_ps(a10,a11)))));
-  return s[0];
-}
-__attribute__((target("avx512f"))) float run512(long n){
-  __m512 a0=_mm512_set1_ps(1),a1=a0,a2=a0,a3=a0,a4=a0,a5=a0,a6=a0,a7=a0,a8=a0,a9=a0,a10=a0,a11=a0;
-  __m512 x=_mm512_set1_ps(0.999999f), y=_mm512_set1_ps(1e-7f);
-  for(long i=0;i<n;i++){
-#define G(a) a=_mm512_fmadd_ps(a,x,y);
-    G(a0)G(a1)G(a2)G(a3)G(a4)G(a5)G(a6)G(a7)G(a8)G(a9)G(a10)G(a11)
-    __asm__ volatile("" : "+v"(a0),"+v"(a1),"+v"(a2),"+v"(a3),"+v"(a4),"+v"(a5),"+v"(a6),"+v"(a7),"+v"(a8),"+v"(a9),"+v"(a10),"+v"(a11));
-  }
-  __m512 s=_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0,a1),_mm512_add_ps(a2,a3)),_mm512_add_ps(_mm512_add_ps(a4,a5),_mm512_add_ps(_mm512_add_ps(a6,a7),_mm512_add_ps(_mm512_add_ps(a8,a9),_mm512_add_ps(a10,a11)))));
-  return _mm512_reduce_add_ps(s);
-}
+FMA_RUN(run256, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, "x")
+FMA_RUN(run512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, "v")
 __attribute__((target("avx2,fma"))) long cyc(long n){ long x=0; for(long i=0;i<n;i++){ __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x)); } return x; }
 int main(){
   long n=200000000;
