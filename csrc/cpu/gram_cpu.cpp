@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <immintrin.h>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -119,56 +120,76 @@ struct Prefetcher {
   }
 };
 
-// G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % kPad == 0), nvec vectors per row; f is
-// the panel's power-of-two unscaling (gram_typed). Register tile: R rows x C columns of G, each entry one
-// vector accumulator over the samples, reduced once at the end of the panel. Per step the C column vectors
-// sit in registers and each of the R row vectors is loaded once (folded into its FMAs' memory operand), so
-// R + C loads feed R·C FMAs, and R·C + C (+1) registers are live: R x C is sized so that this fits the
-// register file of the instruction set (16 ymm/xmm: 4 x 3; 32 zmm: 6 x 4) and the loop does not spill.
+// One register tile of G += f · P Pᵀ: rows a[0..R) against rows b[0..C) of the panel, each entry one vector
+// accumulator over the samples, reduced once at the end. Per step the C column vectors sit in registers and each
+// of the R row vectors is loaded once (folded into its FMAs' memory operand), so R + C loads feed R·C FMAs, and
+// R·C + C (+1) registers are live: R x C is sized so that this fits the register file of the instruction set
+// (16 ymm/xmm: 4 x 3; 32 zmm: 6 x 4) and the loop does not spill. kDiag: the R x R tile on G's diagonal (b = a),
+// of which only the lower triangle is computed: R(R+1)/2 accumulators on the R vectors of one load each.
+template <typename V, int R, int C, bool kDiag, int kSlot, typename T>
+__attribute__((always_inline)) inline void syrk_tile(const T* a, const T* b, int64_t ld, int64_t nvec, double* g,
+                                                     int64_t ldg, double f, Prefetcher* pf) {
+  constexpr int64_t W = sizeof(V) / sizeof(T);
+  static_assert(!kDiag || R == C, "a diagonal tile is square");
+  if (pf && !kSlot) pf->issue();
+  V c[R][C] = {};
+  for (int64_t o = 0; o < nvec * W; o += W) {
+    if (kSlot && pf && o % (kSlot * W) == 0) pf->issue();
+    V y[C];
+#pragma GCC unroll 8
+    for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V x = kDiag ? y[r] : *(const V*)(a + r * ld + o);
+#pragma GCC unroll 8
+      for (int q = 0; q < C; ++q)
+        if (!kDiag || q <= r) c[r][q] += x * y[q];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    double* gr = g + r * ldg;
+    const int n = kDiag ? r + 1 : C;
+    int q = 0;
+    if constexpr (std::is_same_v<V, v16f> && C >= 4) {
+      for (; q + 4 <= n; q += 4) {
+        double sum[4];
+        hsum4(c[r][q], c[r][q + 1], c[r][q + 2], c[r][q + 3], sum);
+        for (int i = 0; i < 4; ++i) gr[q + i] += f * sum[i];
+      }
+    }
+    for (; q < n; ++q) gr[q] += f * hsum(c[r][q]);
+  }
+}
+
+// G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % R == 0), nvec vectors per row; f is the
+// panel's power-of-two unscaling (gram_typed). Each block of R rows takes full R x C tiles left of its diagonal
+// block, one narrower tile for the columns left over, and the triangle of its diagonal block: nothing above the
+// diagonal is computed (tiles across it had computed 7 % more than the triangle at p = 96).
 template <typename V, int R, int C, int kSlot, typename T>
 __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t pp, int64_t ld, int64_t nvec, double* G,
                                                            int64_t ldg, double f, Prefetcher* pf) {
-  static_assert(kPad % R == 0 && kPad % C == 0, "the padded rows must split into whole tiles");
-  constexpr int64_t W = sizeof(V) / sizeof(T);
+  static_assert(kPad % R == 0 && C <= 4, "the padded rows must split into whole row blocks");
   // The prefetches go out a few every kSlot steps of a tile (AVX2 and SSE2: in one burst per tile they filled the
   // miss buffers and stalled the tile's loads, 6-9 % of the AVX2 Gram) or in one burst per tile (AVX-512,
   // kSlot = 0: spread every 8 or 16 steps it measured 3-9 % or 9-19 % slower).
   if (pf && pf->p) {
     int64_t tiles = 0;
-    for (int64_t I = 0; I < pp; I += R) tiles += (I + R + C - 1) / C;
+    for (int64_t I = 0; I < pp; I += R) tiles += (I + C - 1) / C + 1;
     const int64_t slots = tiles * (kSlot ? (nvec + kSlot - 1) / kSlot : 1);
     pf->per_call = (pf->lines() + slots - 1) / slots;
   }
   for (int64_t I = 0; I < pp; I += R) {
-    // Column blocks up to the diagonal; entries above it are computed on diagonal tiles and never read.
-    for (int64_t J = 0; J < I + R; J += C) {
-      if (pf && !kSlot) pf->issue();
-      const T* a = P + I * ld;
-      const T* b = P + J * ld;
-      V c[R][C] = {};
-      for (int64_t o = 0; o < nvec * W; o += W) {
-        if (kSlot && pf && o % (kSlot * W) == 0) pf->issue();
-        V y[C];
-#pragma GCC unroll 8
-        for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const V x = *(const V*)(a + r * ld + o);
-#pragma GCC unroll 8
-          for (int q = 0; q < C; ++q) c[r][q] += x * y[q];
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        double* g = G + (I + r) * ldg + J;
-        if constexpr (std::is_same_v<V, v16f> && C == 4) {
-          double sum[4];
-          hsum4(c[r][0], c[r][1], c[r][2], c[r][3], sum);
-          for (int q = 0; q < C; ++q) g[q] += f * sum[q];
-        } else {
-          for (int q = 0; q < C; ++q) g[q] += f * hsum(c[r][q]);
-        }
-      }
+    const T* a = P + I * ld;
+    double* g = G + I * ldg;
+    int64_t J = 0;
+    for (; J + C <= I; J += C) syrk_tile<V, R, C, false, kSlot>(a, P + J * ld, ld, nvec, g + J, ldg, f, pf);
+    switch (I - J) {  // the columns between the last full tile and the diagonal block
+      case 1: syrk_tile<V, R, 1, false, kSlot>(a, P + J * ld, ld, nvec, g + J, ldg, f, pf); break;
+      case 2: syrk_tile<V, R, 2, false, kSlot>(a, P + J * ld, ld, nvec, g + J, ldg, f, pf); break;
+      case 3: syrk_tile<V, R, 3, false, kSlot>(a, P + J * ld, ld, nvec, g + J, ldg, f, pf); break;
+      default: break;
     }
+    syrk_tile<V, R, R, true, kSlot>(a, a, ld, nvec, g + I, ldg, f, pf);
   }
 }
 
@@ -296,36 +317,132 @@ __attribute__((always_inline)) inline Bits<T> read_row(const Src* x, int64_t bas
   return m;
 }
 
-// The common case of prepare_panel_impl in one pass over L1-sized chunks: float panels centred across the p
-// rows (decoded maps on their row side) whose samples are one contiguous run. Reading, the column means and
-// their subtraction (as in subtract_column_means' float path, the same bits) are done 64 samples at a time, all
-// p rows, while the chunk is in L1, where the general path makes three passes over the whole panel in L2 (a
-// quarter of the AVX-512 Gram's time). Returns false, having written nothing that counts, where the general
-// path must run: a NaN or Inf, or values that need a pre-scale (known only once the whole panel is read).
-template <typename Src, typename T>
+// The vector types of one instruction set's width VB (bytes): floats F, their bits U and doubles D; add_halves adds
+// a float vector's low and high halves, in double, to two double vectors. With intrinsics: gcc 12 lowers a
+// __builtin_convertvector of a half to two narrower conversions. The AVX ones carry their target and are not
+// always_inline: an always_inline one fails to inline into the untargeted templates that call it, a plain inline
+// one is inlined once those are inlined into their instruction set's build. Arguments by reference, as a vector
+// passed by value to a function of another target changes the ABI.
+template <int VB>
+struct Vec;
+template <>
+struct Vec<16> {
+  typedef v4f F;
+  typedef v2d D;
+  typedef uint32_t U __attribute__((vector_size(16)));
+  static void add_halves(const F& f, D* lo, D* hi) {
+    *lo += (D)_mm_cvtps_pd((__m128)f);
+    *hi += (D)_mm_cvtps_pd(_mm_movehl_ps((__m128)f, (__m128)f));
+  }
+};
+template <>
+struct Vec<32> {
+  typedef v8f F;
+  typedef v4d D;
+  typedef uint32_t U __attribute__((vector_size(32)));
+  AUVCORE_TARGET_AVX2 static void add_halves(const F& f, D* lo, D* hi) {
+    *lo += (D)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)f));
+    *hi += (D)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)f, 1));
+  }
+};
+template <>
+struct Vec<64> {
+  typedef v16f F;
+  typedef v8d D;
+  typedef uint32_t U __attribute__((vector_size(64)));
+  AUVCORE_TARGET_AVX512 static void add_halves(const F& f, D* lo, D* hi) {
+    *lo += (D)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)f));
+    *hi += (D)_mm512_cvtps_pd(_mm512_extractf32x8_ps((__m512)f, 1));
+  }
+};
+
+// VB/4 consecutive samples read as float: float input by an unaligned vector load, the half types lane by lane.
+template <int VB, typename Src>
+__attribute__((always_inline)) inline void load_floats(const Src* src, typename Vec<VB>::F* v) {
+  if constexpr (std::is_same_v<Src, float>) {
+    std::memcpy(v, src, VB);
+  } else {
+    for (int l = 0; l < VB / 4; ++l) (*v)[l] = Reader<Src>::get(src + l);
+  }
+}
+
+// The common case of prepare_panel_impl, float panels centred across the p rows (decoded maps on their row side)
+// whose samples are one contiguous run, in chunks of NV vectors of samples (VB bytes each: the instruction set's
+// width) across all p rows. The chunk of every row is read once, copied into the panel, and summed into the
+// column sums in double (the same order and bits as center_across_p's) and into the largest magnitude, all held
+// in registers; then, while it is in L1, it is centred in place as in subtract_means_as_float_pairs (the same
+// bits). It is the panel, not the source, that is read again: the source's rows are usually a multiple of 4 KiB
+// apart and fall into the same few L1 sets, the panel's are not. The general path makes three passes over the
+// whole panel in L2. Returns false, having written nothing that counts, where the general path must run: a NaN
+// or Inf, or values that need a pre-scale (known only once the whole panel is read).
+template <int VB, int NV, typename Src, typename T>
 __attribute__((always_inline)) inline bool prepare_centred_in_l1(const Src* x, const int64_t* p_off, int64_t p,
                                                                  int64_t nb, int64_t padded, T* panel, int64_t ld,
                                                                  double* colsum, int* e_out, bool* empty) {
-  constexpr int64_t CH = 64;
-  Bits<T> amax = 0;
+  static_assert(std::is_same_v<T, float>, "the chunked centring is for float panels");
+  using Vt = Vec<VB>;
+  typedef typename Vt::F V;
+  typedef typename Vt::U U;
+  typedef typename Vt::D VD;
+  constexpr int64_t W = VB / 4, CH = NV * W;
   const double inv_p = 1.0 / (double)p;
-  float hi[CH], lo[CH];
-  Bits<T> mv[CH];  // per-sample maxima: an element-wise max per row, one reduction per chunk
-  for (int64_t c0 = 0; c0 < nb; c0 += CH) {
-    const int64_t cn = std::min(CH, nb - c0);
-    double* cs = colsum + c0;
-    for (int64_t t = 0; t < cn; ++t) cs[t] = 0.0, mv[t] = 0;
+  U umax = {};
+  int64_t c0 = 0;
+  for (; c0 + CH <= nb; c0 += CH) {
+    VD sum[2 * NV] = {};
+    for (int64_t a = 0; a < p; ++a) {
+      const Src* src = x + p_off[a] + c0;
+      T* row = panel + a * ld + c0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        V f;
+        load_floats<VB>(src + v * W, &f);
+        const U b = (U)f & 0x7fffffffu;
+        umax = umax > b ? umax : b;
+        Vt::add_halves(f, &sum[2 * v], &sum[2 * v + 1]);
+        std::memcpy(row + v * W, &f, VB);
+      }
+    }
+    alignas(64) double m[CH];
+    alignas(64) float hs[CH], ls[CH];
+    for (int v = 0; v < 2 * NV; ++v) std::memcpy(m + v * (W / 2), &sum[v], VB);
+    for (int64_t t = 0; t < CH; ++t) {
+      m[t] *= inv_p;
+      hs[t] = (float)m[t];
+      ls[t] = (float)(m[t] - (double)hs[t]);
+    }
+    V hi[NV], lo[NV];
+    std::memcpy(hi, hs, sizeof(hi));
+    std::memcpy(lo, ls, sizeof(lo));
+    for (int64_t a = 0; a < p; ++a) {
+      T* row = panel + a * ld + c0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        V f;
+        std::memcpy(&f, row + v * W, VB);
+        f = (f - hi[v]) - lo[v];
+        std::memcpy(row + v * W, &f, VB);
+      }
+    }
+  }
+  Bits<T> amax = 0;
+  for (int l = 0; l < W; ++l) amax = std::max<Bits<T>>(amax, umax[l]);
+  if (amax >= kInfBits<T>) return false;
+  if (c0 < nb) {  // the last, partial chunk, sample by sample
+    const int64_t cn = nb - c0;
+    double* cs = colsum;
+    float hi[CH], lo[CH];
+    for (int64_t t = 0; t < cn; ++t) cs[t] = 0.0;
     for (int64_t a = 0; a < p; ++a) {
       const Src* src = x + p_off[a] + c0;
       T* row = panel + a * ld + c0;
       for (int64_t t = 0; t < cn; ++t) {
         const T v = (T)Reader<Src>::get(src + t);
-        mv[t] = std::max(mv[t], abs_bits(v));
+        amax = std::max(amax, abs_bits(v));
         row[t] = v;
         cs[t] += (double)v;
       }
     }
-    for (int64_t t = 0; t < cn; ++t) amax = std::max(amax, mv[t]);
     if (amax >= kInfBits<T>) return false;
     for (int64_t t = 0; t < cn; ++t) cs[t] *= inv_p;
     subtract_means_as_float_pairs(panel + c0, p, ld, cn, cs, hi, lo);
@@ -343,16 +460,17 @@ __attribute__((always_inline)) inline bool prepare_centred_in_l1(const Src* x, c
 // Returns false if a non-finite value was read and nan_to_num is off. *empty: every value is 0 (nothing to
 // add). Compiled once per instruction set like the product itself: reading and centering are a third of the
 // work for large p.
-template <typename Src, typename T>
+template <int VB, int NV, typename Src, typename T>
 __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int64_t base, const int64_t* p_off,
                                                               int64_t p, const int64_t* so,
                                                               const std::vector<int64_t>& runs, int64_t nb,
                                                               int64_t padded, Centering centering, const double* shift,
                                                               double* sum, double* colmean, bool nan_to_num, T* panel,
                                                               int64_t ld, int* e_out, bool* empty) {
-  if (sizeof(T) == 4 && centering == Centering::AcrossP && runs.size() == 2 &&
-      prepare_centred_in_l1(x + base + so[0], p_off, p, nb, padded, panel, ld, colmean, e_out, empty))
-    return true;
+  if constexpr (std::is_same_v<T, float>)
+    if (centering == Centering::AcrossP && runs.size() == 2 &&
+        prepare_centred_in_l1<VB, NV>(x + base + so[0], p_off, p, nb, padded, panel, ld, colmean, e_out, empty))
+      return true;
   Bits<T> amax = 0;
   for (int64_t a = 0; a < p; ++a) {
     T* row = panel + a * ld;
@@ -424,15 +542,15 @@ __attribute__((always_inline)) inline bool prepare_panel_impl(const Src* x, int6
   x, base, p_off, p, so, runs, nb, padded, centering, shift, sum, colmean, nan_to_num, panel, ld, e_out, empty
 template <typename Src, typename T>
 AUVCORE_TARGET_AVX512 bool prepare_avx512(AUVCORE_PREPARE_ARGS) {
-  return prepare_panel_impl<Src, T>(AUVCORE_PREPARE_CALL);
+  return prepare_panel_impl<64, 4, Src, T>(AUVCORE_PREPARE_CALL);
 }
 template <typename Src, typename T>
 AUVCORE_TARGET_AVX2 bool prepare_avx2(AUVCORE_PREPARE_ARGS) {
-  return prepare_panel_impl<Src, T>(AUVCORE_PREPARE_CALL);
+  return prepare_panel_impl<32, 4, Src, T>(AUVCORE_PREPARE_CALL);
 }
 template <typename Src, typename T>
 bool prepare_generic(AUVCORE_PREPARE_ARGS) {
-  return prepare_panel_impl<Src, T>(AUVCORE_PREPARE_CALL);
+  return prepare_panel_impl<16, 2, Src, T>(AUVCORE_PREPARE_CALL);
 }
 template <typename Src, typename T>
 bool prepare_panel(AUVCORE_PREPARE_ARGS) {
