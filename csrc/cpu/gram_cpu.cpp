@@ -19,7 +19,10 @@ namespace auvcore {
 namespace {
 
 constexpr int64_t kPad = 12;  // rows are padded to a multiple of every register tile's sides (4, 3 and 6, 4)
-constexpr int64_t kPanelBytes = 4096;  // one panel row: 1024 floats or 512 doubles
+// One panel row: 512 floats or 256 doubles. A register tile streams its R + C rows through L1 (48 KiB on Zen 5):
+// at 4 KiB per row the AVX-512 tile's 40 KiB did not stay there; 2 KiB rows measured 2-5 % faster on AVX2 and
+// AVX-512 despite twice the tile reductions.
+constexpr int64_t kPanelBytes = 2048;
 
 // One vector type per (instruction set, precision), each the width of that set's registers: a 64-byte type
 // on AVX2 is two ymm registers, on SSE2 four xmm, and a tile of them spills.
@@ -72,7 +75,7 @@ __attribute__((always_inline)) inline void hsum4(v16f a, v16f b, v16f c, v16f d,
 // works from L1/L2 and leaves the memory bus idle; reading the next panel from DRAM afterwards cost a quarter of
 // the Gram's time (decoded 2 x 14 x 96³ float32, one thread: 0.83 ms per matrix against 0.60 with the input
 // already cached). Walks row by row through the next panel's runs of consecutive samples, one cache line per
-// prefetch, into L2 (the current panel and the next one's source fit a 1 MiB L2 at p = 96).
+// prefetch (prefetcht0; t1 measured the same).
 struct Prefetcher {
   const char* x = nullptr;  // the job's first element
   int64_t esize = 0;        // bytes per element
@@ -109,7 +112,7 @@ struct Prefetcher {
   }
   __attribute__((always_inline)) inline void issue() {
     for (int64_t n = per_call; n > 0 && a < p; --n) {
-      __builtin_prefetch(cur, 0, 2);
+      __builtin_prefetch(cur, 0, 3);
       cur += 64;
       if (cur >= end) {
         r += 2;
@@ -131,33 +134,40 @@ __attribute__((always_inline)) inline void syrk_tile(const T* a, const T* b, int
                                                      int64_t ldg, double f, Prefetcher* pf) {
   constexpr int64_t W = sizeof(V) / sizeof(T);
   static_assert(!kDiag || R == C, "a diagonal tile is square");
-  if (pf && !kSlot) pf->issue();
   V c[R][C] = {};
-  for (int64_t o = 0; o < nvec * W; o += W) {
-    if (kSlot && pf && o % (kSlot * W) == 0) pf->issue();
-    V y[C];
+  // Blocks of kSlot steps with the prefetches issued between them, not a test in every step (2 % of the AVX2
+  // Gram); kSlot = 0: one block, the prefetches issued before it.
+  constexpr int64_t kBlock = kSlot ? kSlot * W : INT64_MAX;
+  for (int64_t o0 = 0; o0 < nvec * W; o0 += kBlock) {
+    if (pf) pf->issue();
+    const int64_t o1 = std::min(nvec * W, o0 + kBlock);
+    for (int64_t o = o0; o < o1; o += W) {
+      V y[C];
 #pragma GCC unroll 8
-    for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
+      for (int q = 0; q < C; ++q) y[q] = *(const V*)(b + q * ld + o);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const V x = kDiag ? y[r] : *(const V*)(a + r * ld + o);
+      for (int r = 0; r < R; ++r) {
+        const V x = kDiag ? y[r] : *(const V*)(a + r * ld + o);
 #pragma GCC unroll 8
-      for (int q = 0; q < C; ++q)
-        if (!kDiag || q <= r) c[r][q] += x * y[q];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    double* gr = g + r * ldg;
-    const int n = kDiag ? r + 1 : C;
-    int q = 0;
-    if constexpr (std::is_same_v<V, v16f> && C >= 4) {
-      for (; q + 4 <= n; q += 4) {
-        double sum[4];
-        hsum4(c[r][q], c[r][q + 1], c[r][q + 2], c[r][q + 3], sum);
-        for (int i = 0; i < 4; ++i) gr[q + i] += f * sum[i];
+        for (int q = 0; q < C; ++q)
+          if (!kDiag || q <= r) c[r][q] += x * y[q];
       }
     }
-    for (; q < n; ++q) gr[q] += f * hsum(c[r][q]);
+  }
+  // Unrolled, so that every index into c is a constant and c lives in registers (a loop over r kept it in memory:
+  // zeroed with a rep stos and spilled for the sums, 18 % of the AVX-512 product's time outside its inner loops).
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    double* gr = g + r * ldg;
+    if constexpr (std::is_same_v<V, v16f> && C == 4 && !kDiag) {
+      double sum[4];
+      hsum4(c[r][0], c[r][1], c[r][2], c[r][3], sum);
+      for (int q = 0; q < 4; ++q) gr[q] += f * sum[q];
+    } else {
+#pragma GCC unroll 8
+      for (int q = 0; q < C; ++q)
+        if (!kDiag || q <= r) gr[q] += f * hsum(c[r][q]);
+    }
   }
 }
 
@@ -637,8 +647,8 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
     // Per-thread panel in T (the original values, then centred in double and rounded once) and a pp x pp
     // accumulator whose lower triangle is folded into the unit's G.
     const Src* x = static_cast<const Src*>(data);
-    // Rows one cache line longer than the panel: with a 4 KiB stride every row's k-th line falls in the same L1
-    // set, and a register tile's rows (or a 64-sample chunk of all rows) then evict each other.
+    // Rows one cache line longer than the panel: with a stride of a multiple of 4 KiB every row's k-th line falls in
+    // the same L1 set, and a register tile's rows (or a chunk of all rows) then evict each other.
     const int64_t LD = NB + 64 / (int64_t)sizeof(T);
     auto panel = aligned_zeros<T>(pp * LD);
     auto acc = aligned_zeros<double>(pp * pp);
