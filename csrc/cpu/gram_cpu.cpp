@@ -54,10 +54,13 @@ __attribute__((always_inline)) inline double hsum(v8d x) {
   return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
 }
 
-// Four horizontal sums at once, for the AVX-512 tile's rows of four accumulators: the halving steps of hsum
-// applied to the four vectors together (each shuffle serves two or four of them), float down to two lanes
-// each, then double. A third of hsum's instructions: its 24 reductions per tile were ~15 % of the tile.
-__attribute__((always_inline)) inline void hsum4(v16f a, v16f b, v16f c, v16f d, double out[4]) {
+// g[0..4) += f · (the horizontal sums of a, b, c, d), for the AVX-512 tile's rows of four accumulators: the halving
+// steps of hsum applied to the four vectors together (each shuffle serves two or four of them), float down to two
+// lanes each, then double. A third of hsum's instructions: its 24 reductions per tile were ~15 % of the tile. The
+// last steps with intrinsics (gcc 12 split the convertvector to double into xmm pieces through the stack), so this
+// carries its target and is not always_inline (see Vec); arguments by reference for the same reason.
+AUVCORE_TARGET_AVX512 inline void hsum4_add(const v16f& a, const v16f& b, const v16f& c, const v16f& d, double f,
+                                            double* g) {
   const v16f ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                   __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   const v16f cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -66,9 +69,9 @@ __attribute__((always_inline)) inline void hsum4(v16f a, v16f b, v16f c, v16f d,
   const v16f q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                  __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   const v16f t = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  const v4d sum = __builtin_convertvector(__builtin_shufflevector(t, t, 0, 4, 8, 12), v4d) +
-                  __builtin_convertvector(__builtin_shufflevector(t, t, 1, 5, 9, 13), v4d);
-  for (int i = 0; i < 4; ++i) out[i] = sum[i];
+  const __m256d sum = _mm256_add_pd(_mm256_cvtps_pd((__m128)__builtin_shufflevector(t, t, 0, 4, 8, 12)),
+                                    _mm256_cvtps_pd((__m128)__builtin_shufflevector(t, t, 1, 5, 9, 13)));
+  _mm256_storeu_pd(g, _mm256_fmadd_pd(_mm256_set1_pd(f), sum, _mm256_loadu_pd(g)));
 }
 
 // The next panel's reads, issued as software prefetches while the current panel's product runs. The product
@@ -160,9 +163,7 @@ __attribute__((always_inline)) inline void syrk_tile(const T* a, const T* b, int
   for (int r = 0; r < R; ++r) {
     double* gr = g + r * ldg;
     if constexpr (std::is_same_v<V, v16f> && C == 4 && !kDiag) {
-      double sum[4];
-      hsum4(c[r][0], c[r][1], c[r][2], c[r][3], sum);
-      for (int q = 0; q < 4; ++q) gr[q] += f * sum[q];
+      hsum4_add(c[r][0], c[r][1], c[r][2], c[r][3], f, gr);
     } else {
 #pragma GCC unroll 8
       for (int q = 0; q < C; ++q)
