@@ -162,15 +162,17 @@ __attribute__((always_inline)) inline void syrk_tile(const T* a, const T* b, int
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     double* gr = g + r * ldg;
-    if constexpr (std::is_same_v<V, v16f> && C == 4 && !kDiag) {
-      hsum4_add(c[r][0], c[r][1], c[r][2], c[r][3], f, gr);
-    } else {
+    // AVX-512: the first four entries of a row of four or more (full tiles and the diagonal's last rows) by hsum4_add.
+    constexpr bool kFour = std::is_same_v<V, v16f> && C >= 4;
+    const int n = kDiag ? r + 1 : C;
+    if constexpr (kFour)
+      if (n >= 4) hsum4_add(c[r][0], c[r][1], c[r][2], c[r][3], f, gr);
 #pragma GCC unroll 8
-      for (int q = 0; q < C; ++q)
-        if (!kDiag || q <= r) gr[q] += f * hsum(c[r][q]);
-    }
+    for (int q = kFour && n >= 4 ? 4 : 0; q < C; ++q)
+      if (!kDiag || q <= r) gr[q] += f * hsum(c[r][q]);
   }
 }
+
 
 // G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % R == 0), nvec vectors per row; f is the
 // panel's power-of-two unscaling (gram_typed). Each block of R rows takes full R x C tiles left of its diagonal
