@@ -14,9 +14,9 @@
 #include "auvcore/array.h"
 
 #if defined(__CUDACC__)
-#define AUVCORE_HD __host__ __device__ __forceinline__
+#define AUVCORE_HD_INLINE __host__ __device__ __forceinline__
 #else
-#define AUVCORE_HD inline __attribute__((always_inline))
+#define AUVCORE_HD_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace auvcore {
@@ -50,30 +50,30 @@ struct DuoArgs {
 namespace duo {
 
 #if defined(__CUDA_ARCH__)
-AUVCORE_HD float abs_(float x) { return fabsf(x); }
-AUVCORE_HD double abs_(double x) { return fabs(x); }
-AUVCORE_HD float floor_(float x) { return floorf(x); }
-AUVCORE_HD float copysign_(float x, float s) { return copysignf(x, s); }
-AUVCORE_HD float float_from_bits(int32_t i) { return __int_as_float(i); }
-AUVCORE_HD double exp_nonpos(double x) { return ::exp(x); }
-AUVCORE_HD double log1p_01(double e) { return ::log1p(e); }
-AUVCORE_HD double tanh_(double x) { return ::tanh(x); }
+AUVCORE_HD_INLINE float abs_(float x) { return fabsf(x); }
+AUVCORE_HD_INLINE double abs_(double x) { return fabs(x); }
+AUVCORE_HD_INLINE float floor_(float x) { return floorf(x); }
+AUVCORE_HD_INLINE float copysign_(float x, float s) { return copysignf(x, s); }
+AUVCORE_HD_INLINE float float_from_bits(int32_t i) { return __int_as_float(i); }
+AUVCORE_HD_INLINE double exp_nonpos(double x) { return ::exp(x); }
+AUVCORE_HD_INLINE double log1p_01(double e) { return ::log1p(e); }
+AUVCORE_HD_INLINE double tanh_(double x) { return ::tanh(x); }
 #else
-AUVCORE_HD float abs_(float x) { return __builtin_fabsf(x); }
-AUVCORE_HD double abs_(double x) { return __builtin_fabs(x); }
-AUVCORE_HD float floor_(float x) { return __builtin_floorf(x); }
-AUVCORE_HD float copysign_(float x, float s) { return __builtin_copysignf(x, s); }
-AUVCORE_HD float float_from_bits(int32_t i) { return __builtin_bit_cast(float, i); }
-AUVCORE_HD double exp_nonpos(double x) { return std::exp(x); }
-AUVCORE_HD double log1p_01(double e) { return std::log1p(e); }
-AUVCORE_HD double tanh_(double x) { return std::tanh(x); }
+AUVCORE_HD_INLINE float abs_(float x) { return __builtin_fabsf(x); }
+AUVCORE_HD_INLINE double abs_(double x) { return __builtin_fabs(x); }
+AUVCORE_HD_INLINE float floor_(float x) { return __builtin_floorf(x); }
+AUVCORE_HD_INLINE float copysign_(float x, float s) { return __builtin_copysignf(x, s); }
+AUVCORE_HD_INLINE float float_from_bits(int32_t i) { return __builtin_bit_cast(float, i); }
+AUVCORE_HD_INLINE double exp_nonpos(double x) { return std::exp(x); }
+AUVCORE_HD_INLINE double log1p_01(double e) { return std::log1p(e); }
+AUVCORE_HD_INLINE double tanh_(double x) { return std::tanh(x); }
 #endif
 template <typename T>
-AUVCORE_HD T max_(T a, T b) { return a > b ? a : b; }
+AUVCORE_HD_INLINE T max_(T a, T b) { return a > b ? a : b; }
 template <typename T>
-AUVCORE_HD T min_(T a, T b) { return a < b ? a : b; }
+AUVCORE_HD_INLINE T min_(T a, T b) { return a < b ? a : b; }
 
-AUVCORE_HD float exp_nonpos(float x) {
+AUVCORE_HD_INLINE float exp_nonpos(float x) {
   x = max_(x, -87.0f);
   const float k = floor_(x * 1.44269504088896341f + 0.5f);
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
@@ -86,7 +86,7 @@ AUVCORE_HD float exp_nonpos(float x) {
   q = q * r * r + r + 1.0f;
   return q * float_from_bits(((int32_t)k + 127) << 23);
 }
-AUVCORE_HD float log1p_01(float e) {
+AUVCORE_HD_INLINE float log1p_01(float e) {
   const float s = e / (2.0f + e), s2 = s * s;  // log(1 + e) = 2 atanh(s), s in [0, 1/3]
   float q = 1.0f / 15;
   q = q * s2 + 1.0f / 13;
@@ -98,7 +98,7 @@ AUVCORE_HD float log1p_01(float e) {
   q = q * s2 + 1.0f;
   return 2.0f * s * q;
 }
-AUVCORE_HD float tanh_(float x) {
+AUVCORE_HD_INLINE float tanh_(float x) {
   // Near 0 the Taylor series keeps the relative accuracy that the sign of ỹ's clamp argument, y − τ ĝ,
   // depends on (the gradient mask flips there); elsewhere (1 − t)/(1 + t), t = e^{−2|x|}.
   const float x2 = x * x;
@@ -116,7 +116,7 @@ struct Voxel {
 };
 
 template <typename T>
-AUVCORE_HD Voxel<T> voxel(T z, T n, T y, DuoPreset preset, T tau, bool need_softplus) {
+AUVCORE_HD_INLINE Voxel<T> voxel(T z, T n, T y, DuoPreset preset, T tau, bool need_softplus) {
   Voxel<T> v;
   const T e = exp_nonpos(-abs_(z));
   const T inv = T(1) / (T(1) + e);
@@ -139,7 +139,7 @@ AUVCORE_HD Voxel<T> voxel(T z, T n, T y, DuoPreset preset, T tau, bool need_soft
 
 // The voxel's terms of the six sums, in DuoSum order: BCE(z, ỹ) = softplus(z) − z ỹ, σ(z) ỹ, σ(z), ỹ, ĝ, ĝ².
 template <typename T>
-AUVCORE_HD void sum_terms(const Voxel<T>& v, T z, T* out) {
+AUVCORE_HD_INLINE void sum_terms(const Voxel<T>& v, T z, T* out) {
   out[kBCE] = v.softplus - z * v.yt;
   out[kSigY] = v.sig * v.yt;
   out[kSig] = v.sig;
@@ -151,14 +151,14 @@ AUVCORE_HD void sum_terms(const Voxel<T>& v, T z, T* out) {
 // The backward at one voxel from dL/d(sums) of its (b, c): gb, gsy, gs, gy, gg, gg2 in DuoSum order.
 // d/dz of softplus(z) − z ỹ, σ(z) ỹ and σ(z):
 template <typename T>
-AUVCORE_HD T grad_z(const Voxel<T>& v, T gb, T gsy, T gs) {
+AUVCORE_HD_INLINE T grad_z(const Voxel<T>& v, T gb, T gsy, T gs) {
   const T dsig = v.sig * (T(1) - v.sig);
   return gb * (v.sig - v.yt) + (gsy * v.yt + gs) * dsig;
 }
 // d/dn (paper preset): ỹ = clamp(y − τ ĝ): d/dỹ of the sums, then dỹ/dĝ = −τ inside the clamp; ĝ and ĝ²
 // directly; dĝ/dn = 1 − ĝ². (The official preset's ỹ is detached: no gradient reaches n.)
 template <typename T>
-AUVCORE_HD T grad_n(const Voxel<T>& v, T z, T tau, T gb, T gsy, T gy, T gg, T gg2) {
+AUVCORE_HD_INLINE T grad_n(const Voxel<T>& v, T z, T tau, T gb, T gsy, T gy, T gg, T gg2) {
   const T dyt = -gb * z + gsy * v.sig + gy;
   const T dg = (v.inside ? -tau * dyt : T(0)) + gg + gg2 * T(2) * v.g;
   return dg * (T(1) - v.g * v.g);
