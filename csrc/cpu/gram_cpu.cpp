@@ -18,7 +18,7 @@
 namespace auvcore {
 namespace {
 
-constexpr int64_t kPad = 12;  // rows are padded to a multiple of every register tile's sides (4, 3 and 6, 4)
+constexpr int64_t kPad = 12;  // rows are padded to a multiple of every register tile's rows (4 and 6)
 // One panel row: 512 floats or 256 doubles. A register tile streams its R + C rows through L1 (48 KiB on Zen 5):
 // at 4 KiB per row the AVX-512 tile's 40 KiB did not stay there; 2 KiB rows measured 2-5 % faster on AVX2 and
 // AVX-512 despite twice the tile reductions.
@@ -173,7 +173,6 @@ __attribute__((always_inline)) inline void syrk_tile(const T* a, const T* b, int
   }
 }
 
-
 // G (lower triangle, ldg) += f · P Pᵀ for a panel P of pp rows (pp % R == 0), nvec vectors per row; f is the
 // panel's power-of-two unscaling (gram_typed). Each block of R rows takes full R x C tiles left of its diagonal
 // block, one narrower tile for the columns left over, and the triangle of its diagonal block: nothing above the
@@ -184,7 +183,7 @@ __attribute__((always_inline)) inline void syrk_panel_impl(const T* P, int64_t p
   static_assert(kPad % R == 0 && C <= 4, "the padded rows must split into whole row blocks");
   // The prefetches go out a few every kSlot steps of a tile (AVX2 and SSE2: in one burst per tile they filled the
   // miss buffers and stalled the tile's loads, 6-9 % of the AVX2 Gram) or in one burst per tile (AVX-512,
-  // kSlot = 0: spread every 8 or 16 steps it measured 3-9 % or 9-19 % slower).
+  // kSlot = 0: spread every 8 or 16 steps it measured the same or slower).
   if (pf && pf->p) {
     int64_t tiles = 0;
     for (int64_t I = 0; I < pp; I += R) tiles += (I + C - 1) / C + 1;
