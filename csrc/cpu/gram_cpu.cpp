@@ -673,6 +673,8 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
     auto acc = aligned_zeros<double>(pp * pp);
     std::vector<double> colmean(NB);
     std::vector<int64_t> runs, next_runs;
+    const int64_t* next_so = nullptr;  // the panel whose runs next_runs holds, found for its prefetch
+    int64_t next_nb = 0;
     Prefetcher pf;
     try {
 #pragma omp for schedule(dynamic, 1)
@@ -690,7 +692,12 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
           const int64_t nb = std::min(NB, u.s_end - t0);
           const int64_t nvec = (nb + W - 1) / W;
           const int64_t* so = jb.s_off + t0;
-          find_runs(so, nb, runs);
+          if (so == next_so && nb == next_nb) {  // found for the prefetch (the same offsets give the same runs)
+            runs.swap(next_runs);
+            next_so = nullptr;
+          } else {
+            find_runs(so, nb, runs);
+          }
           int e = 0;
           bool empty = false;
           if (!prepare_panel<Src, T>(x, jb.base, p_off.data(), p, so, runs, nb, nvec * W, centering, sh, u.sum,
@@ -713,9 +720,10 @@ void gram_typed(const void* data, DType dtype, const std::vector<int64_t>& p_off
           if (nu) {
             const GramJob& nj = jobs[nu->job];
             const int64_t n0 = nu == &u ? t0 + NB : nu->s_begin;
-            find_runs(nj.s_off + n0, std::min(NB, nu->s_end - n0), next_runs);
-            pf.start(reinterpret_cast<const char*>(x + nj.base), sizeof(Src), p_off.data(), p, nj.s_off + n0,
-                     &next_runs);
+            next_so = nj.s_off + n0;
+            next_nb = std::min(NB, nu->s_end - n0);
+            find_runs(next_so, next_nb, next_runs);
+            pf.start(reinterpret_cast<const char*>(x + nj.base), sizeof(Src), p_off.data(), p, next_so, &next_runs);
           } else {
             pf.stop();
           }
